@@ -1,0 +1,95 @@
+"""The checkpoint: one file holding everything needed to rebuild a trained model.
+
+Weights, model kind and config, tokenizer config, vocabulary, labels, metrics and
+provenance, as plain Python values and tensors, so that it loads with
+``torch.load(path, weights_only=True)`` (no pickled classes). Like nanoGPT, the model is
+rebuilt from the stored config: ``build_model(ckpt.model_kind, ckpt.model_config)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from meli.errors import ModelFileError
+from meli.formats import atomic_write_bytes
+from meli.models import ModelConfig, ModelKind, build_model, config_from_dict
+from meli.tokenizer import Tokenizer, TokenizerConfig
+
+FORMAT = "meli-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model_kind: ModelKind
+    model_config: ModelConfig
+    tokenizer_config: TokenizerConfig
+    vocabulary: tuple[str, ...]
+    labels: tuple[str, ...]
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
+    provenance: dict[str, str] = field(default_factory=dict)  # run id, data fingerprint, versions…
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.tokenizer_config, self.vocabulary)
+
+    def build_model(self) -> nn.Module:
+        """The model in eval mode, weights loaded, on the CPU."""
+        model = build_model(self.model_kind, self.model_config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def to_payload(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_kind": self.model_kind,
+            "model_config": self.model_config.to_dict(),
+            "tokenizer_config": self.tokenizer_config.to_dict(),
+            "vocabulary": list(self.vocabulary),
+            "labels": list(self.labels),
+            "metrics": dict(self.metrics),
+            "provenance": dict(self.provenance),
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
+        }
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write atomically: a crash mid-write never leaves a half-written checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(ckpt.to_payload(), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{p}: no such checkpoint file")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a corrupt or foreign file
+        raise ModelFileError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{p}: not a meli-categorizer checkpoint (no '{FORMAT}' format marker)")
+    if payload.get("version") != VERSION:
+        raise ModelFileError(f"{p}: checkpoint version {payload.get('version')}, this tool reads {VERSION}")
+    try:
+        return Checkpoint(
+            model_kind=payload["model_kind"],
+            model_config=config_from_dict(payload["model_kind"], payload["model_config"]),
+            tokenizer_config=TokenizerConfig.from_dict(payload["tokenizer_config"]),
+            vocabulary=tuple(payload["vocabulary"]),
+            labels=tuple(payload["labels"]),
+            state_dict=payload["state_dict"],
+            metrics=dict(payload.get("metrics", {})),
+            provenance=dict(payload.get("provenance", {})),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{p}: incomplete checkpoint ({e})") from e

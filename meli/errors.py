@@ -1,0 +1,17 @@
+"""The library's own exceptions. The command layer turns them into one-line errors."""
+
+
+class MeliError(Exception):
+    """Base of every error a user can cause and fix (bad input, bad settings)."""
+
+
+class InputError(MeliError):
+    """A data file is missing, unreadable, malformed or lacks what is needed."""
+
+
+class ModelFileError(MeliError):
+    """A checkpoint or ONNX file is missing, corrupt, or not one of ours."""
+
+
+class OutputError(MeliError):
+    """An output path cannot be written."""

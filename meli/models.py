@@ -1,0 +1,131 @@
+"""The two model families: a pooled-embedding MLP and a multi-kernel CNN.
+
+Both take ``token_ids`` (B, T) int64 with 0 = padding and return class scores (B, n_labels)
+(logits; softmax is applied by whoever needs probabilities). They are plain ``nn.Module``s
+rebuilt from their config alone (``build_model(kind, config)``): no files are opened in a
+constructor, so a checkpoint or an export needs nothing but the checkpoint.
+
+Export-minded choices (see DESIGN.md): ``nn.Embedding(padding_idx=0)`` + masked mean instead of
+``nn.EmbeddingBag`` (which exports as a slow ONNX Loop), and the CNN pads its input inside
+``forward`` so that titles shorter than the widest kernel still work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ModelKind = Literal["mlp", "cnn"]
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    n_ids: int  # rows of the embedding table: the tokenizer's id space
+    n_labels: int
+    embedding_dim: int = 128
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.3
+    embedding_dropout: float = 0.0  # drops whole tokens during training (word dropout)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    n_ids: int
+    n_labels: int
+    embedding_dim: int = 128
+    filters: int = 256  # per kernel size
+    kernel_sizes: tuple[int, ...] = (1, 2, 3)
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.3
+    embedding_dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ModelConfig = Union[MLPConfig, CNNConfig]
+
+
+def _head(in_dim: int, hidden: tuple[int, ...], n_labels: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Dropout(dropout), nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    layers += [nn.Dropout(dropout), nn.Linear(in_dim, n_labels)]
+    return nn.Sequential(*layers)
+
+
+def _drop_tokens(token_ids: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Word dropout: during training, replace a fraction p of the ids by padding."""
+    if not training or p == 0.0:
+        return token_ids
+    keep = torch.rand(token_ids.shape, device=token_ids.device) >= p
+    return token_ids * keep
+
+
+class MLP(nn.Module):
+    """Mean of the title's token embeddings → hidden layers → class scores."""
+
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.n_ids, config.embedding_dim, padding_idx=0)
+        self.head = _head(config.embedding_dim, config.hidden, config.n_labels, config.dropout)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        token_ids = _drop_tokens(token_ids, self.config.embedding_dropout, self.training)
+        mask = (token_ids != 0).unsqueeze(-1).to(torch.float32)  # (B, T, 1)
+        emb = self.embedding(token_ids)  # (B, T, E); padding rows are zero
+        # clamp: an all-padding row (empty title) pools to zeros, never NaN
+        pooled = emb.sum(1) / mask.sum(1).clamp(min=1.0)  # (B, E)
+        return self.head(pooled)
+
+
+class CNN(nn.Module):
+    """Parallel Conv1d kernels over the token sequence, max-over-time pooled."""
+
+    def __init__(self, config: CNNConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.n_ids, config.embedding_dim, padding_idx=0)
+        self.convs = nn.ModuleList(nn.Conv1d(config.embedding_dim, config.filters, k) for k in config.kernel_sizes)
+        self.head = _head(config.filters * len(config.kernel_sizes), config.hidden, config.n_labels, config.dropout)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        token_ids = _drop_tokens(token_ids, self.config.embedding_dropout, self.training)
+        # pad by (widest kernel - 1) so every title, even of length 1, has a valid window
+        token_ids = F.pad(token_ids, (0, max(self.config.kernel_sizes) - 1))  # (B, T')
+        mask = (token_ids != 0).unsqueeze(1)  # (B, 1, T')
+        x = self.embedding(token_ids).transpose(1, 2)  # (B, E, T')
+        pooled = []
+        for conv, k in zip(self.convs, self.config.kernel_sizes):
+            h = F.relu(conv(x))  # (B, F, T' - k + 1), >= 0
+            # windows that start on padding hold no token: zero them (ReLU output is >= 0,
+            # so a zero never beats a real window, and an empty title pools to zeros)
+            h = h * mask[:, :, : h.shape[-1]]
+            pooled.append(h.amax(dim=-1))  # (B, F)
+        return self.head(torch.cat(pooled, dim=1))
+
+
+def config_from_dict(kind: ModelKind, d: dict) -> ModelConfig:
+    cls = {"mlp": MLPConfig, "cnn": CNNConfig}.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown model kind {kind!r}; expected 'mlp' or 'cnn'")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {kind} settings: {sorted(unknown)}")
+    return cls(**d)
+
+
+def build_model(kind: ModelKind, config: ModelConfig | dict) -> nn.Module:
+    if isinstance(config, dict):
+        config = config_from_dict(kind, config)
+    return MLP(config) if kind == "mlp" else CNN(config)

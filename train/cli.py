@@ -1,0 +1,59 @@
+"""meli-train: the training stage's command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from meli.command import reports_errors, setup_logging
+from meli.dataset import DataFilter
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML settings (configs/mlp.toml, configs/cnn.toml); default: built-in MLP settings.")
+@click.option("--data", default=None, help="Folder with train.* and validation.* files, or one labelled file "
+              "(part is held out). Default: the embedded demo dataset.")
+@click.option("--train", "train_path", default=None, help="Labelled training file (instead of --data).")
+@click.option("--validation", "validation_path", default=None, help="Labelled validation file, with --train.")
+@click.option("--model", type=click.Choice(["mlp", "cnn"]), default=None, help="Override the config's model.")
+@click.option("--epochs", type=int, default=None, help="Override the config's epochs.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the device.")
+@click.option("--seed", type=int, default=None, help="Override the random seed.")
+@click.option("--language", "languages", multiple=True, help="Keep only rows of this language (repeatable).")
+@click.option("--label-quality", "label_qualities", multiple=True, help="Keep only rows of this label_quality (repeatable).")
+@click.option("--experiment", default=None, help="MLflow experiment; default: named after the data (meli-demo, meli-<folder>).")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts/checkpoints"),
+              show_default=True, help="Where the best checkpoint is written (also logged to MLflow).")
+@click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
+@reports_errors
+def main(config_path, data, train_path, validation_path, model, epochs, device, seed, languages, label_qualities,
+         experiment, checkpoint_dir, quiet):
+    """Train a title classifier and log the run to MLflow.
+
+    \b
+    Example:
+        meli-train --config configs/mlp.toml --data ../shared/data/meli-es
+    """
+    setup_logging(quiet)
+    from train.config import load_config
+    from train.run import resolve_data, run_training
+
+    config = load_config(config_path, model=model, epochs=epochs, device=device, seed=seed)
+    source = resolve_data(data, train_path, validation_path)
+    outcome = run_training(config, source, data_filter=DataFilter(tuple(languages), tuple(label_qualities)),
+                           experiment=experiment, checkpoint_dir=checkpoint_dir, quiet=quiet)
+    best = outcome.result.checkpoint.metrics
+    click.echo(
+        f"run {outcome.run_id} (experiment {outcome.experiment}): best epoch {outcome.result.best_epoch}, "
+        f"validation balanced accuracy {best['val_balanced_accuracy']:.4f}, device {outcome.result.device}\n"
+        f"checkpoint: {outcome.checkpoint_path}\n"
+        f"look at it: mlflow ui --backend-store-uri {_ui_uri()}"
+    )
+
+
+def _ui_uri() -> str:
+    from meli.tracking import tracking_uri
+
+    return tracking_uri()

@@ -1,0 +1,64 @@
+"""What a training run shows a user: curves, the per-category table, the confused pairs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from meli.metrics import CategoryRow, confused_pairs, per_category  # noqa: E402
+from train.trainer import TrainResult  # noqa: E402
+
+
+def plot_curves(result: TrainResult, path: Path) -> Path:
+    epochs = [m.epoch for m in result.history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [m.train_loss for m in result.history], marker="o", label="train")
+    ax_loss.plot(epochs, [m.val_loss for m in result.history], marker="o", label="validation")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [m.val_balanced_accuracy for m in result.history], marker="o", label="balanced accuracy")
+    ax_acc.plot(epochs, [m.val_accuracy for m in result.history], marker=".", label="accuracy")
+    ax_acc.axvline(result.best_epoch, color="grey", linestyle="--", label=f"best epoch ({result.best_epoch})")
+    ax_acc.set(title="validation", xlabel="epoch")
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def category_report(result: TrainResult) -> list[CategoryRow]:
+    return per_category(result.val_true, result.val_pred, result.checkpoint.labels)
+
+
+def write_category_csv(rows: list[CategoryRow], path: Path) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["category", "precision", "recall", "f1", "support"])
+        for r in rows:
+            w.writerow([r.category, f"{r.precision:.4f}", f"{r.recall:.4f}", f"{r.f1:.4f}", r.support])
+    return path
+
+
+def write_confusions_csv(result: TrainResult, path: Path, top: int = 50) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["true_category", "predicted_category", "count"])
+        w.writerows(confused_pairs(result.val_true, result.val_pred, result.checkpoint.labels, top))
+    return path
+
+
+def plot_worst_categories(rows: list[CategoryRow], path: Path, n: int = 30) -> Path:
+    worst = rows[:n]
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(worst) + 1)))
+    ax.barh([r.category for r in worst][::-1], [r.f1 for r in worst][::-1])
+    ax.set(title=f"validation F1, {len(worst)} worst categories", xlabel="F1", xlim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

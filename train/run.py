@@ -1,0 +1,158 @@
+"""One training run end to end: find the data, train, save the checkpoint, log it all to MLflow."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meli import __version__
+from meli.checkpoint import save_checkpoint
+from meli.dataset import DataFilter, LabelledSplit, fingerprint, load_labelled, split_holdout
+from meli.demo_catalog import DEMO_DIR
+from meli.errors import InputError
+from meli.formats import detect_format
+from meli.tracking import FINGERPRINT_TAG, experiment_for, mlflow_client, tracking_uri
+from train.config import TrainConfig
+from train.report import category_report, plot_curves, plot_worst_categories, write_category_csv, write_confusions_csv
+from train.trainer import EpochMetrics, TrainResult, train_model
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet", ".csv", ".csv.gz", ".json", ".ndjson")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    train: Path
+    validation: Path | None  # None: hold out part of train
+    name: str  # default experiment name
+
+
+def resolve_data(data: str | Path | None = None, train: str | Path | None = None, validation: str | Path | None = None) -> DataSource:
+    """`--train/--validation` files, or a folder holding ``train.*`` (and ``validation.*``),
+    or a single labelled file; nothing at all means the embedded demo dataset."""
+    if train is not None:
+        t = Path(train)
+        return DataSource(t, Path(validation) if validation else None, _stem(t))
+    if validation is not None:
+        raise InputError("--validation needs --train")
+    if data is None:
+        return DataSource(DEMO_DIR / "train.jsonl.gz", DEMO_DIR / "validation.jsonl.gz", "meli-demo")
+    p = Path(data)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    if p.is_file():
+        detect_format(p)
+        return DataSource(p, None, _stem(p))
+
+    def find(stem: str) -> Path | None:
+        for suffix in DATA_SUFFIXES:
+            if (p / f"{stem}{suffix}").is_file():
+                return p / f"{stem}{suffix}"
+        return None
+
+    t = find("train")
+    if t is None:
+        raise InputError(f"{p}: no train file in this folder (expected train.jsonl.gz, train.parquet, train.csv…)")
+    return DataSource(t, find("validation"), f"meli-{p.resolve().name}")
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suffix in DATA_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return f"meli-{name}"
+
+
+def load_splits(source: DataSource, config: TrainConfig, data_filter: DataFilter) -> tuple[LabelledSplit, LabelledSplit]:
+    train = load_labelled(source.train, data_filter)
+    if source.validation is None:
+        log.info("no validation file: holding out %.0f%% of %s", 100 * config.validation_fraction, source.train)
+        return split_holdout(train, config.validation_fraction, config.seed)
+    return train, load_labelled(source.validation, data_filter)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    experiment: str
+    checkpoint_path: Path
+    result: TrainResult
+
+
+def run_training(
+    config: TrainConfig,
+    source: DataSource,
+    *,
+    data_filter: DataFilter = DataFilter(),
+    experiment: str | None = None,
+    checkpoint_dir: Path = Path("artifacts/checkpoints"),
+    quiet: bool = False,
+) -> RunOutcome:
+    import mlflow
+
+    train, validation = load_splits(source, config, data_filter)
+    fp = fingerprint(train, validation)
+    experiment = experiment or source.name
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
+    experiment_id = experiment_for(experiment, fp)
+    mlflow_client()  # sets the tracking URI for the fluent API below
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({
+            FINGERPRINT_TAG: fp,
+            "meli.model": config.model,
+            "meli.train_source": str(source.train),
+            "meli.validation_source": str(source.validation or f"{source.train} (held out)"),
+        })
+        mlflow.log_params({k: str(v) for k, v in config.flat().items()})
+        mlflow.log_params({"data.train_rows": len(train), "data.validation_rows": len(validation),
+                           "data.languages": ",".join(data_filter.languages) or "all",
+                           "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
+
+        def log_epoch(m: EpochMetrics) -> None:
+            mlflow.log_metrics({"train_loss": m.train_loss, "val_loss": m.val_loss,
+                                "val_balanced_accuracy": m.val_balanced_accuracy,
+                                "val_accuracy": m.val_accuracy, "epoch_seconds": m.seconds}, step=m.epoch)
+
+        provenance = {
+            "mlflow_run_id": run_id,
+            "mlflow_experiment": experiment,
+            "data_fingerprint": fp,
+            "meli_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+        }
+        result = train_model(config, train, validation, provenance=provenance, on_epoch=log_epoch, quiet=quiet)
+        mlflow.set_tag("meli.device", result.device)
+        best = result.checkpoint.metrics
+        mlflow.log_metrics({f"best_{k}": v for k, v in best.items()})
+        mlflow.log_metrics(result.timings)
+        checkpoint_path = save_checkpoint(result.checkpoint, checkpoint_dir / f"{run_id}.pt")
+        mlflow.log_artifact(str(checkpoint_path), artifact_path="checkpoint")
+        rows = category_report(result)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Path(tmp)
+            (t / "vocabulary.txt").write_text("\n".join(result.checkpoint.vocabulary) + "\n", encoding="utf-8")
+            (t / "labels.txt").write_text("\n".join(result.checkpoint.labels) + "\n", encoding="utf-8")
+            for f in (
+                t / "vocabulary.txt",
+                t / "labels.txt",
+                plot_curves(result, t / "training_curves.png"),
+                write_category_csv(rows, t / "per_category.csv"),
+                write_confusions_csv(result, t / "confused_pairs.csv"),
+                plot_worst_categories(rows, t / "worst_categories.png"),
+            ):
+                mlflow.log_artifact(str(f), artifact_path="report")
+        mlflow.log_table(
+            {"category": [r.category for r in rows], "precision": [r.precision for r in rows],
+             "recall": [r.recall for r in rows], "f1": [r.f1 for r in rows], "support": [r.support for r in rows]},
+            artifact_file="report/per_category.json",
+        )
+    log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking_uri())
+    return RunOutcome(run_id, experiment, checkpoint_path, result)

@@ -1,0 +1,233 @@
+"""The training loop: tokenize, build the vocabulary, fit, keep the best epoch.
+
+Mini-batches are padded to their own longest title. The embedding table is large (words,
+bigrams and hashed n-gram buckets) and each batch touches few rows of it, so it gets sparse
+gradients and its own `SparseAdam`; the rest of the network gets the configured optimizer.
+That makes an epoch on 2 CPU cores ~15x faster than a dense AdamW over the whole table.
+Validation runs after every epoch; the epoch with the best balanced accuracy is kept, and
+training stops after `patience` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from meli.checkpoint import Checkpoint
+from meli.dataset import LabelledSplit, check_labels
+from meli.errors import MeliError
+from meli.metrics import balanced_accuracy
+from meli.models import build_model
+from meli.tokenizer import Tokenizer
+from meli.vocabulary import build_vocabulary
+from train.config import TrainConfig
+from train.embeddings import init_embedding, word_vectors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_balanced_accuracy: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Checkpoint
+    history: list[EpochMetrics]
+    best_epoch: int
+    device: str
+    val_true: np.ndarray  # label index of every validation row
+    val_pred: np.ndarray  # best epoch's prediction of every validation row
+    stopped_early: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise MeliError("device = 'cuda' but torch sees no CUDA GPU (is this a CPU-only torch build?)")
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(setting)
+
+
+def label_indices(categories: pa.Array, labels: tuple[str, ...]) -> np.ndarray:
+    idx = pc.index_in(categories, value_set=pa.array(labels)).to_numpy(zero_copy_only=False)
+    return idx.astype(np.int64)
+
+
+class _Optimizers:
+    """The sparse embedding optimizer and the dense one, stepped together."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int):
+        emb = [p for n, p in model.named_parameters() if n.startswith("embedding.")]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+        lr = config.lr
+        self.opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(emb, lr=config.embedding_lr or lr)]
+        if config.optimizer == "adamw":
+            self.opts.append(torch.optim.AdamW(rest, lr=lr, weight_decay=config.weight_decay))
+        elif config.optimizer == "adam":
+            self.opts.append(torch.optim.Adam(rest, lr=lr, weight_decay=config.weight_decay))
+        else:
+            self.opts.append(torch.optim.SGD(rest, lr=lr, momentum=0.9, weight_decay=config.weight_decay))
+        self.schedules = []
+        if config.schedule == "onecycle":
+            self.schedules = [
+                torch.optim.lr_scheduler.OneCycleLR(o, max_lr=o.param_groups[0]["lr"], total_steps=total_steps, pct_start=0.1)
+                for o in self.opts
+            ]
+
+    def step(self, loss: torch.Tensor) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in self.opts:
+            o.step()
+        for s in self.schedules:
+            s.step()
+
+
+def _batches(n: int, batch_size: int, order: np.ndarray) -> list[np.ndarray]:
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _to_tensor(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray, device: torch.device) -> torch.Tensor:
+    width = max(1, int(lengths[rows].max()))
+    return torch.from_numpy(ids[rows, :width].astype(np.int64)).to(device, non_blocking=True)
+
+
+def evaluate(model: nn.Module, ids: np.ndarray, lengths: np.ndarray, y: np.ndarray, device: torch.device, batch_size: int = 1024):
+    """(mean loss, predictions) of `model` on pre-encoded rows."""
+    model.eval()
+    losses, preds = [], []
+    with torch.no_grad():
+        for rows in _batches(len(y), batch_size, np.arange(len(y))):
+            logits = model(_to_tensor(ids, rows, lengths, device))
+            target = torch.from_numpy(y[rows]).to(device)
+            losses.append(F.cross_entropy(logits, target, reduction="sum").item())
+            preds.append(logits.argmax(1).cpu().numpy())
+    return sum(losses) / max(1, len(y)), np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def train_model(
+    config: TrainConfig,
+    train: LabelledSplit,
+    validation: LabelledSplit,
+    *,
+    provenance: dict[str, str] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    labels = check_labels(train, validation)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    log.info("training a %s on %s (%d train / %d validation titles, %d categories)",
+             config.model, device, len(train), len(validation), len(labels))
+
+    tokenizer_config = config.tokenizer.resolve()
+    vocabulary = build_vocabulary(train.titles, tokenizer_config, config.vocabulary)
+    if not vocabulary and not tokenizer_config.char_ngrams:
+        raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
+    tokenizer = Tokenizer(tokenizer_config, vocabulary)
+    # int32 halves the memory of the encoded titles; batches are widened to int64
+    enc_train = tokenizer.encode_batch(train.titles)
+    enc_val = tokenizer.encode_batch(validation.titles)
+    x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
+    x_val, len_val = enc_val.ids.astype(np.int32), enc_val.lengths
+    y_train, y_val = label_indices(train.categories, labels), label_indices(validation.categories, labels)
+    timings["tokenize_s"] = time.perf_counter() - t0
+    log.info("vocabulary: %d words and bigrams; id space %d; mean ids per title %.1f",
+             len(vocabulary), tokenizer.n_ids, float(len_train.mean()))
+
+    model_config = config.model_config(tokenizer.n_ids, len(labels))
+    model = build_model(config.model, model_config)
+    vectors = word_vectors(config.embeddings, tokenizer, train.titles.to_pylist(), model_config.embedding_dim, config.seed)
+    init_embedding(model.embedding.weight, vectors, tokenizer)
+    model.to(device)
+    model.embedding.sparse = True  # training only; the exported graph is the same either way
+
+    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch)
+    history: list[EpochMetrics] = []
+    best_state, best_bacc, best_epoch, best_pred, stale = None, -1.0, -1, None, 0
+    stopped_early = False
+    t_fit = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        t_epoch = time.perf_counter()
+        model.train()
+        order = rng.permutation(len(y_train))
+        total, seen = 0.0, 0
+        bar = tqdm(_batches(len(y_train), config.batch_size, order), desc=f"epoch {epoch}/{config.epochs}",
+                   unit="batch", leave=False, disable=quiet)
+        for rows in bar:
+            logits = model(_to_tensor(x_train, rows, len_train, device))
+            target = torch.from_numpy(y_train[rows]).to(device)
+            loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
+            optimizers.step(loss)
+            total += loss.item() * len(rows)
+            seen += len(rows)
+            bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
+        val_loss, pred = evaluate(model, x_val, len_val, y_val, device)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=total / max(1, seen),
+            val_loss=val_loss,
+            val_balanced_accuracy=balanced_accuracy(y_val, pred),
+            val_accuracy=float((pred == y_val).mean()),
+            seconds=time.perf_counter() - t_epoch,
+        )
+        history.append(metrics)
+        if not quiet:
+            tqdm.write(
+                f"epoch {epoch:>3}  train loss {metrics.train_loss:.4f}  val loss {val_loss:.4f}  "
+                f"val balanced acc {metrics.val_balanced_accuracy:.4f}  ({metrics.seconds:.1f}s)"
+            )
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if metrics.val_balanced_accuracy > best_bacc:
+            best_bacc, best_epoch, best_pred, stale = metrics.val_balanced_accuracy, epoch, pred, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                stopped_early = True
+                log.info("early stop: no better validation balanced accuracy for %d epochs", stale)
+                break
+    timings["fit_s"] = time.perf_counter() - t_fit
+    best = history[best_epoch - 1]
+    checkpoint = Checkpoint(
+        model_kind=config.model,
+        model_config=model_config,
+        tokenizer_config=tokenizer_config,
+        vocabulary=vocabulary,
+        labels=labels,
+        state_dict=copy.deepcopy(best_state),
+        metrics={
+            "val_balanced_accuracy": best.val_balanced_accuracy,
+            "val_accuracy": best.val_accuracy,
+            "val_loss": best.val_loss,
+            "best_epoch": float(best_epoch),
+        },
+        provenance=dict(provenance or {}),
+    )
+    return TrainResult(checkpoint, history, best_epoch, str(device), y_val, best_pred, stopped_early, timings)
