@@ -54,8 +54,9 @@ class Checkpoint:
             "tokenizer_config": self.tokenizer_config.to_dict(),
             "vocabulary": list(self.vocabulary),
             "labels": list(self.labels),
-            "metrics": dict(self.metrics),
-            "provenance": dict(self.provenance),
+            # plain types only: weights_only=True refuses anything else (a TorchVersion, say)
+            "metrics": {str(k): float(v) for k, v in self.metrics.items()},
+            "provenance": {str(k): str(v) for k, v in self.provenance.items()},
             "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
         }
 

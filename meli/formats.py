@@ -218,6 +218,10 @@ class AtomicWriter:
         self.committed = False
 
     def commit(self) -> None:
+        # mkstemp makes the file private (0600); give it the mode any new file would get
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o666 & ~umask)
         os.replace(self.path, self.target)
         self.committed = True
 

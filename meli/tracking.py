@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meli.errors import MeliError
+from meli.errors import MeliError, ModelFileError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
@@ -50,3 +50,20 @@ def experiment_for(name: str, fingerprint: str) -> str:
             f"{fingerprint}); pass another --experiment so that runs on different data never compete"
         )
     return exp.experiment_id
+
+
+def resolve_model_uri(model: str) -> Path:
+    """A path, or ``models:/<name>/<version>`` / ``models:/<name>@<alias>``, to a local .onnx file."""
+    if not model.startswith("models:/"):
+        return Path(model)
+    import mlflow
+
+    mlflow_client()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+    except Exception as e:  # noqa: BLE001 - mlflow raises many kinds
+        raise ModelFileError(f"{model}: cannot resolve in the MLflow registry ({str(e).splitlines()[0][:200]})") from e
+    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+    if not found:
+        raise ModelFileError(f"{model}: the registered version holds no .onnx file")
+    return found[0]

@@ -1,0 +1,50 @@
+"""meli-export: the export stage's command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from meli.command import reports_errors, setup_logging
+
+
+@click.command()
+@click.option("--experiment", default=None, help="MLflow experiment to take the best run from; default: that of the most recent run.")
+@click.option("--run-id", default=None, help="Export this MLflow run's checkpoint instead of the best one.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Export this checkpoint file instead.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("artifacts/model.onnx"),
+              show_default=True, help="Where model.onnx is written (atomically).")
+@click.option("--parity-data", type=click.Path(dir_okay=False), default=None,
+              help="Titles for the parity check; default: the run's validation file, else the demo's.")
+@click.option("--parity-rows", type=int, default=None, help="Check only the first N titles (default: all).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="onnxruntime provider for the parity check.")
+@click.option("--register-name", default="meli-categorizer", show_default=True, help="MLflow registered model name.")
+@click.option("--no-register", is_flag=True, help="Do not log the export to MLflow or register it.")
+@click.option("--check", is_flag=True, help="Only check parity of an existing --output against its checkpoint.")
+@click.option("--quiet", is_flag=True, help="Only errors and the final line.")
+@reports_errors
+def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provider, register_name, no_register, check, quiet):
+    """Export the best checkpoint to one ONNX file and prove torch/onnxruntime parity.
+
+    \b
+    Example:
+        meli-export --experiment meli-meli-es --output artifacts/model.onnx
+        meli-export --check --output artifacts/model.onnx     # parity only
+    """
+    setup_logging(quiet)
+    from export.pipeline import choose_checkpoint, export_model, recheck
+    from export.parity import require_parity
+
+    if check:
+        report = recheck(output, checkpoint=checkpoint, parity_data=parity_data, parity_rows=parity_rows, provider=provider)
+        click.echo(report.summary())
+        require_parity(report)
+        return
+    chosen = choose_checkpoint(experiment, run_id, checkpoint)
+    outcome = export_model(chosen, output, parity_data=parity_data, parity_rows=parity_rows, provider=provider,
+                           register_as=None if no_register else register_name)
+    click.echo(f"wrote {outcome.output} (run {outcome.run_id or '-'}); {outcome.report.summary()}")
+    if outcome.registered:
+        click.echo(f"registered as models:/{outcome.registered}")

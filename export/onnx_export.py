@@ -1,0 +1,105 @@
+"""Checkpoint → one self-sufficient ONNX file (graph + weights + model card), checked.
+
+The graph: ``token_ids`` int64 ``[batch, sequence]`` (both axes dynamic) → softmax
+``probabilities`` float32 ``[batch, n_labels]``. Weights are embedded (no ``.onnx.data``
+side file) and the card (tokenizer, vocabulary, labels, provenance) goes in
+``metadata_props``. Any sequence length from 1 up runs; titles longer than the tokenizer's
+``max_length`` are truncated by the tokenizer before they reach the graph, so the graph
+never sees a length it was not built for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from meli import __version__
+from meli.checkpoint import Checkpoint
+from meli.onnx_model import INPUT_NAME, OUTPUT_NAME, ModelCard
+
+log = logging.getLogger(__name__)
+
+OPSET = 20
+
+
+class WithSoftmax(nn.Module):
+    """The classifier with its logits turned into probabilities, as scoring wants them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(token_ids), dim=-1)  # (B, n_labels)
+
+
+def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None) -> ModelCard:
+    import onnxruntime
+
+    provenance = {
+        **ckpt.provenance,
+        "metrics": ckpt.metrics,
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "export_versions": {
+            "meli": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        **(extra_provenance or {}),
+    }
+    return ModelCard(
+        tokenizer_config=ckpt.tokenizer_config,
+        vocabulary=ckpt.vocabulary,
+        labels=ckpt.labels,
+        model_kind=ckpt.model_kind,
+        model_config=ckpt.model_config.to_dict(),
+        provenance=provenance,
+    )
+
+
+def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None) -> onnx.ModelProto:
+    """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked."""
+    model = WithSoftmax(ckpt.build_model()).eval()
+    # an example with batch > 1 and a length that no axis could be mistaken for a constant
+    example = torch.randint(2, ckpt.model_config.n_ids, (3, 7), dtype=torch.int64)
+    dims = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dims,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    proto = program.model_proto
+    for key, value in model_card(ckpt, extra_provenance).to_metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = "meli-categorizer product-title classifier"
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def signature(proto: onnx.ModelProto) -> dict:
+    """The graph's inputs and outputs, with dynamic axes by name, as JSON-ready data."""
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output), "opset": OPSET}

@@ -1,0 +1,193 @@
+"""The export stage end to end: which checkpoint, export, parity, write, log, register."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from meli.checkpoint import Checkpoint, load_checkpoint
+from meli.dataset import load_labelled
+from meli.demo_catalog import DEMO_DIR
+from meli.errors import MeliError, ModelFileError
+from meli.formats import AtomicWriter, iter_batches
+from meli.onnx_model import load_onnx_model
+from meli.tracking import mlflow_client
+from export.onnx_export import signature, to_onnx
+from export.parity import ParityReport, check_parity, require_parity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT = Path("artifacts/model.onnx")
+DEFAULT_REGISTERED_NAME = "meli-categorizer"
+BEST_METRIC = "best_val_balanced_accuracy"
+
+
+@dataclass(frozen=True)
+class ChosenCheckpoint:
+    checkpoint: Checkpoint
+    path: Path
+    run_id: str | None  # None: a checkpoint file outside MLflow
+    validation_source: str | None
+
+
+def best_run_id(experiment: str | None = None) -> str:
+    """The finished run with the best validation balanced accuracy in `experiment`.
+
+    No experiment named: the experiment of the most recent run, i.e. what was just trained.
+    """
+    client = mlflow_client()
+    if experiment is None:
+        exps = client.search_experiments()
+        latest = client.search_runs([e.experiment_id for e in exps], order_by=["attribute.start_time DESC"], max_results=1) if exps else []
+        if not latest:
+            raise MeliError("no MLflow runs found; train a model first (make train)")
+        exp = client.get_experiment(latest[0].info.experiment_id)
+        log.info("no --experiment given: using %r, the experiment of the most recent run", exp.name)
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise MeliError(f"no MLflow experiment named {experiment!r}")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=[f"metrics.{BEST_METRIC} DESC"],
+        max_results=50,
+    )
+    runs = [r for r in runs if BEST_METRIC in r.data.metrics]
+    if not runs:
+        raise MeliError(f"MLflow experiment {exp.name!r} has no finished training runs")
+    return runs[0].info.run_id
+
+
+def checkpoint_of_run(run_id: str) -> ChosenCheckpoint:
+    import mlflow
+
+    client = mlflow_client()
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # noqa: BLE001 - mlflow raises MlflowException subclasses
+        raise MeliError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from e
+    artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+    if not artifacts:
+        raise ModelFileError(f"MLflow run {run_id} has no checkpoint artifact")
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts[0]))
+    return ChosenCheckpoint(load_checkpoint(local), local, run_id, run.data.tags.get("meli.validation_source"))
+
+
+def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, checkpoint: str | Path | None = None) -> ChosenCheckpoint:
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        return ChosenCheckpoint(ckpt, Path(checkpoint), ckpt.provenance.get("mlflow_run_id"), None)
+    return checkpoint_of_run(run_id or best_run_id(experiment))
+
+
+def parity_titles(path: str | Path | None, validation_source: str | None, max_rows: int | None) -> pa.Array:
+    """Titles for the parity check: the given file, else the run's validation file, else the demo's."""
+    candidates = [path] if path else [validation_source, DEMO_DIR / "validation.jsonl.gz"]
+    for c in candidates:
+        if c and Path(c).is_file():
+            chunks, n = [], 0
+            for batch in iter_batches(c):
+                if "title" not in batch.schema.names:
+                    raise MeliError(f"{c}: no 'title' column for the parity check")
+                chunks.append(batch.column("title"))
+                n += batch.num_rows
+                if max_rows and n >= max_rows:
+                    break
+            titles = pa.concat_arrays(chunks).cast(pa.string()) if chunks else pa.array([], pa.string())
+            titles = titles.filter(titles.is_valid())
+            log.info("parity titles: %s", c)
+            return titles.slice(0, max_rows) if max_rows else titles
+        if path:
+            raise MeliError(f"{c}: no such file for the parity check")
+    raise MeliError("no titles for the parity check: pass --parity-data")
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    output: Path
+    report: ParityReport
+    run_id: str | None
+    registered: str | None  # "name/version"
+
+
+def export_model(
+    chosen: ChosenCheckpoint,
+    output: Path = DEFAULT_OUTPUT,
+    *,
+    parity_data: str | Path | None = None,
+    parity_rows: int | None = None,
+    provider: str = "cpu",
+    register_as: str | None = DEFAULT_REGISTERED_NAME,
+) -> ExportOutcome:
+    output = Path(output)
+    writer = AtomicWriter(output)  # fails now, before any work, on a missing or read-only folder
+    with writer:
+        proto = to_onnx(chosen.checkpoint, {"checkpoint": chosen.path.name})
+        data = proto.SerializeToString()
+        onnx_model = load_onnx_model(data, provider=provider)
+        titles = parity_titles(parity_data, chosen.validation_source, parity_rows)
+        report = check_parity(chosen.checkpoint, onnx_model, titles)
+        log.info(report.summary())
+        require_parity(report)
+        writer.path.write_bytes(data)
+        writer.commit()
+    registered = None
+    if chosen.run_id is not None and register_as:
+        registered = log_export(chosen.run_id, output, report, signature(proto), register_as)
+    return ExportOutcome(output, report, chosen.run_id, registered)
+
+
+def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_data=None, parity_rows=None, provider="cpu") -> ParityReport:
+    """`meli-export --check`: parity of an existing model.onnx against its own checkpoint."""
+    onnx_model = load_onnx_model(model_path, provider=provider)
+    run_id = onnx_model.card.provenance.get("mlflow_run_id")
+    if checkpoint is None and not run_id:
+        raise MeliError(f"{model_path}: carries no MLflow run id; pass --checkpoint")
+    chosen = choose_checkpoint(run_id=run_id, checkpoint=checkpoint)
+    report = check_parity(chosen.checkpoint, onnx_model, parity_titles(parity_data, chosen.validation_source, parity_rows))
+    log.info(report.summary())
+    return report
+
+
+def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str) -> str | None:
+    """Log the ONNX file, parity report and signature to the checkpoint's run; register the model."""
+    import mlflow
+
+    client = mlflow_client()
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001
+        log.warning("run %s is not in this MLflow store: the export is not logged or registered", run_id)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        (t / "parity_report.json").write_text(report.to_json(), encoding="utf-8")
+        (t / "signature.json").write_text(json.dumps(sig, indent=2), encoding="utf-8")
+        for f in ("parity_report.json", "signature.json"):
+            client.log_artifact(run_id, str(t / f), artifact_path="export")
+    client.log_artifact(run_id, str(output), artifact_path="export")
+    for key, value in (("parity_max_abs_diff", report.max_abs_diff), ("parity_top1_agreement", report.top1_agreement)):
+        client.log_metric(run_id, key, value)
+    # register the very file just written (one file, weights inside) as a model version
+    source = f"{client.get_run(run_id).info.artifact_uri}/export"
+    version = client.create_model_version(name=_ensure_registered(client, name), source=source,
+                                          run_id=run_id, description=report.summary())
+    client.set_registered_model_alias(name, "latest-export", version.version)
+    log.info("registered %s version %s (alias latest-export)", name, version.version)
+    return f"{name}/{version.version}"
+
+
+def _ensure_registered(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already registered
+    return name

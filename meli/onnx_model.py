@@ -1,0 +1,155 @@
+"""The exported model file: what it carries, and onnxruntime sessions over it.
+
+A ``model.onnx`` is self-sufficient (DESIGN contract 4): besides the graph
+(``token_ids`` int64 ``[batch, sequence]`` → ``probabilities`` float32 ``[batch, n_labels]``)
+its ``metadata_props`` hold the tokenizer config, vocabulary, labels, model config and
+provenance as JSON, so scoring needs nothing but the file. This module needs onnxruntime
+only: no torch, no onnx, no mlflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from meli.errors import MeliError, ModelFileError
+from meli.tokenizer import Tokenizer, TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "meli-onnx/1"
+INPUT_NAME = "token_ids"
+OUTPUT_NAME = "probabilities"
+Provider = Literal["auto", "cuda", "cpu"]
+
+_KEYS = ("meli.format", "meli.tokenizer", "meli.vocabulary", "meli.labels", "meli.model", "meli.provenance")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything ``model.onnx`` says about itself."""
+
+    tokenizer_config: TokenizerConfig
+    vocabulary: tuple[str, ...]
+    labels: tuple[str, ...]
+    model_kind: str
+    model_config: dict
+    provenance: dict = field(default_factory=dict)  # run id, fingerprint, metrics, versions, export time
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.tokenizer_config, self.vocabulary)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "meli.format": FORMAT,
+            "meli.tokenizer": json.dumps(self.tokenizer_config.to_dict()),
+            "meli.vocabulary": json.dumps(list(self.vocabulary), ensure_ascii=False),
+            "meli.labels": json.dumps(list(self.labels), ensure_ascii=False),
+            "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config}),
+            "meli.provenance": json.dumps(self.provenance, ensure_ascii=False),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> "ModelCard":
+        if meta.get("meli.format") != FORMAT:
+            raise ModelFileError(f"{source}: not a meli-categorizer model (no '{FORMAT}' metadata)")
+        missing = [k for k in _KEYS if k not in meta]
+        if missing:
+            raise ModelFileError(f"{source}: model metadata incomplete (missing {', '.join(missing)})")
+        try:
+            model = json.loads(meta["meli.model"])
+            return cls(
+                tokenizer_config=TokenizerConfig.from_dict(json.loads(meta["meli.tokenizer"])),
+                vocabulary=tuple(json.loads(meta["meli.vocabulary"])),
+                labels=tuple(json.loads(meta["meli.labels"])),
+                model_kind=model["kind"],
+                model_config=model["config"],
+                provenance=json.loads(meta["meli.provenance"]),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFileError(f"{source}: unreadable model metadata ({e})") from e
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:  # the runtime is an extra: [cpu] or [gpu]
+        raise MeliError("onnxruntime is not installed: pip install 'meli-categorizer[cpu]' (or [gpu] on a CUDA machine)") from e
+    return onnxruntime
+
+
+@dataclass
+class OnnxModel:
+    """An onnxruntime session over a meli model, with its card and the provider it really got."""
+
+    session: object
+    card: ModelCard
+    provider: str  # "CUDAExecutionProvider" or "CPUExecutionProvider"
+    source: str
+    sha256: str | None = None
+
+    def predict(self, token_ids):
+        """``(B, T)`` int64 ids → ``(B, n_labels)`` float32 probabilities."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: token_ids})[0]
+
+
+def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto", threads: int | None = None) -> OnnxModel:
+    """Open `model` (a path, or the file's bytes) on the requested provider.
+
+    ``auto`` takes CUDA when onnxruntime offers it *and* the session really gets it, else
+    the CPU. ``cuda`` is an error where CUDA is not usable: onnxruntime-gpu would otherwise
+    log an error and silently run on the CPU, so the session's first provider is checked.
+    """
+    ort = _ort()
+    source = "<bytes>" if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes):
+        p = Path(model)
+        if not p.is_file():
+            raise ModelFileError(f"{p}: no such model file")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # onnxruntime's own warnings are noise for users
+    available = ort.get_available_providers()
+    if provider == "cuda" and "CUDAExecutionProvider" not in available:
+        raise MeliError(f"--provider cuda: this onnxruntime has no CUDA provider (has {', '.join(available)}); "
+                        "install meli-categorizer[gpu] on a CUDA machine")
+    wants_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
+    providers: list = ["CPUExecutionProvider"]
+    if wants_cuda:
+        # CNNs re-tune cuDNN per shape by default; the heuristic is stable across shapes
+        providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception as e:  # noqa: BLE001 - a missing CUDA library shows up below
+                log.debug("onnxruntime.preload_dlls failed: %s", e)
+    try:
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise ModelFileError(f"{source}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from e
+    used = session.get_providers()[0]
+    if provider == "cuda" and used != "CUDAExecutionProvider":
+        raise MeliError(f"--provider cuda: onnxruntime could not start CUDA (fell back to {used}); "
+                        "check the CUDA/cuDNN libraries (pip install 'onnxruntime-gpu[cuda,cudnn]')")
+    card = ModelCard.from_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise ModelFileError(f"{source}: expected one input named {INPUT_NAME!r}")
+    sha = file_sha256(model) if not isinstance(model, bytes) else hashlib.sha256(model).hexdigest()
+    log.info("model %s on %s", source, used)
+    return OnnxModel(session=session, card=card, provider=used, source=source, sha256=sha)

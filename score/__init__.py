@@ -1,0 +1,1 @@
+"""The scoring stage: titles in any supported file → categories, with onnxruntime."""

@@ -1,0 +1,46 @@
+"""meli-score: the nightly batch scorer's command."""
+
+from __future__ import annotations
+
+import click
+
+from meli.command import reports_errors, setup_logging
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.argument("output_path", metavar="OUTPUT", type=click.Path())
+@click.option("--model", default="artifacts/model.onnx", show_default=True,
+              help="model.onnx path, or an MLflow registry URI: models:/meli-categorizer/3, models:/meli-categorizer@latest-export.")
+@click.option("--title-column", default="title", show_default=True, help="Column holding the titles.")
+@click.option("--keep-columns", default=None, help="Comma-separated input columns to pass through (default: all but the title).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also write the K best categories and their probabilities as lists.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16_384, show_default=True,
+              help="Rows read, tokenized and written at a time; peak memory grows with it.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="onnxruntime provider; auto takes CUDA when it really works, else the CPU.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for onnxruntime and Arrow (default: all cores).")
+@click.option("--quiet", is_flag=True, help="No progress bar or logs; the summary line still goes to stderr.")
+@reports_errors
+def main(input_path, output_path, model, title_column, keep_columns, top_k, batch_size, provider, threads, quiet):
+    """Predict the category of every title in INPUT and write OUTPUT.
+
+    INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
+    (with a header naming a title column, like the challenge's id,title,language).
+    OUTPUT is Parquet, or JSON Lines when its name ends in .jsonl: one row per input row,
+    in input order, with the input's other columns, category and probability.
+
+    \b
+    Example:
+        meli-score catalog.parquet scored.parquet --model artifacts/model.onnx --keep-columns id --top-k 3
+    """
+    setup_logging(quiet)
+    from score.core import ScoreOptions
+    from score.run import score_file
+
+    keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
+    options = ScoreOptions(title_column=title_column, keep_columns=keep, top_k=top_k)
+    summary = score_file(input_path, output_path, model, options, batch_size=batch_size, provider=provider,
+                         threads=threads, quiet=quiet)
+    click.echo(summary.line(), err=True)

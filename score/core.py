@@ -1,0 +1,149 @@
+"""The scoring core: a function from Arrow record batches to Arrow record batches.
+
+`Scorer.score_batch` takes a batch of input rows and returns one output row per input row,
+in order: the kept input columns, ``category`` (string) and ``probability`` (float32), and
+with ``top_k`` the lists ``top_categories`` / ``top_probabilities``. It has no I/O of its own,
+so the same code runs in ``meli-score`` and inside Spark's ``mapInArrow`` (see
+`score_arrow_batches`).
+
+Rows whose title is null, empty, or yields no known token (nothing for the model to go on)
+get a null ``category`` and ``probability``: marked, counted, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from meli.errors import InputError
+from meli.onnx_model import OnnxModel, load_onnx_model
+from meli.tokenizer import N_SPECIAL
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ("category", "probability", "top_categories", "top_probabilities")
+RENAMED_PREFIX = "input_"  # an input column named like an output column is kept under this prefix
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    title_column: str = "title"
+    keep_columns: tuple[str, ...] | None = None  # None: every input column except the title
+    top_k: int = 0
+    inference_batch: int = 1024  # rows per onnxruntime call, grouped by length to cut padding
+
+
+@dataclass
+class ScoreStats:
+    rows: int = 0
+    unscored: int = 0  # null/empty titles and titles with no known token
+
+    def add(self, other: "ScoreStats") -> None:
+        self.rows += other.rows
+        self.unscored += other.unscored
+
+
+@dataclass
+class Scorer:
+    model: OnnxModel
+    options: ScoreOptions = field(default_factory=ScoreOptions)
+
+    def __post_init__(self) -> None:
+        self.tokenizer = self.model.card.tokenizer()
+        self.labels = pa.array(self.model.card.labels, type=pa.string())
+        n = len(self.labels)
+        if not 0 <= self.options.top_k <= n:
+            raise InputError(f"--top-k must be between 0 and the number of categories ({n})")
+        self.stats = ScoreStats()
+
+    # ---------------------------------------------------------------- schema
+    def _kept(self, schema: pa.Schema) -> list[tuple[str, str]]:
+        """(input name, output name) of the columns passed through."""
+        title = self.options.title_column
+        if title not in schema.names:
+            raise InputError(f"no title column {title!r}; the input has: {', '.join(schema.names)} (use --title-column)")
+        if self.options.keep_columns is None:
+            names = [n for n in schema.names if n != title]
+        else:
+            missing = [c for c in self.options.keep_columns if c not in schema.names]
+            if missing:
+                raise InputError(f"--keep-columns: no column(s) {', '.join(missing)}; the input has: {', '.join(schema.names)}")
+            names = list(self.options.keep_columns)
+        return [(n, RENAMED_PREFIX + n if n in OUTPUT_COLUMNS else n) for n in names]
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        fields = [pa.field(out, schema.field(name).type) for name, out in self._kept(schema)]
+        fields += [pa.field("category", pa.string()), pa.field("probability", pa.float32())]
+        if self.options.top_k:
+            fields += [pa.field("top_categories", pa.list_(pa.string())), pa.field("top_probabilities", pa.list_(pa.float32()))]
+        return pa.schema(fields, metadata=self.provenance())
+
+    def provenance(self) -> dict[str, str]:
+        prov = self.model.card.provenance
+        return {
+            "meli.model_sha256": self.model.sha256 or "",
+            "meli.model_source": self.model.source,
+            "meli.mlflow_run_id": str(prov.get("mlflow_run_id", "")),
+            "meli.data_fingerprint": str(prov.get("data_fingerprint", "")),
+            "meli.provider": self.model.provider,
+        }
+
+    # ---------------------------------------------------------------- scoring
+    def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        schema = self.output_schema(batch.schema)
+        titles = batch.column(self.options.title_column)
+        if not (pa.types.is_string(titles.type) or pa.types.is_large_string(titles.type) or pa.types.is_null(titles.type)):
+            raise InputError(f"title column {self.options.title_column!r} holds {titles.type}, not strings")
+        enc = self.tokenizer.encode_batch(titles.cast(pa.string()))
+        n = batch.num_rows
+        scorable = (enc.ids >= N_SPECIAL).any(axis=1)  # at least one known token
+        k = max(1, self.options.top_k)
+        top_idx = np.zeros((n, k), dtype=np.int64)
+        top_p = np.zeros((n, k), dtype=np.float32)
+        rows = np.flatnonzero(scorable)
+        # group rows of similar length so each onnxruntime call pads little
+        rows = rows[np.argsort(enc.lengths[rows], kind="stable")]
+        step = self.options.inference_batch
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            width = max(1, int(enc.lengths[chunk].max()))
+            probs = self.model.predict(np.ascontiguousarray(enc.ids[chunk, :width]))
+            if k == 1:
+                best = probs.argmax(axis=1)[:, None]
+            else:
+                part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+                order = np.argsort(-np.take_along_axis(probs, part, axis=1), axis=1, kind="stable")
+                best = np.take_along_axis(part, order, axis=1)
+            top_idx[chunk] = best
+            top_p[chunk] = np.take_along_axis(probs, best, axis=1)
+        missing = pa.array(~scorable)
+        category = pc.if_else(missing, pa.scalar(None, pa.string()), self.labels.take(pa.array(top_idx[:, 0])))
+        probability = pc.if_else(missing, pa.scalar(None, pa.float32()), pa.array(top_p[:, 0]))
+        columns = [batch.column(name) for name, _ in self._kept(batch.schema)] + [category, probability]
+        if self.options.top_k:
+            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+            names = pa.ListArray.from_arrays(offsets, self.labels.take(pa.array(top_idx.ravel())), mask=missing)
+            values = pa.ListArray.from_arrays(offsets, pa.array(top_p.ravel()), mask=missing)
+            columns += [names, values]
+        self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum())))
+        return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+    def score_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            yield self.score_batch(batch)
+
+
+def score_arrow_batches(
+    batches: Iterable[pa.RecordBatch], model_path: str, options: ScoreOptions = ScoreOptions(), provider: str = "auto", threads: int | None = None
+) -> Iterator[pa.RecordBatch]:
+    """For Spark: ``df.mapInArrow(lambda it: score_arrow_batches(it, "model.onnx"), schema)``.
+
+    Opens the model once per call (once per partition in Spark) and streams the batches.
+    """
+    scorer = Scorer(load_onnx_model(model_path, provider=provider, threads=threads), options)
+    yield from scorer.score_batches(batches)

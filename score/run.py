@@ -1,0 +1,207 @@
+"""`meli-score INPUT OUTPUT`: stream a file through the scoring core into an output file.
+
+Three stages overlap: a reader thread decodes the next input batch, the calling thread
+tokenizes and runs onnxruntime, a writer thread encodes the previous output batch. The
+queues between them hold two batches each, so memory is bounded by the batch size, never
+by the file size. Output goes to a temporary file beside the target, renamed at the end:
+an error or a kill leaves any previous output untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from meli.errors import InputError, OutputError
+from meli.formats import AtomicWriter, detect_format, iter_batches, parquet_parts
+from meli.onnx_model import load_onnx_model
+from meli.tracking import resolve_model_uri
+from score.core import Scorer, ScoreOptions
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    rows: int
+    unscored: int
+    seconds: float
+    provider: str
+    model: str
+    output: Path
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("inf")
+
+    def line(self) -> str:
+        return (
+            f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows_per_second:,.0f} rows/s); "
+            f"{self.unscored:,} without a category (null/empty title or no known token); "
+            f"provider {self.provider}; model {self.model}; wrote {self.output}"
+        )
+
+
+class _Background:
+    """Run `work` in a thread; exceptions come back to the caller on `join`."""
+
+    def __init__(self, work: Callable[[], None]):
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = e
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        finally:
+            q.put(_DONE)
+
+    reader = _Background(produce)
+    try:
+        while (item := q.get()) is not _DONE:
+            yield item
+    finally:
+        stop.set()
+        while reader.thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                time.sleep(0.01)
+        reader.join()
+
+
+class _OutputFile:
+    """Parquet, or JSON Lines when the output name says so, written in a background thread."""
+
+    def __init__(self, path: Path, schema: pa.Schema, fmt: str):
+        self.format = fmt
+        self.path = path
+        self.schema = schema
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.worker = _Background(self._drain)
+
+    def _drain(self) -> None:
+        if self.format == "parquet":
+            with pq.ParquetWriter(self.path, self.schema, compression="zstd") as w:
+                while (b := self.queue.get()) is not _DONE:
+                    w.write_batch(b)
+        else:
+            with open(self.path, "w", encoding="utf-8") as f:
+                while (b := self.queue.get()) is not _DONE:
+                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in b.to_pylist())
+
+    def put(self, batch: pa.RecordBatch) -> None:
+        while True:
+            if not self.worker.thread.is_alive():
+                self.worker.join()  # raises the writer's error
+                raise OutputError(f"{self.path}: writer stopped")
+            try:
+                self.queue.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        if self.worker.thread.is_alive():
+            self.queue.put(_DONE)
+        self.worker.join()
+
+
+def _count_rows(path: Path) -> int | None:
+    if detect_format(path) != "parquet":
+        return None
+    try:
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in parquet_parts(path))
+    except (pa.ArrowException, OSError):
+        return None  # the reader will report it with the file's name
+
+
+def score_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    model: str = "artifacts/model.onnx",
+    options: ScoreOptions = ScoreOptions(),
+    *,
+    batch_size: int = 16_384,
+    provider: str = "auto",
+    threads: int | None = None,
+    quiet: bool = False,
+) -> ScoreSummary:
+    inp, out = Path(input_path), Path(output_path)
+    if not inp.exists():
+        raise InputError(f"{inp}: no such file or directory")
+    if out.exists() and inp.resolve() == out.resolve():
+        raise OutputError(f"{out}: the output would overwrite the input")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; name an output file")
+    detect_format(inp)
+    if detect_format(out) == "csv":
+        raise OutputError(f"{out}: CSV output is not supported; use .parquet or .jsonl")
+    if threads:
+        pa.set_cpu_count(threads)
+    onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)
+    scorer = Scorer(onnx_model, options)
+    started = time.perf_counter()
+    total = _count_rows(inp)
+    with AtomicWriter(out) as target:
+        batches = _prefetch(iter_batches(inp, batch_size=batch_size, string_columns=(options.title_column,)))
+        writer: _OutputFile | None = None
+        bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=quiet, smoothing=0.1)
+        try:
+            for batch in batches:
+                scored = scorer.score_batch(batch)
+                if writer is None:
+                    writer = _OutputFile(target.path, scored.schema, detect_format(out))
+                writer.put(scored)
+                bar.update(batch.num_rows)
+            if writer is None:  # an input with no rows still gets a (empty) output
+                raise InputError(f"{inp}: no rows to score")
+            writer.close()
+        except BaseException:
+            if writer is not None and writer.worker.thread.is_alive():
+                writer.queue.put(_DONE)
+                writer.worker.thread.join()
+            raise
+        finally:
+            bar.close()
+        target.commit()
+    stats = scorer.stats
+    return ScoreSummary(stats.rows, stats.unscored, time.perf_counter() - started, onnx_model.provider, onnx_model.source, out)
