@@ -119,7 +119,10 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
 def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
     # Arrow's reader is fast but its errors do not say where; on any error, find the
     # offending line with a plain scan so the message can name it.
-    schema = pa.schema([(c, pa.string()) for c in string_columns])
+    present = _first_record_keys(path)
+    if present is None:
+        return  # an empty file: no batches
+    schema = pa.schema([(c, pa.string()) for c in string_columns if c in present])
     parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
     read = pjson.ReadOptions(block_size=max(1 << 20, batch_size * 256))
     try:
@@ -129,6 +132,20 @@ def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...])
                 yield from _split(batch, batch_size)
     except (pa.ArrowException, OSError, EOFError) as e:
         raise InputError(_explain_jsonl(path, string_columns) or f"{path}: unreadable JSON Lines ({_first_line(e)})") from e
+
+
+def _first_record_keys(path: Path) -> set[str] | None:
+    """Keys of the first record (None for a file with no records): only columns a file has
+    may be typed explicitly (Arrow would otherwise add the absent ones as all-null columns)."""
+    try:
+        with open_text(path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    return set(record) if isinstance(record, dict) else set()
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()  # the reader reports it, with the line
+    return None
 
 
 def _explain_jsonl(path: Path, string_columns: tuple[str, ...]) -> str | None:

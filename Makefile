@@ -1,0 +1,76 @@
+# meli-categorizer: train → export → score.  `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch; on a GPU machine install a CUDA build of torch into the venv first
+# (see README) and this pin is then already satisfied.
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= cpu,dev
+MODEL ?= mlp
+CONFIG ?= configs/$(MODEL).toml
+DATA ?=
+EXPERIMENT ?=
+OUTPUT ?= artifacts/model.onnx
+INPUT ?= meli/resources/demo/catalog.jsonl.gz
+SCORED ?= artifacts/scored.parquet
+PYTEST_ARGS ?=
+
+data_arg = $(if $(DATA),--data $(DATA))
+exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+
+.PHONY: help venv demo train export parity score test bench bench-accuracy data clean
+
+help:
+	@echo "make demo            venv + train + export + score on the embedded demo data"
+	@echo "make test            run the test suite (what CI runs)"
+	@echo "make train           train (MODEL=mlp|cnn, CONFIG=..., DATA=folder, EXPERIMENT=name)"
+	@echo "make export          best run -> $(OUTPUT), with the parity check"
+	@echo "make parity          re-check parity of $(OUTPUT) against its checkpoint"
+	@echo "make score           score INPUT=... into SCORED=..."
+	@echo "make bench           scoring throughput and memory"
+	@echo "make bench-accuracy  this project's model vs classical baselines (DATA=folder)"
+	@echo "make data            download the course's MeLi 2019 data (SBW=1: also SBW vectors)"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/meli-train --config $(CONFIG) --experiment meli-demo
+	$(BIN)/meli-export --experiment meli-demo --output $(OUTPUT)
+	$(BIN)/meli-score $(INPUT) $(SCORED) --model $(OUTPUT) --top-k 3
+	$(BIN)/python -c "import pyarrow.parquet as pq; print(pq.read_table('$(SCORED)').slice(0, 8).to_pandas().to_string())"
+
+train: venv
+	$(BIN)/meli-train --config $(CONFIG) $(data_arg) $(exp_arg)
+
+export: venv
+	$(BIN)/meli-export $(exp_arg) --output $(OUTPUT)
+
+parity: venv
+	$(BIN)/meli-export --check --output $(OUTPUT)
+
+score: venv
+	$(BIN)/meli-score $(INPUT) $(SCORED) --model $(OUTPUT)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python bench/score_speed.py --model $(OUTPUT)
+
+bench-accuracy: venv
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es)
+
+data: venv
+	$(BIN)/python -m train.download --dest data $(if $(SBW),--sbw)
+
+clean:
+	rm -rf artifacts mlruns mlflow.db .pytest_cache

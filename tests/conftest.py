@@ -1,0 +1,90 @@
+"""Shared fixtures: small configs, the demo data, models trained once per session.
+
+Tests that need the real MeLi titles in ``../shared/data`` use the `shared_data` fixture,
+which skips them cleanly on a fresh clone where that folder does not exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from meli.dataset import load_labelled
+from meli.demo_catalog import DEMO_DIR
+from train.config import TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path, monkeypatch):
+    """Every test gets its own working folder and MLflow store (no MLFLOW_TRACKING_URI leak)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "meli-es" / "train.jsonl.gz").is_file():
+        pytest.skip("../shared/data (real MeLi titles) is not present")
+    return SHARED_DATA
+
+
+def small_config(model: str = "mlp", **overrides) -> TrainConfig:
+    """The committed config, shrunk so that a test trains in seconds."""
+    config = load_config(ROOT / "configs" / f"{model}.toml")
+    tokenizer = dataclasses.replace(config.tokenizer, char_buckets=4096) if model == "mlp" else config.tokenizer
+    config = dataclasses.replace(
+        config,
+        epochs=4,
+        lr=0.01,
+        tokenizer=tokenizer,
+        mlp=dataclasses.replace(config.mlp, embedding_dim=32, hidden=(64,)),
+        cnn=dataclasses.replace(config.cnn, embedding_dim=32, filters=32),
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture(scope="session")
+def demo_splits():
+    return load_labelled(DEMO_DIR / "train.jsonl.gz"), load_labelled(DEMO_DIR / "validation.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def trained(demo_splits):
+    """A small MLP and CNN trained on the demo data, once for the whole session."""
+    from train.trainer import train_model
+
+    train, validation = demo_splits
+    return {
+        kind: train_model(small_config(kind), train, validation, provenance={"mlflow_run_id": "none"}, quiet=True)
+        for kind in ("mlp", "cnn")
+    }
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """Each trained model exported to model.onnx (no MLflow involved)."""
+    from export.onnx_export import to_onnx
+
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {}
+    for kind, result in trained.items():
+        path = folder / f"{kind}.onnx"
+        path.write_bytes(to_onnx(result.checkpoint).SerializeToString())
+        paths[kind] = path
+    return paths
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")

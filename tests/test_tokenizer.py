@@ -1,0 +1,119 @@
+"""The tokenizer: the vectorized path must give exactly the reference's ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from meli.dataset import load_labelled
+from meli.demo_catalog import DEMO_DIR
+from meli.tokenizer import PAD, UNK, Tokenizer, TokenizerConfig, fnv1a_32, load_stopwords, normalize_title
+from meli.vocabulary import VocabularyConfig, build_vocabulary
+
+EDGE_CASES = [
+    "", None, "   ", "®", "😀🔥", "Pañal 1/2 12V® 😀", "Bolso Maternal Moderno Con Cambiador Y Correa",
+    "ÁÉÍÓÚ áéíóú ÑñÇç ü", "Kit 2x1 - 100% Original!!!", "İstanbul ẞ straße ﬁ ½ ²", "a", "de la para con",
+    "Xc3s400-4pqg208c Xilinx Ic Chips. Qfp208. . 1piezas", "tab\tnew\nline", "x" * 400,
+]
+
+
+def assert_agree(tok: Tokenizer, titles: list) -> None:
+    enc = tok.encode_batch(pa.array(titles, type=pa.string()))
+    assert enc.ids.dtype == np.int64 and enc.ids.shape[0] == len(titles)
+    for i, title in enumerate(titles):
+        ref = tok.encode_reference(title)
+        n = enc.lengths[i]
+        assert list(enc.ids[i, :n]) == ref, title
+        assert (enc.ids[i, n:] == PAD).all()
+
+
+@pytest.fixture(scope="module")
+def demo_titles() -> list:
+    return load_labelled(DEMO_DIR / "train.jsonl.gz").titles.to_pylist()
+
+
+CONFIGS = {
+    "default": TokenizerConfig(stopwords=load_stopwords()),
+    "words-only": TokenizerConfig(word_bigrams=False, char_ngram_max=0),
+    "digits-short": TokenizerConfig(map_digits=True, min_token_length=2, char_ngram_min=1, char_ngram_max=3, char_buckets=97, max_length=12),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_vectorized_matches_reference(name, demo_titles):
+    config = CONFIGS[name]
+    tok = Tokenizer(config, build_vocabulary(pa.array(demo_titles), config))
+    assert_agree(tok, demo_titles + EDGE_CASES)
+
+
+def test_vectorized_matches_reference_on_real_titles(shared_data):
+    titles = [json.loads(line)["title"] for line in gzip.open(shared_data / "meli-es" / "validation.jsonl.gz", "rt")]
+    raw = (shared_data / "meli-2019-raw" / "test-sample.csv").read_text("utf-8").splitlines()[1:]
+    config = CONFIGS["default"]
+    tok = Tokenizer(config, build_vocabulary(pa.array(titles[:3000]), config))
+    assert_agree(tok, titles + raw + EDGE_CASES)
+
+
+def test_normalisation_folds_accents_and_splits_punctuation():
+    assert normalize_title("Pañal 1/2 12V® 😀") == ["panal", "1", "2", "12v"]
+    assert normalize_title("CANCIÓN Ação") == ["cancion", "acao"]
+    assert normalize_title("Talle 42", map_digits=True) == ["talle", "00"]
+    assert normalize_title("®™") == []
+
+
+def test_stopwords_ship_with_the_package_normalised():
+    words = load_stopwords()
+    assert {"de", "para", "con", "mais", "voce", "tambien"} <= set(words)
+    assert "mi" not in words  # "Xiaomi Mi" is a product, not a stopword
+    with pytest.raises(ValueError, match="no stopword list"):
+        load_stopwords(["klingon"])
+
+
+def test_ids_follow_the_contract():
+    config = TokenizerConfig(stopwords=("de",), char_ngram_max=0)
+    tok = Tokenizer(config, ("bolso", "maternal", "bolso maternal"))
+    # words first (unknown -> UNK), then known bigrams, formed after stopwords are dropped
+    assert tok.encode_reference("Bolso de Maternal Rojo") == [2, 3, UNK, 4]
+    assert tok.encode_reference("maternal bolso") == [3, 2]
+    assert tok.n_ids == 5
+
+
+def test_char_ngrams_hash_padded_words():
+    config = TokenizerConfig(word_bigrams=False, char_ngram_min=3, char_ngram_max=3, char_buckets=1000)
+    tok = Tokenizer(config, ())
+    expected = [tok.char_offset + fnv1a_32(g.encode()) % 1000 for g in (" ab", "ab ")]
+    assert tok.encode_reference("AB") == [UNK] + expected
+    assert fnv1a_32(b"a") == 0xE40C292C  # the published FNV-1a 32-bit test vector
+
+
+def test_truncation_and_shapes():
+    config = TokenizerConfig(max_length=5)
+    tok = Tokenizer(config, ())
+    enc = tok.encode_batch(["uno dos tres cuatro cinco seis siete", None, ""])
+    assert enc.ids.shape == (3, 5)
+    assert list(enc.lengths) == [5, 0, 0]
+    empty = tok.encode_batch(pa.array([], pa.string()))
+    assert empty.ids.shape == (0, 1)
+
+
+def test_config_round_trips_and_rejects_unknown_settings():
+    config = CONFIGS["digits-short"]
+    assert TokenizerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown tokenizer settings"):
+        TokenizerConfig.from_dict({**config.to_dict(), "lowercase": True})
+    with pytest.raises(ValueError):
+        dataclasses.replace(config, max_length=0)
+
+
+def test_vocabulary_is_built_from_training_titles_only_and_deterministic():
+    titles = pa.array(["funda iphone", "Funda iPhone 11", "funda samsung", "cable usb"])
+    config = TokenizerConfig(char_ngram_max=0)
+    vocab = build_vocabulary(titles, config, VocabularyConfig(min_count=2, bigram_min_count=2))
+    assert vocab == ("funda", "funda iphone", "iphone")  # most frequent first, ties alphabetical
+    assert build_vocabulary(titles, config, VocabularyConfig(min_count=1, max_size=2)) == ("funda", "funda iphone")
+    assert build_vocabulary(pa.array([None, ""]), config) == ()

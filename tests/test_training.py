@@ -1,0 +1,132 @@
+"""Models and the training loop: shapes, learning, reproducibility, the checkpoint contract."""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_config
+from meli.checkpoint import load_checkpoint, save_checkpoint
+from meli.errors import InputError, MeliError, ModelFileError
+from meli.models import CNN, MLP, CNNConfig, MLPConfig, build_model
+from train.config import EmbeddingSettings, load_config
+from train.trainer import pick_device, train_model
+
+
+@pytest.mark.parametrize("model", [MLP(MLPConfig(50, 7, embedding_dim=8, hidden=(16,))),
+                                   CNN(CNNConfig(50, 7, embedding_dim=8, filters=4, kernel_sizes=(2, 5)))])
+def test_models_take_any_length_and_empty_rows(model):
+    model.eval()
+    for length in (1, 2, 4, 5, 40):
+        ids = torch.randint(2, 50, (3, length))
+        ids[1] = 0  # an empty title: all padding
+        out = model(ids)
+        assert out.shape == (3, 7) and torch.isfinite(out).all()
+    # padding never changes a row's scores
+    ids = torch.randint(2, 50, (2, 6))
+    padded = torch.cat([ids, torch.zeros(2, 9, dtype=torch.long)], dim=1)
+    assert torch.allclose(model(ids), model(padded), atol=1e-6)
+
+
+def test_dropout_is_off_in_eval_mode():
+    model = build_model("mlp", MLPConfig(50, 7, embedding_dim=8, dropout=0.9, embedding_dropout=0.5)).eval()
+    ids = torch.randint(2, 50, (4, 10))
+    assert torch.equal(model(ids), model(ids))
+
+
+def test_training_learns_the_demo_data(trained):
+    for kind, result in trained.items():
+        history = result.history
+        assert history[-1].train_loss < history[0].train_loss, kind
+        best = result.checkpoint.metrics["val_balanced_accuracy"]
+        assert best == max(m.val_balanced_accuracy for m in history)
+        assert best > 0.8, (kind, best)  # 30 categories: chance is 0.033
+
+
+def test_training_is_reproducible_on_cpu(demo_splits):
+    train, validation = demo_splits
+    config = small_config("mlp", epochs=1)
+    a = train_model(config, train, validation, quiet=True)
+    b = train_model(config, train, validation, quiet=True)
+    for key, value in a.checkpoint.state_dict.items():
+        assert torch.equal(value, b.checkpoint.state_dict[key]), key
+    c = train_model(dataclasses.replace(config, seed=1), train, validation, quiet=True)
+    assert not torch.equal(a.checkpoint.state_dict["embedding.weight"], c.checkpoint.state_dict["embedding.weight"])
+
+
+def test_early_stopping_keeps_the_best_epoch(demo_splits):
+    train, validation = demo_splits
+    result = train_model(small_config("mlp", epochs=30, patience=1, lr=0.05, schedule="constant"), train, validation, quiet=True)
+    assert result.stopped_early and len(result.history) < 30
+    assert result.best_epoch == len(result.history) - 1
+
+
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(trained, tmp_path):
+    ckpt = trained["cnn"].checkpoint
+    path = save_checkpoint(ckpt, tmp_path / "best.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "meli-checkpoint" and raw["labels"] == list(ckpt.labels)
+    loaded = load_checkpoint(path)
+    ids = torch.from_numpy(loaded.tokenizer().encode_batch(["Taladro Bosch 650w", "casco moto"]).ids)
+    assert torch.equal(loaded.build_model()(ids), ckpt.build_model()(ids))
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFileError, match="corrupt.pt: not a readable checkpoint"):
+        load_checkpoint(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ModelFileError, match="not a meli-categorizer checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(ModelFileError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("init", ["word2vec", "fasttext"])
+def test_gensim_embeddings_trained_on_titles(init, demo_splits):
+    train, validation = demo_splits
+    config = small_config("cnn", epochs=3, embeddings=EmbeddingSettings(init=init, epochs=2))
+    result = train_model(config, train, validation, quiet=True)
+    assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.5
+
+
+def test_pretrained_word2vec_text_file(demo_splits, tmp_path):
+    train, validation = demo_splits
+    rng = np.random.default_rng(0)
+    words = ["taladro", "casco", "funda", "palabra_que_no_esta"]
+    lines = [f"{len(words)} 32"] + [w + " " + " ".join(f"{x:.4f}" for x in rng.normal(size=32)) for w in words]
+    path = tmp_path / "vectors.txt.bz2"  # the SBW file's layout: word2vec text, bz2
+    path.write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    config = small_config("cnn", epochs=1, embeddings=EmbeddingSettings(init="pretrained", path=str(path)))
+    assert train_model(config, train, validation, quiet=True).history
+    wrong_dim = dataclasses.replace(config, cnn=dataclasses.replace(config.cnn, embedding_dim=16))
+    with pytest.raises(InputError, match="dimension 32 but the model's embedding_dim is 16"):
+        train_model(wrong_dim, train, validation, quiet=True)
+    with pytest.raises(InputError, match="no such embeddings file"):
+        train_model(small_config("cnn", embeddings=EmbeddingSettings(init="pretrained", path=str(tmp_path / "x.txt"))),
+                    train, validation, quiet=True)
+
+
+def test_config_files_load_and_reject_typos(tmp_path):
+    from conftest import ROOT
+
+    assert load_config(ROOT / "configs" / "mlp.toml").model == "mlp"
+    assert load_config(ROOT / "configs" / "cnn.toml").cnn.kernel_sizes == (1, 2, 3)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mlp]\nhiden = [64]\n")
+    with pytest.raises(MeliError, match=r"\[mlp\]: unknown setting\(s\) hiden"):
+        load_config(bad)
+
+
+def test_device_choice():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MeliError, match="no CUDA GPU"):
+            pick_device("cuda")
