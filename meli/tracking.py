@@ -23,8 +23,14 @@ def tracking_uri() -> str:
 
 
 def mlflow_client():
+    import logging
+
     import mlflow
     from mlflow.tracking import MlflowClient
+
+    # mlflow sets up its own loggers on import; its database set-up chatter is noise here
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())

@@ -1,0 +1,5 @@
+"""`python -m score` runs meli-score."""
+
+from score.cli import main
+
+main()

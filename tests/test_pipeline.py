@@ -1,0 +1,206 @@
+"""The three commands as a user runs them: meli-train → meli-export → meli-score, with MLflow.
+
+Each test runs in its own empty folder (see conftest), so the default MLflow store is a
+fresh ``mlflow.db`` there, exactly as on a new user's machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT, small_config, write_jsonl
+from export.cli import main as export_main
+from score.cli import main as score_main
+from train.cli import main as train_main
+
+SMALL_TOML = """
+model = "{model}"
+epochs = 3
+lr = 0.01
+[tokenizer]
+char_buckets = 4096
+{extra}
+[mlp]
+embedding_dim = 32
+hidden = [64]
+[cnn]
+embedding_dim = 32
+filters = 32
+"""
+
+
+def write_config(folder: Path, model: str = "mlp") -> Path:
+    extra = "word_bigrams = false\nchar_ngram_max = 0" if model == "cnn" else ""
+    path = folder / f"{model}.toml"
+    path.write_text(SMALL_TOML.format(model=model, extra=extra))
+    return path
+
+
+def invoke(command, args: list[str]):
+    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture
+def trained_run(tmp_path):
+    result = invoke(train_main, ["--config", write_config(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_train_logs_everything_to_a_local_mlflow_store(trained_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    assert (tmp_path / "mlflow.db").is_file()
+    run_id = trained_run.stdout.split()[1]
+    assert "validation balanced accuracy" in trained_run.output and "mlflow ui --backend-store-uri sqlite:///" in trained_run.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.params["model"] == "mlp" and run.data.params["tokenizer.char_buckets"] == "4096"
+    assert run.data.tags["meli.data_fingerprint"] and run.data.tags["meli.device"] == "cpu"
+    assert len(client.get_metric_history(run_id, "val_balanced_accuracy")) == 3
+    artifacts = {a.path for folder in ("checkpoint", "report") for a in client.list_artifacts(run_id, folder)}
+    assert f"checkpoint/{run_id}.pt" in artifacts
+    assert {"report/training_curves.png", "report/per_category.csv", "report/confused_pairs.csv",
+            "report/worst_categories.png", "report/vocabulary.txt", "report/labels.txt", "report/per_category.json"} <= artifacts
+    assert (tmp_path / "artifacts" / "checkpoints" / f"{run_id}.pt").is_file()
+
+
+def test_tracking_uri_is_overridable(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    result = invoke(train_main, ["--config", write_config(tmp_path), "--quiet", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "elsewhere.db").is_file() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_runs_on_other_data_never_share_an_experiment(trained_run, tmp_path):
+    other = write_jsonl(tmp_path / "other.jsonl", [{"title": f"titulo {i}", "category": "AB"[i % 2]} for i in range(40)])
+    result = invoke(train_main, ["--config", write_config(tmp_path), "--data", other, "--experiment", "meli-demo", "--quiet"])
+    assert result.exit_code == 1
+    assert "holds runs on other data" in result.output
+
+
+def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
+    # a second, worse run (1 epoch) in the same experiment must not be exported
+    worse = invoke(train_main, ["--config", write_config(tmp_path), "--quiet", "--epochs", "1", "--seed", "3"])
+    best_id = trained_run.stdout.split()[1]
+    assert worse.exit_code == 0
+    result = invoke(export_main, ["--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"(run {best_id})" in result.output and "registered as models:/meli-categorizer/1" in result.output
+    model = tmp_path / "artifacts" / "model.onnx"
+    assert model.is_file() and not list(model.parent.glob(".*.tmp"))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    report = {a.path for a in client.list_artifacts(best_id, "export")}
+    assert {"export/model.onnx", "export/parity_report.json", "export/signature.json"} <= report
+    assert client.get_run(best_id).data.metrics["parity_max_abs_diff"] <= 1e-5
+
+    catalog = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
+    for model_ref in (str(model), "models:/meli-categorizer/1", "models:/meli-categorizer@latest-export"):
+        scored = invoke(score_main, [catalog, tmp_path / "scored.parquet", "--model", model_ref, "--quiet"])
+        assert scored.exit_code == 0, scored.output
+    table = pq.read_table(tmp_path / "scored.parquet")
+    assert table.num_rows == 1200 and table["id"].to_pylist() == list(range(1200))
+    assert table.schema.metadata[b"meli.mlflow_run_id"].decode() == best_id
+
+    check = invoke(export_main, ["--check", "--quiet"])
+    assert check.exit_code == 0 and "top-1 agreement 100.0000%" in check.output
+
+
+def test_cnn_through_the_whole_pipeline(tmp_path):
+    assert invoke(train_main, ["--config", write_config(tmp_path, "cnn"), "--quiet"]).exit_code == 0
+    out = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "cnn.onnx"])
+    assert out.exit_code == 0, out.output and "0 mismatches" in out.output
+    catalog = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
+    scored = invoke(score_main, [catalog, tmp_path / "s.jsonl", "--model", tmp_path / "cnn.onnx", "--quiet", "--top-k", "2"])
+    assert scored.exit_code == 0, scored.output
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 1200 and len(rows[0]["top_categories"]) == 2
+
+
+# ---------------------------------------------------------------- bad input: training
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: ["--data", d / "missing"], "missing: no such file or directory"),
+    (lambda d: ["--data", _touch(d / "data.xlsx")], "data.xlsx: unknown format"),
+    (lambda d: ["--data", write_jsonl(d / "t.jsonl", [{"title": "a", "label": "B"}])], "missing column(s) category; the file has: title, label"),
+    (lambda d: ["--data", _touch(d / "e.jsonl")], "e.jsonl: no rows"),
+    (lambda d: ["--train", write_jsonl(d / "t.jsonl", [{"title": "a b", "category": "X"}, {"title": "c", "category": "Y"}]),
+                "--validation", write_jsonl(d / "v.jsonl", [{"title": "a", "category": "Z"}])], "appear only in validation"),
+    (lambda d: ["--data", write_jsonl(d / "one.jsonl", [{"title": "a", "category": "X"}] * 4)], "need at least 2 categories"),
+])
+def test_train_bad_input_is_one_line_and_writes_no_checkpoint(setup, message, tmp_path):
+    result = invoke(train_main, ["--config", write_config(tmp_path), "--quiet", *setup(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1 and message in result.output, result.output
+    assert not list(tmp_path.glob("artifacts/checkpoints/*"))
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
+# ---------------------------------------------------------------- bad input: export
+
+
+def test_export_errors(tmp_path):
+    result = invoke(export_main, ["--quiet"])
+    assert result.exit_code == 1 and "no MLflow runs found" in result.output
+    corrupt = tmp_path / "c.pt"
+    corrupt.write_bytes(b"garbage")
+    result = invoke(export_main, ["--checkpoint", corrupt, "--quiet"])
+    assert result.exit_code == 1 and "c.pt: not a readable checkpoint" in result.output
+    result = invoke(export_main, ["--experiment", "nope", "--quiet"])
+    assert result.exit_code == 1 and "no MLflow experiment named 'nope'" in result.output
+
+
+def test_export_to_a_missing_or_read_only_folder(trained_run, tmp_path):
+    result = invoke(export_main, ["--quiet", "--output", tmp_path / "missing" / "model.onnx"])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        result = invoke(export_main, ["--quiet", "--output", locked / "model.onnx"])
+        assert result.exit_code == 1 and "not writable" in result.output
+    finally:
+        locked.chmod(0o700)
+
+
+def test_failed_parity_writes_no_model(trained, exported, tmp_path):
+    """--check against another model's checkpoint must fail loudly."""
+    from meli.checkpoint import save_checkpoint
+
+    other = trained["mlp"].checkpoint
+    other.state_dict = {k: v + 0.01 for k, v in other.state_dict.items()}  # same shapes, other weights
+    path = save_checkpoint(other, tmp_path / "other.pt")
+    result = invoke(export_main, ["--check", "--output", exported["mlp"], "--checkpoint", path, "--quiet"])
+    assert result.exit_code == 1 and "parity check failed" in result.output
+
+
+def test_every_command_has_help_with_an_example():
+    for command, name in ((train_main, "meli-train"), (export_main, "meli-export"), (score_main, "meli-score")):
+        result = CliRunner().invoke(command, ["--help"])
+        assert result.exit_code == 0 and "Example:" in result.output and name in result.output
+
+
+def test_small_config_matches_the_committed_one():
+    """The test settings only shrink the committed config; they change no other behaviour."""
+    config = small_config("mlp")
+    assert config.tokenizer.stopword_languages == ("spanish", "portuguese") and config.model == "mlp"
+    assert np.isclose(config.label_smoothing, 0.1)
