@@ -12,7 +12,7 @@ Export-minded choices (see DESIGN.md): ``nn.Embedding(padding_idx=0)`` + masked 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal, Union
 
 import torch
@@ -30,6 +30,8 @@ class MLPConfig:
     hidden: tuple[int, ...] = (512,)
     dropout: float = 0.3
     embedding_dropout: float = 0.0  # drops whole tokens during training (word dropout)
+    embedding_init_std: float = 0.1  # rows never seen in training keep this noise: smaller is quieter
+    pooling: Literal["mean", "attention"] = "mean"  # attention: a learned weight per token id
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +47,7 @@ class CNNConfig:
     hidden: tuple[int, ...] = ()
     dropout: float = 0.3
     embedding_dropout: float = 0.0
+    embedding_init_std: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,21 +73,38 @@ def _drop_tokens(token_ids: torch.Tensor, p: float, training: bool) -> torch.Ten
     return token_ids * keep
 
 
+def _embedding(n_ids: int, dim: int, std: float) -> nn.Embedding:
+    emb = nn.Embedding(n_ids, dim, padding_idx=0)
+    with torch.no_grad():
+        emb.weight.normal_(0.0, std)
+        emb.weight[0].zero_()
+    return emb
+
+
 class MLP(nn.Module):
-    """Mean of the title's token embeddings → hidden layers → class scores."""
+    """Pooled token embeddings (mean, or attention-weighted) → hidden layers → class scores."""
 
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.n_ids, config.embedding_dim, padding_idx=0)
+        self.embedding = _embedding(config.n_ids, config.embedding_dim, config.embedding_init_std)
+        if config.pooling == "attention":
+            # one learned relevance score per token id, like a learned IDF; starts uniform
+            self.token_score = nn.Embedding(config.n_ids, 1, padding_idx=0)
+            nn.init.zeros_(self.token_score.weight)
         self.head = _head(config.embedding_dim, config.hidden, config.n_labels, config.dropout)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         token_ids = _drop_tokens(token_ids, self.config.embedding_dropout, self.training)
         mask = (token_ids != 0).unsqueeze(-1).to(torch.float32)  # (B, T, 1)
         emb = self.embedding(token_ids)  # (B, T, E); padding rows are zero
-        # clamp: an all-padding row (empty title) pools to zeros, never NaN
-        pooled = emb.sum(1) / mask.sum(1).clamp(min=1.0)  # (B, E)
+        if self.config.pooling == "attention":
+            score = self.token_score(token_ids) - (1.0 - mask) * 1e4  # (B, T, 1); padding → -1e4
+            weight = torch.softmax(score, dim=1)  # an empty title: uniform over zero rows → zeros
+            pooled = (weight * emb).sum(1)  # (B, E)
+        else:
+            # clamp: an all-padding row (empty title) pools to zeros, never NaN
+            pooled = emb.sum(1) / mask.sum(1).clamp(min=1.0)  # (B, E)
         return self.head(pooled)
 
 
@@ -94,7 +114,7 @@ class CNN(nn.Module):
     def __init__(self, config: CNNConfig):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.n_ids, config.embedding_dim, padding_idx=0)
+        self.embedding = _embedding(config.n_ids, config.embedding_dim, config.embedding_init_std)
         self.convs = nn.ModuleList(nn.Conv1d(config.embedding_dim, config.filters, k) for k in config.kernel_sizes)
         self.head = _head(config.filters * len(config.kernel_sizes), config.hidden, config.n_labels, config.dropout)
 

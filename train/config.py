@@ -54,7 +54,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 2e-3
+    lr: float = 5e-3
     embedding_lr: float | None = None  # the (sparse) embedding table's rate; default: lr
     weight_decay: float = 0.0
     label_smoothing: float = 0.1

@@ -1,0 +1,127 @@
+"""`make bench-accuracy`: this project's model against classical baselines, same split.
+
+Trains on ``DATA/train.*`` and measures balanced accuracy on ``DATA/validation.*`` for:
+the project's model (``--config``, default ``configs/mlp.toml``, exported to ONNX and scored
+through the same path ``meli-score`` uses), fastText supervised (word bigrams, dim 100,
+25 epochs), fastText with character n-grams 3–5, and TF-IDF word 1–2 + char_wb 2–5 n-grams
+with a LinearSVC. Prints a Markdown table with the date and the machine.
+
+    python bench/accuracy.py --data ../shared/data/meli-es
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meli.dataset import load_labelled  # noqa: E402
+from meli.metrics import balanced_accuracy  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.run import resolve_data  # noqa: E402
+
+
+def project_model(config_path: Path, train, validation) -> tuple[float, float]:
+    from export.onnx_export import to_onnx
+    from meli.onnx_model import load_onnx_model
+    from score.core import Scorer
+    from train.trainer import train_model
+
+    t = time.perf_counter()
+    result = train_model(load_config(config_path), train, validation, quiet=True)
+    seconds = time.perf_counter() - t
+    # measured on what users run: the exported ONNX file through the scoring core
+    scorer = Scorer(load_onnx_model(to_onnx(result.checkpoint).SerializeToString(), provider="cpu"))
+    out = scorer.score_batch(pa.record_batch({"title": validation.titles}))
+    pred = np.array(out.column("category").to_pylist(), dtype=object)
+    truth = np.array(validation.categories.to_pylist(), dtype=object)
+    labels = {c: i for i, c in enumerate(sorted(set(truth) | set(p for p in pred if p is not None)))}
+    return balanced_accuracy(np.array([labels[c] for c in truth]), np.array([labels.get(p, -1) for p in pred])), seconds
+
+
+def fasttext_model(train, validation, **params) -> tuple[float, float]:
+    import fasttext
+
+    from meli.tokenizer import normalize_title
+
+    def line(title: str) -> str:
+        return " ".join(normalize_title(title))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.txt"
+        path.write_text("".join(f"__label__{c} {line(t)}\n" for t, c in zip(train.titles.to_pylist(), train.categories.to_pylist())))
+        t = time.perf_counter()
+        model = fasttext.train_supervised(str(path), dim=100, epoch=25, wordNgrams=2, verbose=0, thread=os.cpu_count() or 1, seed=0, **params)
+        seconds = time.perf_counter() - t
+    pred = [model.predict(line(t))[0][0].removeprefix("__label__") for t in validation.titles.to_pylist()]
+    return _bacc(validation, pred), seconds
+
+
+def svm_model(train, validation) -> tuple[float, float]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.svm import LinearSVC
+
+    t = time.perf_counter()
+    model = make_pipeline(
+        make_union(
+            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode"),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, strip_accents="unicode"),
+        ),
+        LinearSVC(C=1.0),
+    )
+    model.fit(train.titles.to_pylist(), train.categories.to_pylist())
+    seconds = time.perf_counter() - t
+    return _bacc(validation, model.predict(validation.titles.to_pylist())), seconds
+
+
+def _bacc(validation, pred) -> float:
+    truth = validation.categories.to_pylist()
+    labels = {c: i for i, c in enumerate(sorted(set(truth) | set(pred)))}
+    return balanced_accuracy(np.array([labels[c] for c in truth]), np.array([labels[p] for p in pred]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "mlp.toml")
+    ap.add_argument("--skip", nargs="*", default=[], help="systems to leave out: project fasttext fasttext-char svm")
+    args = ap.parse_args()
+    source = resolve_data(args.data)
+    if source.validation is None:
+        sys.exit(f"{args.data}: needs a validation file")
+    train, validation = load_labelled(source.train), load_labelled(source.validation)
+    systems = {
+        "project": (f"meli-categorizer ({args.config.name}, exported ONNX)", lambda: project_model(args.config, train, validation)),
+        "fasttext": ("fastText supervised (word bigrams, dim 100, 25 epochs)", lambda: fasttext_model(train, validation)),
+        "fasttext-char": ("fastText with character n-grams 3-5", lambda: fasttext_model(train, validation, minn=3, maxn=5)),
+        "svm": ("TF-IDF word 1-2 + char_wb 2-5 n-grams, LinearSVC", lambda: svm_model(train, validation)),
+    }
+    rows = []
+    for key, (name, fit) in systems.items():
+        if key in args.skip:
+            continue
+        score, seconds = fit()
+        rows.append((name, score, seconds))
+        print(f"{name}: {score:.4f} ({seconds:.0f}s)", file=sys.stderr)
+    print(f"\n{dt.date.today()}, {platform.machine()} {os.cpu_count()} cores; train {len(train):,} titles "
+          f"({source.train.name}), judged on {len(validation):,} ({source.validation.name})\n")
+    print("| system | validation balanced accuracy | training time |")
+    print("|---|---|---|")
+    for name, score, seconds in rows:
+        print(f"| {name} | {score:.4f} | {seconds:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()

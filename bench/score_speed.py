@@ -1,0 +1,89 @@
+"""`make bench`: meli-score throughput and peak memory on a generated catalog.
+
+Builds a Parquet catalog of N rows (titles resampled from the real validation titles when
+``../shared/data`` exists, else from the embedded demo catalog), then runs ``meli-score`` on it
+in a child process — the way a nightly job runs it — and reports rows/s end to end (read,
+tokenize, infer, write) and the child's peak RSS. Tokenizer throughput alone is reported too.
+
+    python bench/score_speed.py --model artifacts/model.onnx --rows 1000000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meli.formats import read_table  # noqa: E402
+from meli.onnx_model import load_onnx_model  # noqa: E402
+
+REAL = ROOT.parent / "shared" / "data" / "meli-es" / "validation.jsonl.gz"
+DEMO = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
+
+
+def make_catalog(path: Path, rows: int, seed: int = 0) -> str:
+    source = REAL if REAL.is_file() else DEMO
+    titles = read_table(source)["title"].combine_chunks()
+    titles = titles.filter(titles.is_valid())
+    rng = np.random.default_rng(seed)
+    writer = None
+    for start in range(0, rows, 500_000):
+        n = min(500_000, rows - start)
+        batch = pa.table({"id": pa.array(np.arange(start, start + n)), "title": titles.take(pa.array(rng.integers(0, len(titles), n)))})
+        writer = writer or pq.ParquetWriter(path, batch.schema)
+        writer.write_table(batch, row_group_size=100_000)
+    writer.close()
+    return str(source)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="artifacts/model.onnx")
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16_384)
+    ap.add_argument("--provider", default="auto")
+    args = ap.parse_args()
+
+    model = load_onnx_model(args.model, provider="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = Path(tmp) / "catalog.parquet"
+        source = make_catalog(catalog, args.rows)
+        titles = pq.read_table(catalog, columns=["title"])["title"].combine_chunks().slice(0, 200_000)
+        tok = model.card.tokenizer()
+        t = time.perf_counter()
+        enc = tok.encode_batch(titles)
+        tok_rate = len(titles) / (time.perf_counter() - t)
+
+        out = Path(tmp) / "scored.parquet"
+        cmd = [sys.executable, "-m", "score", str(catalog), str(out), "--model", args.model, "--threads", str(args.threads),
+               "--batch-size", str(args.batch_size), "--provider", args.provider, "--quiet"]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+        if proc.returncode != 0:
+            sys.exit(proc.stderr)
+        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}")
+    print(f"model: {args.model} ({model.card.model_kind}, {len(model.card.labels)} categories); titles from {source}")
+    print(f"tokenizer alone: {tok_rate:,.0f} titles/s (mean {enc.lengths.mean():.0f} ids/title)")
+    print(f"meli-score end to end: {args.rows:,} rows in {seconds:.1f}s = {args.rows / seconds:,.0f} rows/s "
+          f"(process start and model load included); peak RSS {peak_mib:,.0f} MiB")
+    print(proc.stderr.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
