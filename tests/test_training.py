@@ -130,3 +130,19 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(MeliError, match="no CUDA GPU"):
             pick_device("cuda")
+
+
+def test_refit_trains_on_train_and_validation_for_the_best_epoch_count(demo_splits):
+    from train.trainer import train_and_refit
+
+    train, validation = demo_splits
+    config = small_config("mlp", epochs=3, refit=True)
+    selection = train_model(dataclasses.replace(config, refit=False), train, validation, quiet=True)
+    result = train_and_refit(config, train, validation, quiet=True)
+    # the reported metrics are the (honest) selection fit's; the model is the refit
+    assert result.checkpoint.metrics["val_balanced_accuracy"] == selection.checkpoint.metrics["val_balanced_accuracy"]
+    assert result.checkpoint.metrics["refit_epochs"] == selection.best_epoch
+    assert result.checkpoint.provenance["refit"] == "train+validation"
+    only_in_validation = set(result.checkpoint.vocabulary) - set(selection.checkpoint.vocabulary)
+    assert only_in_validation, "the refit vocabulary must include words seen only in validation"
+    assert not torch.equal(result.checkpoint.state_dict["head.1.weight"], selection.checkpoint.state_dict["head.1.weight"])

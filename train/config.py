@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     validation_fraction: float = 0.15  # only when the data has no validation file
+    refit: bool = False  # after early stopping, fit again on train + validation for the best epoch count
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)

@@ -19,7 +19,7 @@ from meli.formats import detect_format
 from meli.tracking import FINGERPRINT_TAG, experiment_for, mlflow_client, tracking_uri
 from train.config import TrainConfig
 from train.report import category_report, plot_curves, plot_worst_categories, write_category_csv, write_confusions_csv
-from train.trainer import EpochMetrics, TrainResult, train_model
+from train.trainer import EpochMetrics, TrainResult, train_and_refit
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,11 @@ def run_training(
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
         }
-        result = train_model(config, train, validation, provenance=provenance, on_epoch=log_epoch, quiet=quiet)
+        def log_refit_epoch(m: EpochMetrics) -> None:
+            mlflow.log_metrics({"refit_train_loss": m.train_loss, "refit_epoch_seconds": m.seconds}, step=m.epoch)
+
+        result = train_and_refit(config, train, validation, provenance=provenance, on_epoch=log_epoch,
+                                 on_refit_epoch=log_refit_epoch, quiet=quiet)
         mlflow.set_tag("meli.device", result.device)
         best = result.checkpoint.metrics
         mlflow.log_metrics({f"best_{k}": v for k, v in best.items()})

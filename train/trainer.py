@@ -11,6 +11,7 @@ training stops after `patience` epochs without improvement.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -134,7 +135,10 @@ def train_model(
     provenance: dict[str, str] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     quiet: bool = False,
+    keep: str = "best",
 ) -> TrainResult:
+    """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
+    stops early; `keep="last"` trains all epochs and keeps the last (for the refit)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     labels = check_labels(train, validation)
@@ -204,12 +208,12 @@ def train_model(
             )
         if on_epoch is not None:
             on_epoch(metrics)
-        if metrics.val_balanced_accuracy > best_bacc:
+        if keep == "last" or metrics.val_balanced_accuracy > best_bacc:
             best_bacc, best_epoch, best_pred, stale = metrics.val_balanced_accuracy, epoch, pred, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-            if stale >= config.patience:
+            if stale >= config.patience and keep == "best":
                 stopped_early = True
                 log.info("early stop: no better validation balanced accuracy for %d epochs", stale)
                 break
@@ -231,3 +235,39 @@ def train_model(
         provenance=dict(provenance or {}),
     )
     return TrainResult(checkpoint, history, best_epoch, str(device), y_val, best_pred, stopped_early, timings)
+
+
+def train_and_refit(
+    config: TrainConfig,
+    train: LabelledSplit,
+    validation: LabelledSplit,
+    *,
+    provenance: dict[str, str] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_refit_epoch: Callable[[EpochMetrics], None] | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Fit with early stopping on validation; then, with ``refit = true``, fit again on
+    train + validation for the best epoch count and keep that model.
+
+    The returned metrics, history and validation predictions are the selection fit's: the
+    refit model has seen the validation titles, so nothing measured on them afterwards would
+    be honest. The tokenizer's vocabulary of the refit comes from all the titles it trains on.
+    """
+    selection = train_model(config, train, validation, provenance=provenance, on_epoch=on_epoch, quiet=quiet)
+    if not config.refit:
+        return selection
+    combined = LabelledSplit(
+        pa.concat_arrays([train.titles, validation.titles]),
+        pa.concat_arrays([train.categories, validation.categories]),
+        f"{train.source} + {validation.source}",
+    )
+    log.info("refit on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
+    refit_config = dataclasses.replace(config, epochs=selection.best_epoch)
+    final = train_model(refit_config, combined, validation, provenance=provenance, on_epoch=on_refit_epoch, quiet=quiet, keep="last")
+    final.checkpoint.metrics = {**selection.checkpoint.metrics, "refit_epochs": float(selection.best_epoch)}
+    final.checkpoint.provenance["refit"] = "train+validation"
+    return dataclasses.replace(
+        selection, checkpoint=final.checkpoint,
+        timings={**selection.timings, **{f"refit_{k}": v for k, v in final.timings.items()}},
+    )
