@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,27 @@ def make_catalog(path: Path, rows: int, seed: int = 0) -> str:
     return str(source)
 
 
+def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd`, polling its own peak RSS (VmHWM).
+
+    Not getrusage(RUSAGE_CHILDREN): a forked child's ru_maxrss starts from the parent's
+    high-water mark, so it would count this script's memory, not meli-score's.
+    """
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_kib = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kib = max(peak_kib, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak_kib / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="artifacts/model.onnx")
@@ -72,16 +92,15 @@ def main() -> None:
         cmd = [sys.executable, "-m", "score", str(catalog), str(out), "--model", args.model, "--threads", str(args.threads),
                "--batch-size", str(args.batch_size), "--provider", args.provider, "--quiet"]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc, peak_mib = run_measured(cmd)
         seconds = time.perf_counter() - t
         if proc.returncode != 0:
             sys.exit(proc.stderr)
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}")
     print(f"model: {args.model} ({model.card.model_kind}, {len(model.card.labels)} categories); titles from {source}")
     print(f"tokenizer alone: {tok_rate:,.0f} titles/s (mean {enc.lengths.mean():.0f} ids/title)")
     print(f"meli-score end to end: {args.rows:,} rows in {seconds:.1f}s = {args.rows / seconds:,.0f} rows/s "
-          f"(process start and model load included); peak RSS {peak_mib:,.0f} MiB")
+          f"(process start and model load included); peak RSS of meli-score {peak_mib:,.0f} MiB")
     print(proc.stderr.strip().splitlines()[-1])
 
 

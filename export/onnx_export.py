@@ -69,19 +69,25 @@ def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None) -> onnx.Mode
     # an example with batch > 1 and a length that no axis could be mistaken for a constant
     example = torch.randint(2, ckpt.model_config.n_ids, (3, 7), dtype=torch.int64)
     dims = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=dims,
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    exporter_log = logging.getLogger("torch.onnx")  # warns about torchvision ops we never use
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dims,
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        exporter_log.setLevel(level)
     proto = program.model_proto
     for key, value in model_card(ckpt, extra_provenance).to_metadata().items():
         entry = proto.metadata_props.add()
