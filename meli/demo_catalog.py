@@ -3,8 +3,9 @@
 The real MeLi titles cannot be shipped, so `make demo` and the tests use this instead:
 30 categories named like MeLi's, titles built from per-category nouns, brands and models plus
 attributes that many categories share (colours, sizes, "kit", "original", "para auto"…),
-with noise that real titles have: typos, dropped accents, shouting, stray words from other
-categories, and a little label noise. It is deterministic (same seed, same bytes) and small:
+with noise that real titles have: titles naming only a brand (brands overlap across
+categories), typos, dropped accents, shouting, stray words from other categories, and a
+little label noise. It is deterministic (same seed, same bytes) and small:
 the files live in ``meli/resources/demo/`` and ``python -m meli.demo_catalog`` rewrites them.
 
 It is a fixture for the pipeline, not a benchmark: accuracy on it says nothing about real data.
@@ -75,15 +76,19 @@ def _strip_accents(text: str) -> str:
 
 def make_title(category: str, rng: random.Random) -> str:
     nouns, brands, attrs = CATEGORIES[category]
-    parts = [rng.choice(nouns)]
-    if rng.random() < 0.8:
+    # a quarter of the titles name no product, only a brand and attributes (as real sellers
+    # do): brands overlap across categories, so these are genuinely ambiguous
+    parts = [rng.choice(nouns)] if rng.random() < 0.75 else []
+    if not parts or rng.random() < 0.8:
         parts.append(rng.choice(brands))
     parts += rng.sample(attrs, k=rng.randint(0, min(2, len(attrs))))
     parts += rng.sample(SHARED, k=rng.randint(0, 3))
     if rng.random() < 0.25:  # a stray word borrowed from another category
         other = CATEGORIES[rng.choice(list(CATEGORIES))]
         parts.append(rng.choice(other[rng.randrange(3)]))
-    rng.shuffle(parts[1:])
+    head, tail = parts[:1], parts[1:]
+    rng.shuffle(tail)
+    parts = head + tail
     words = " ".join(parts).split()
     words = [_typo(w, rng) if rng.random() < 0.08 else w for w in words]
     title = " ".join(words)
