@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 
 from meli.checkpoint import Checkpoint, load_checkpoint
-from meli.dataset import load_labelled
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import MeliError, ModelFileError
 from meli.formats import AtomicWriter, iter_batches
@@ -88,24 +87,26 @@ def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, 
 
 def parity_titles(path: str | Path | None, validation_source: str | None, max_rows: int | None) -> pa.Array:
     """Titles for the parity check: the given file, else the run's validation file, else the demo's."""
-    candidates = [path] if path else [validation_source, DEMO_DIR / "validation.jsonl.gz"]
-    for c in candidates:
-        if c and Path(c).is_file():
-            chunks, n = [], 0
-            for batch in iter_batches(c):
-                if "title" not in batch.schema.names:
-                    raise MeliError(f"{c}: no 'title' column for the parity check")
-                chunks.append(batch.column("title"))
-                n += batch.num_rows
-                if max_rows and n >= max_rows:
-                    break
-            titles = pa.concat_arrays(chunks).cast(pa.string()) if chunks else pa.array([], pa.string())
-            titles = titles.filter(titles.is_valid())
-            log.info("parity titles: %s", c)
-            return titles.slice(0, max_rows) if max_rows else titles
-        if path:
-            raise MeliError(f"{c}: no such file for the parity check")
-    raise MeliError("no titles for the parity check: pass --parity-data")
+    if path is not None:
+        source = Path(path)
+        if not source.is_file():
+            raise MeliError(f"{source}: no such file for the parity check")
+    elif validation_source and Path(validation_source).is_file():
+        source = Path(validation_source)
+    else:
+        source = DEMO_DIR / "validation.jsonl.gz"
+    chunks, n = [], 0
+    for batch in iter_batches(source):
+        if "title" not in batch.schema.names:
+            raise MeliError(f"{source}: no 'title' column for the parity check")
+        chunks.append(batch.column("title"))
+        n += batch.num_rows
+        if max_rows and n >= max_rows:
+            break
+    titles = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+    titles = titles.filter(titles.is_valid())
+    log.info("parity titles: %s", source)
+    return titles.slice(0, max_rows) if max_rows else titles
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,6 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
 
 def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str) -> str | None:
     """Log the ONNX file, parity report and signature to the checkpoint's run; register the model."""
-    import mlflow
-
     client = mlflow_client()
     try:
         client.get_run(run_id)

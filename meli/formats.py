@@ -197,9 +197,8 @@ def _csv_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
 
 
 def _csv_header(path: Path) -> list[str] | None:
-    opener = gzip.open if _compression(path) else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
+        with open_text(path, newline="") as f:
             return next(csv.reader(f), None)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path}: unreadable CSV ({_first_line(e)})") from e
@@ -259,6 +258,8 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
         w.commit()
 
 
-def open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path, newline: str | None = None) -> io.TextIOBase:
     """A text file, transparently gunzipped."""
-    return gzip.open(path, "rt", encoding="utf-8") if _compression(path) else open(path, encoding="utf-8")
+    if _compression(path):
+        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
+    return open(path, encoding="utf-8", newline=newline)
