@@ -8,6 +8,7 @@ functions: it is large and slow to import, and scoring a file does not need it.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -23,8 +24,6 @@ def tracking_uri() -> str:
 
 
 def mlflow_client():
-    import logging
-
     import mlflow
     from mlflow.tracking import MlflowClient
 

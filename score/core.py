@@ -76,8 +76,9 @@ class Scorer:
             names = list(self.options.keep_columns)
         return [(n, RENAMED_PREFIX + n if n in OUTPUT_COLUMNS else n) for n in names]
 
-    def output_schema(self, schema: pa.Schema) -> pa.Schema:
-        fields = [pa.field(out, schema.field(name).type) for name, out in self._kept(schema)]
+    def output_schema(self, schema: pa.Schema, kept: list[tuple[str, str]] | None = None) -> pa.Schema:
+        kept = self._kept(schema) if kept is None else kept
+        fields = [pa.field(out, schema.field(name).type) for name, out in kept]
         fields += [pa.field("category", pa.string()), pa.field("probability", pa.float32())]
         if self.options.top_k:
             fields += [pa.field("top_categories", pa.list_(pa.string())), pa.field("top_probabilities", pa.list_(pa.float32()))]
@@ -95,7 +96,8 @@ class Scorer:
 
     # ---------------------------------------------------------------- scoring
     def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        schema = self.output_schema(batch.schema)
+        kept = self._kept(batch.schema)
+        schema = self.output_schema(batch.schema, kept)
         titles = batch.column(self.options.title_column)
         if not (pa.types.is_string(titles.type) or pa.types.is_large_string(titles.type) or pa.types.is_null(titles.type)):
             raise InputError(f"title column {self.options.title_column!r} holds {titles.type}, not strings")
@@ -124,7 +126,7 @@ class Scorer:
         missing = pa.array(~scorable)
         category = pc.if_else(missing, pa.scalar(None, pa.string()), self.labels.take(pa.array(top_idx[:, 0])))
         probability = pc.if_else(missing, pa.scalar(None, pa.float32()), pa.array(top_p[:, 0]))
-        columns = [batch.column(name) for name, _ in self._kept(batch.schema)] + [category, probability]
+        columns = [batch.column(name) for name, _ in kept] + [category, probability]
         if self.options.top_k:
             offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
             names = pa.ListArray.from_arrays(offsets, self.labels.take(pa.array(top_idx.ravel())), mask=missing)

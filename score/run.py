@@ -139,10 +139,19 @@ class _OutputFile:
             except queue.Full:
                 continue
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         if self.worker.thread.is_alive():
             self.queue.put(_DONE)
+        self.worker.thread.join()
+
+    def close(self) -> None:
+        """Finish writing; raises the writer's error, if it had one."""
+        self._stop()
         self.worker.join()
+
+    def abort(self) -> None:
+        """Stop the writer after a failure elsewhere; the caller's error is the one that counts."""
+        self._stop()
 
 
 def _count_rows(path: Path) -> int | None:
@@ -196,9 +205,8 @@ def score_file(
                 raise InputError(f"{inp}: no rows to score")
             writer.close()
         except BaseException:
-            if writer is not None and writer.worker.thread.is_alive():
-                writer.queue.put(_DONE)
-                writer.worker.thread.join()
+            if writer is not None:
+                writer.abort()
             raise
         finally:
             bar.close()

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -135,7 +135,7 @@ def train_model(
     provenance: dict[str, str] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     quiet: bool = False,
-    keep: str = "best",
+    keep: Literal["best", "last"] = "best",
 ) -> TrainResult:
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit)."""
