@@ -3,7 +3,8 @@
 The graph: ``token_ids`` int64 ``[batch, sequence]`` (both axes dynamic) → softmax
 ``probabilities`` float32 ``[batch, n_labels]``. Weights are embedded (no ``.onnx.data``
 side file) and the card (tokenizer, vocabulary, labels, provenance) goes in
-``metadata_props``. Any sequence length from 1 up runs; titles longer than the tokenizer's
+``metadata_props``. Embedding rows that training never touched are dropped
+(`export.compaction`). Any sequence length from 1 up runs; titles longer than the tokenizer's
 ``max_length`` are truncated by the tokenizer before they reach the graph, so the graph
 never sees a length it was not built for.
 """
@@ -18,6 +19,7 @@ import onnx
 import torch
 from torch import nn
 
+from export.compaction import compact
 from meli import __version__
 from meli.checkpoint import Checkpoint
 from meli.onnx_model import INPUT_NAME, OUTPUT_NAME, ModelCard
@@ -60,12 +62,15 @@ def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None) -> ModelC
         model_kind=ckpt.model_kind,
         model_config=ckpt.model_config.to_dict(),
         provenance=provenance,
+        members=ckpt.members,
     )
 
 
 def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None) -> onnx.ModelProto:
     """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked."""
-    model = WithSoftmax(ckpt.build_model()).eval()
+    model = ckpt.build_model()
+    log.info("%s", compact(model).summary())
+    model = WithSoftmax(model).eval()
     # an example with batch > 1 and a length that no axis could be mistaken for a constant
     example = torch.randint(2, ckpt.model_config.n_ids, (3, 7), dtype=torch.int64)
     dims = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}

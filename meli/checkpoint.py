@@ -35,13 +35,14 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
     provenance: dict[str, str] = field(default_factory=dict)  # run id, data fingerprint, versions…
+    members: int = 1  # > 1: an ensemble of that many models of this kind and config (`meli.models.Ensemble`)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_config, self.vocabulary)
 
     def build_model(self) -> nn.Module:
         """The model in eval mode, weights loaded, on the CPU."""
-        model = build_model(self.model_kind, self.model_config)
+        model = build_model(self.model_kind, self.model_config, self.members)
         model.load_state_dict(self.state_dict)
         return model.eval()
 
@@ -51,6 +52,7 @@ class Checkpoint:
             "version": VERSION,
             "model_kind": self.model_kind,
             "model_config": self.model_config.to_dict(),
+            "members": int(self.members),
             "tokenizer_config": self.tokenizer_config.to_dict(),
             "vocabulary": list(self.vocabulary),
             "labels": list(self.labels),
@@ -91,6 +93,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             state_dict=payload["state_dict"],
             metrics=dict(payload.get("metrics", {})),
             provenance=dict(payload.get("provenance", {})),
+            members=int(payload.get("members", 1)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{p}: incomplete checkpoint ({e})") from e

@@ -134,6 +134,25 @@ class CNN(nn.Module):
         return self.head(torch.cat(pooled, dim=1))
 
 
+class Ensemble(nn.Module):
+    """Members of one family over the same token ids; their softmax probabilities averaged.
+
+    ``forward`` returns the log of the mean probability, so that ``softmax(forward(x))`` is the
+    mean probability itself (what the exported graph outputs) and ``argmax`` is the
+    ensemble's prediction, like any member's logits.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(token_ids), dim=-1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp(min=1e-30))
+
+
 def config_from_dict(kind: ModelKind, d: dict) -> ModelConfig:
     cls = {"mlp": MLPConfig, "cnn": CNNConfig}.get(kind)
     if cls is None:
@@ -145,7 +164,10 @@ def config_from_dict(kind: ModelKind, d: dict) -> ModelConfig:
     return cls(**d)
 
 
-def build_model(kind: ModelKind, config: ModelConfig | dict) -> nn.Module:
+def build_model(kind: ModelKind, config: ModelConfig | dict, members: int = 1) -> nn.Module:
+    """One model, or with ``members > 1`` an `Ensemble` of that many of the same shape."""
     if isinstance(config, dict):
         config = config_from_dict(kind, config)
+    if members > 1:
+        return Ensemble([build_model(kind, config) for _ in range(members)])
     return MLP(config) if kind == "mlp" else CNN(config)

@@ -40,6 +40,7 @@ class ModelCard:
     model_kind: str
     model_config: dict
     provenance: dict = field(default_factory=dict)  # run id, fingerprint, metrics, versions, export time
+    members: int = 1  # > 1: the graph averages that many models' probabilities
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_config, self.vocabulary)
@@ -50,7 +51,7 @@ class ModelCard:
             "meli.tokenizer": json.dumps(self.tokenizer_config.to_dict()),
             "meli.vocabulary": json.dumps(list(self.vocabulary), ensure_ascii=False),
             "meli.labels": json.dumps(list(self.labels), ensure_ascii=False),
-            "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config}),
+            "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config, "members": self.members}),
             "meli.provenance": json.dumps(self.provenance, ensure_ascii=False),
         }
 
@@ -70,6 +71,7 @@ class ModelCard:
                 model_kind=model["kind"],
                 model_config=model["config"],
                 provenance=json.loads(meta["meli.provenance"]),
+                members=int(model.get("members", 1)),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{source}: unreadable model metadata ({e})") from e

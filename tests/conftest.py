@@ -56,14 +56,17 @@ def demo_splits():
 
 @pytest.fixture(scope="session")
 def trained(demo_splits):
-    """A small MLP and CNN trained on the demo data, once for the whole session."""
-    from train.trainer import train_model
+    """A small MLP, CNN and two-MLP ensemble trained on the demo data, once for the whole session."""
+    from train.trainer import train_and_refit, train_model
 
     train, validation = demo_splits
-    return {
+    models = {
         kind: train_model(small_config(kind), train, validation, provenance={"mlflow_run_id": "none"}, quiet=True)
         for kind in ("mlp", "cnn")
     }
+    models["ensemble"] = train_and_refit(small_config("mlp", members=2, refit=False), train, validation,
+                                         provenance={"mlflow_run_id": "none"}, quiet=True)
+    return models
 
 
 @pytest.fixture(scope="session")

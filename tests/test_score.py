@@ -49,7 +49,7 @@ def direct_predictions(model_path: Path, titles: list) -> tuple[list, np.ndarray
 # ---------------------------------------------------------------- the exported graph
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "ensemble"])
 def test_onnx_graph_contract(kind, exported, trained):
     proto = onnx.load(exported[kind])
     onnx.checker.check_model(proto, full_check=True)
@@ -70,7 +70,7 @@ def test_onnx_graph_contract(kind, exported, trained):
         assert np.abs(got - expected).max() <= 1e-5 and np.allclose(got.sum(1), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "ensemble"])
 def test_parity_on_mixed_length_titles(kind, exported, trained, demo_splits):
     _, validation = demo_splits
     report = check_parity(trained[kind].checkpoint, load_onnx_model(exported[kind], "cpu"), validation.titles, batch_size=64)
@@ -86,6 +86,20 @@ def test_model_card_travels_inside_the_file(exported, trained):
     assert card.tokenizer_config == ckpt.tokenizer_config
     assert card.provenance["metrics"]["val_balanced_accuracy"] == pytest.approx(ckpt.metrics["val_balanced_accuracy"])
     assert {"torch", "onnx", "onnxruntime"} <= set(card.provenance["export_versions"])
+
+
+def test_export_stores_only_the_embedding_rows_in_use(exported, trained):
+    for kind in ("mlp", "ensemble"):
+        ckpt = trained[kind].checkpoint
+        dim = ckpt.model_config.embedding_dim
+        tables = [t for t in onnx.load(exported[kind]).graph.initializer if t.name.endswith("embedding.weight")]
+        assert all(t.dims[1] == dim for t in tables)
+        assert len(tables) == ckpt.members, kind  # one table per member
+        in_use = int(ckpt.build_model().state_dict()[
+            "embedding.weight" if ckpt.members == 1 else "members.0.embedding.weight"].ne(0).any(1).sum())
+        assert all(t.dims[0] == in_use + 1 for t in tables), kind  # + the padding row
+        assert in_use + 1 < ckpt.model_config.n_ids
+    assert load_onnx_model(exported["ensemble"], "cpu").card.members == 2
 
 
 def test_onnx_file_runs_in_a_python_without_torch(exported):

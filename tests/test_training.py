@@ -13,6 +13,7 @@ from conftest import small_config
 from meli.checkpoint import load_checkpoint, save_checkpoint
 from meli.errors import InputError, MeliError, ModelFileError
 from meli.models import CNN, MLP, CNNConfig, MLPConfig, build_model
+from meli.vocabulary import build_vocabulary
 from train.config import EmbeddingSettings, load_config
 from train.trainer import pick_device, train_model
 
@@ -39,7 +40,8 @@ def test_dropout_is_off_in_eval_mode():
 
 
 def test_training_learns_the_demo_data(trained):
-    for kind, result in trained.items():
+    for kind in ("mlp", "cnn"):
+        result = trained[kind]
         history = result.history
         assert history[-1].train_loss < history[0].train_loss, kind
         best = result.checkpoint.metrics["val_balanced_accuracy"]
@@ -146,3 +148,53 @@ def test_refit_trains_on_train_and_validation_for_the_best_epoch_count(demo_spli
     only_in_validation = set(result.checkpoint.vocabulary) - set(selection.checkpoint.vocabulary)
     assert only_in_validation, "the refit vocabulary must include words seen only in validation"
     assert not torch.equal(result.checkpoint.state_dict["head.1.weight"], selection.checkpoint.state_dict["head.1.weight"])
+
+
+def test_ids_no_training_title_holds_keep_zero_rows(trained, demo_splits):
+    train, _ = demo_splits
+    for kind in ("mlp", "cnn"):
+        ckpt = trained[kind].checkpoint
+        seen = np.unique(ckpt.tokenizer().encode_batch(train.titles).ids)
+        weight = ckpt.state_dict["embedding.weight"]
+        nonzero = weight.ne(0).any(dim=1).numpy()
+        assert set(np.flatnonzero(nonzero)) == set(seen) - {0}, kind
+        assert nonzero.sum() < len(nonzero), kind  # most hash buckets are never hit
+
+
+def test_an_ensemble_averages_its_members_probabilities(trained, tmp_path):
+    result = trained["ensemble"]
+    ckpt = result.checkpoint
+    assert ckpt.members == 2
+    metrics = ckpt.metrics
+    assert {"member1_val_balanced_accuracy", "member2_val_balanced_accuracy"} <= set(metrics)
+    assert metrics["val_balanced_accuracy"] == pytest.approx(float(np.mean(
+        [np.mean(result.val_pred[result.val_true == c] == c) for c in np.unique(result.val_true)])))
+    assert {m.member for m in result.history} == {0, 1}
+    model = ckpt.build_model()
+    first, second = model.members
+    # members are trained with seeds seed and seed + 1: two different models
+    assert not torch.equal(first.embedding.weight, second.embedding.weight)
+    ids = torch.from_numpy(ckpt.tokenizer().encode_batch(["Taladro Bosch 650w", "casco moto", ""]).ids)
+    with torch.no_grad():
+        mean = (torch.softmax(first(ids), -1) + torch.softmax(second(ids), -1)) / 2
+        assert torch.allclose(torch.softmax(model(ids), -1), mean, atol=1e-6)
+    loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "ensemble.pt"))
+    assert loaded.members == 2
+    with torch.no_grad():
+        assert torch.equal(loaded.build_model()(ids), model(ids))
+
+
+def test_an_ensemble_refits_every_member(demo_splits):
+    from train.trainer import train_and_refit
+
+    train, validation = demo_splits
+    result = train_and_refit(small_config("mlp", epochs=2, members=2, refit=True), train, validation, quiet=True)
+    ckpt = result.checkpoint
+    assert ckpt.members == 2 and ckpt.provenance["refit"] == "train+validation"
+    config = small_config("mlp")
+    train_only = build_vocabulary(train.titles, config.tokenizer.resolve(), config.vocabulary)
+    assert set(ckpt.vocabulary) - set(train_only), "the refit vocabulary must include words seen only in validation"
+    a, b = (ckpt.state_dict[f"members.{i}.head.1.weight"] for i in range(2))
+    assert a.shape == b.shape and not torch.equal(a, b)
+    with pytest.raises(MeliError, match="members must be at least 1"):
+        load_config(None, members=0)

@@ -64,11 +64,16 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     validation_fraction: float = 0.15  # only when the data has no validation file
     refit: bool = False  # after early stopping, fit again on train + validation for the best epoch count
+    members: int = 1  # > 1: train that many models (seeds seed, seed+1, …); the graph averages their probabilities
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     mlp: MLPConfig = field(default_factory=lambda: MLPConfig(n_ids=0, n_labels=0))
     cnn: CNNConfig = field(default_factory=lambda: CNNConfig(n_ids=0, n_labels=0))
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ValueError("members must be at least 1")
 
     def model_config(self, n_ids: int, n_labels: int) -> MLPConfig | CNNConfig:
         section = self.mlp if self.model == "mlp" else self.cnn

@@ -15,15 +15,21 @@ from train.trainer import TrainResult  # noqa: E402
 
 
 def plot_curves(result: TrainResult, path: Path) -> Path:
-    epochs = [m.epoch for m in result.history]
+    """Loss and validation accuracy by epoch; an ensemble gets one line per member."""
+    members = sorted({m.member for m in result.history})
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [m.train_loss for m in result.history], marker="o", label="train")
-    ax_loss.plot(epochs, [m.val_loss for m in result.history], marker="o", label="validation")
+    for member in members:
+        history = [m for m in result.history if m.member == member]
+        name = f"member {member + 1} " if len(members) > 1 else ""
+        epochs = [m.epoch for m in history]
+        ax_loss.plot(epochs, [m.train_loss for m in history], marker="o", label=f"{name}train")
+        ax_loss.plot(epochs, [m.val_loss for m in history], marker="o", label=f"{name}validation")
+        ax_acc.plot(epochs, [m.val_balanced_accuracy for m in history], marker="o", label=f"{name}balanced accuracy")
+        if len(members) == 1:
+            ax_acc.plot(epochs, [m.val_accuracy for m in history], marker=".", label="accuracy")
+            ax_acc.axvline(result.best_epoch, color="grey", linestyle="--", label=f"best epoch ({result.best_epoch})")
     ax_loss.set(title="loss", xlabel="epoch")
     ax_loss.legend()
-    ax_acc.plot(epochs, [m.val_balanced_accuracy for m in result.history], marker="o", label="balanced accuracy")
-    ax_acc.plot(epochs, [m.val_accuracy for m in result.history], marker=".", label="accuracy")
-    ax_acc.axvline(result.best_epoch, color="grey", linestyle="--", label=f"best epoch ({result.best_epoch})")
     ax_acc.set(title="validation", xlabel="epoch")
     ax_acc.legend()
     fig.tight_layout()

@@ -115,10 +115,13 @@ def run_training(
                            "data.languages": ",".join(data_filter.languages) or "all",
                            "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
 
+        def prefix(m: EpochMetrics) -> str:  # an ensemble's members each get their own curves
+            return f"member{m.member + 1}_" if config.members > 1 else ""
+
         def log_epoch(m: EpochMetrics) -> None:
-            mlflow.log_metrics({"train_loss": m.train_loss, "val_loss": m.val_loss,
-                                "val_balanced_accuracy": m.val_balanced_accuracy,
-                                "val_accuracy": m.val_accuracy, "epoch_seconds": m.seconds}, step=m.epoch)
+            metrics = {"train_loss": m.train_loss, "val_loss": m.val_loss, "val_balanced_accuracy": m.val_balanced_accuracy,
+                       "val_accuracy": m.val_accuracy, "epoch_seconds": m.seconds}
+            mlflow.log_metrics({prefix(m) + k: v for k, v in metrics.items()}, step=m.epoch)
 
         provenance = {
             "mlflow_run_id": run_id,
@@ -129,7 +132,8 @@ def run_training(
             "python_version": platform.python_version(),
         }
         def log_refit_epoch(m: EpochMetrics) -> None:
-            mlflow.log_metrics({"refit_train_loss": m.train_loss, "refit_epoch_seconds": m.seconds}, step=m.epoch)
+            mlflow.log_metrics({f"{prefix(m)}refit_train_loss": m.train_loss, f"{prefix(m)}refit_epoch_seconds": m.seconds},
+                               step=m.epoch)
 
         result = train_and_refit(config, train, validation, provenance=provenance, on_epoch=log_epoch,
                                  on_refit_epoch=log_refit_epoch, quiet=quiet)

@@ -47,6 +47,7 @@ class EpochMetrics:
     val_balanced_accuracy: float
     val_accuracy: float
     seconds: float
+    member: int = 0  # which ensemble member (0 for a single model)
 
 
 @dataclass
@@ -103,6 +104,18 @@ class _Optimizers:
             o.step()
         for s in self.schedules:
             s.step()
+
+
+def _zero_unseen_rows(weight: torch.Tensor, ids: np.ndarray) -> None:
+    """Zero the rows of ids that no training title holds (most are hash buckets).
+
+    They never get a gradient, so they would keep their random start and add noise to any
+    title that has such an n-gram; at zero they stay zero, and the export drops them
+    (`export.compaction`), halving the ONNX file."""
+    unseen = torch.ones(weight.shape[0], dtype=torch.bool)
+    unseen[torch.from_numpy(np.unique(ids).astype(np.int64))] = False
+    with torch.no_grad():
+        weight[unseen] = 0.0
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray) -> list[np.ndarray]:
@@ -167,6 +180,7 @@ def train_model(
     model = build_model(config.model, model_config)
     vectors = word_vectors(config.embeddings, tokenizer, train.titles.to_pylist(), model_config.embedding_dim, config.seed)
     init_embedding(model.embedding.weight, vectors, tokenizer)
+    _zero_unseen_rows(model.embedding.weight, x_train)
     model.to(device)
     model.embedding.sparse = True  # training only; the exported graph is the same either way
 
@@ -248,13 +262,24 @@ def train_and_refit(
     quiet: bool = False,
 ) -> TrainResult:
     """Fit with early stopping on validation; then, with ``refit = true``, fit again on
-    train + validation for the best epoch count and keep that model.
+    train + validation for the best epoch count and keep that model. With ``members > 1``,
+    do that for each member (seeds ``seed``, ``seed + 1``, …) and keep their `Ensemble`.
 
-    The returned metrics, history and validation predictions are the selection fit's: the
-    refit model has seen the validation titles, so nothing measured on them afterwards would
-    be honest. The tokenizer's vocabulary of the refit comes from all the titles it trains on.
+    The returned metrics, history and validation predictions are the selection fit's (for an
+    ensemble: the averaged probabilities of the members' selection fits): the refit model
+    has seen the validation titles, so nothing measured on them afterwards would be honest.
+    The tokenizer's vocabulary of the refit comes from all the titles it trains on.
     """
-    selection = train_model(config, train, validation, provenance=provenance, on_epoch=on_epoch, quiet=quiet)
+    selections: list[TrainResult] = []
+    for member in range(config.members):
+        member_config = dataclasses.replace(config, seed=config.seed + member, members=1)
+        if config.members > 1:
+            log.info("ensemble member %d of %d (seed %d)", member + 1, config.members, member_config.seed)
+        selections.append(
+            train_model(member_config, train, validation, provenance=provenance, quiet=quiet,
+                        on_epoch=_tagged(on_epoch, member))
+        )
+    selection = selections[0] if config.members == 1 else _ensemble_result(selections, validation)
     if not config.refit:
         return selection
     combined = LabelledSplit(
@@ -262,12 +287,62 @@ def train_and_refit(
         pa.concat_arrays([train.categories, validation.categories]),
         f"{train.source} + {validation.source}",
     )
-    log.info("refit on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
-    refit_config = dataclasses.replace(config, epochs=selection.best_epoch)
-    final = train_model(refit_config, combined, validation, provenance=provenance, on_epoch=on_refit_epoch, quiet=quiet, keep="last")
-    final.checkpoint.metrics = {**selection.checkpoint.metrics, "refit_epochs": float(selection.best_epoch)}
-    final.checkpoint.provenance["refit"] = "train+validation"
-    return dataclasses.replace(
-        selection, checkpoint=final.checkpoint,
-        timings={**selection.timings, **{f"refit_{k}": v for k, v in final.timings.items()}},
-    )
+    refits: list[Checkpoint] = []
+    timings = dict(selection.timings)
+    for member, fit in enumerate(selections):
+        log.info("refit on train + validation (%d titles) for %d epochs", len(combined), fit.best_epoch)
+        refit_config = dataclasses.replace(config, seed=config.seed + member, members=1, epochs=fit.best_epoch)
+        final = train_model(refit_config, combined, validation, provenance=provenance, quiet=quiet, keep="last",
+                            on_epoch=_tagged(on_refit_epoch, member))
+        refits.append(final.checkpoint)
+        for k, v in final.timings.items():
+            timings[f"refit_{k}"] = timings.get(f"refit_{k}", 0.0) + v
+    checkpoint = refits[0] if config.members == 1 else _ensemble_checkpoint(refits)
+    checkpoint.metrics = {**selection.checkpoint.metrics,
+                          "refit_epochs": float(sum(f.best_epoch for f in selections) / len(selections))}
+    checkpoint.provenance["refit"] = "train+validation"
+    return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
+
+
+def _tagged(callback: Callable[[EpochMetrics], None] | None, member: int) -> Callable[[EpochMetrics], None] | None:
+    if callback is None:
+        return None
+    return lambda m: callback(dataclasses.replace(m, member=member))
+
+
+def _ensemble_checkpoint(members: list[Checkpoint]) -> Checkpoint:
+    """One checkpoint of an `Ensemble` whose member i holds the weights of ``members[i]``."""
+    first = members[0]
+    for other in members[1:]:  # same data, same settings: the tokenizer must be the same
+        if other.vocabulary != first.vocabulary or other.model_config != first.model_config:
+            raise MeliError("ensemble members disagree on vocabulary or model shape")
+    state = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state_dict.items()}
+    return dataclasses.replace(first, state_dict=state, members=len(members), metrics=dict(first.metrics),
+                               provenance=dict(first.provenance))
+
+
+def _ensemble_result(fits: list[TrainResult], validation: LabelledSplit) -> TrainResult:
+    """The members' selection fits as one result, measured on validation as the ensemble."""
+    checkpoint = _ensemble_checkpoint([f.checkpoint for f in fits])
+    model = checkpoint.build_model()
+    tokenizer = checkpoint.tokenizer()
+    enc = tokenizer.encode_batch(validation.titles)
+    y_val = fits[0].val_true
+    val_loss, pred = evaluate(model, enc.ids, enc.lengths, y_val, torch.device("cpu"))
+    bacc = balanced_accuracy(y_val, pred)
+    checkpoint.metrics = {
+        "val_balanced_accuracy": bacc,
+        "val_accuracy": float((pred == y_val).mean()),
+        "val_loss": val_loss,
+        "best_epoch": float(sum(f.best_epoch for f in fits) / len(fits)),
+        **{f"member{i + 1}_val_balanced_accuracy": f.checkpoint.metrics["val_balanced_accuracy"] for i, f in enumerate(fits)},
+    }
+    log.info("ensemble of %d: validation balanced accuracy %.4f (members %s)", len(fits), bacc,
+             ", ".join(f"{f.checkpoint.metrics['val_balanced_accuracy']:.4f}" for f in fits))
+    timings: dict[str, float] = {}
+    for f in fits:
+        for k, v in f.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    history = [dataclasses.replace(m, member=i) for i, f in enumerate(fits) for m in f.history]
+    return dataclasses.replace(fits[0], checkpoint=checkpoint, history=history, val_pred=pred, timings=timings,
+                               stopped_early=any(f.stopped_early for f in fits))
