@@ -39,11 +39,12 @@ def project_model(config_path: Path, train, validation) -> tuple[float, float]:
     from export.onnx_export import to_onnx
     from meli.onnx_model import load_onnx_model
     from score.core import Scorer
-    from train.trainer import train_model
+    from train.trainer import train_and_refit
 
     t = time.perf_counter()
     # refit off: the refit would train on the validation titles this benchmark judges on
-    result = train_model(dataclasses.replace(load_config(config_path), refit=False), train, validation, quiet=True)
+    # (an ensemble's members are all trained; their averaged probabilities are what is judged)
+    result = train_and_refit(dataclasses.replace(load_config(config_path), refit=False), train, validation, quiet=True)
     seconds = time.perf_counter() - t
     # measured on what users run: the exported ONNX file through the scoring core
     scorer = Scorer(load_onnx_model(to_onnx(result.checkpoint).SerializeToString(), provider="cpu"))

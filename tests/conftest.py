@@ -42,6 +42,7 @@ def small_config(model: str = "mlp", **overrides) -> TrainConfig:
         config,
         epochs=4,
         lr=0.01,
+        members=1,  # the ensemble has tests of its own
         tokenizer=tokenizer,
         mlp=dataclasses.replace(config.mlp, embedding_dim=32, hidden=(64,)),
         cnn=dataclasses.replace(config.cnn, embedding_dim=32, filters=32),
