@@ -119,12 +119,34 @@ def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
 def test_cnn_through_the_whole_pipeline(tmp_path):
     assert invoke(train_main, ["--config", write_config(tmp_path, "cnn"), "--quiet"]).exit_code == 0
     out = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "cnn.onnx"])
-    assert out.exit_code == 0, out.output and "0 mismatches" in out.output
+    assert out.exit_code == 0, out.output
+    assert "0 mismatches" in out.output
     catalog = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
     scored = invoke(score_main, [catalog, tmp_path / "s.jsonl", "--model", tmp_path / "cnn.onnx", "--quiet", "--top-k", "2"])
     assert scored.exit_code == 0, scored.output
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(rows) == 1200 and len(rows[0]["top_categories"]) == 2
+
+
+def test_an_ensemble_through_the_whole_pipeline(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    trained = invoke(train_main, ["--config", write_config(tmp_path), "--members", "2", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert "ensemble of 2 (members " in trained.output
+    run_id = trained.stdout.split()[1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.params["members"] == "2"
+    for member in (1, 2):  # each member's curve, under its own name
+        assert len(client.get_metric_history(run_id, f"member{member}_val_balanced_accuracy")) == 3
+    out = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "ensemble.onnx"])
+    assert out.exit_code == 0, out.output
+    assert "0 mismatches" in out.output
+    catalog = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
+    scored = invoke(score_main, [catalog, tmp_path / "s.parquet", "--model", tmp_path / "ensemble.onnx", "--quiet"])
+    assert scored.exit_code == 0, scored.output
+    assert pq.read_table(tmp_path / "s.parquet").num_rows == 1200
 
 
 # ---------------------------------------------------------------- bad input: training

@@ -21,6 +21,8 @@ from meli.dataset import DataFilter
 @click.option("--epochs", type=int, default=None, help="Override the config's epochs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the device.")
 @click.option("--seed", type=int, default=None, help="Override the random seed.")
+@click.option("--members", type=click.IntRange(min=1), default=None,
+              help="Override the config's ensemble size (1: a single model).")
 @click.option("--language", "languages", multiple=True, help="Keep only rows of this language (repeatable).")
 @click.option("--label-quality", "label_qualities", multiple=True, help="Keep only rows of this label_quality (repeatable).")
 @click.option("--experiment", default=None, help="MLflow experiment; default: named after the data (meli-demo, meli-<folder>).")
@@ -28,7 +30,7 @@ from meli.dataset import DataFilter
               show_default=True, help="Where the best checkpoint is written (also logged to MLflow).")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @reports_errors
-def main(config_path, data, train_path, validation_path, model, epochs, device, seed, languages, label_qualities,
+def main(config_path, data, train_path, validation_path, model, epochs, device, seed, members, languages, label_qualities,
          experiment, checkpoint_dir, quiet):
     """Train a title classifier and log the run to MLflow.
 
@@ -40,13 +42,15 @@ def main(config_path, data, train_path, validation_path, model, epochs, device, 
     from train.config import load_config
     from train.run import resolve_data, run_training
 
-    config = load_config(config_path, model=model, epochs=epochs, device=device, seed=seed)
+    config = load_config(config_path, model=model, epochs=epochs, device=device, seed=seed, members=members)
     source = resolve_data(data, train_path, validation_path)
     outcome = run_training(config, source, data_filter=DataFilter(tuple(languages), tuple(label_qualities)),
                            experiment=experiment, checkpoint_dir=checkpoint_dir, quiet=quiet)
     best = outcome.result.checkpoint.metrics
+    what = (f"ensemble of {config.members} (members {', '.join(f'{best[k]:.4f}' for k in sorted(best) if k.startswith('member'))})"
+            if config.members > 1 else f"best epoch {outcome.result.best_epoch}")
     click.echo(
-        f"run {outcome.run_id} (experiment {outcome.experiment}): best epoch {outcome.result.best_epoch}, "
+        f"run {outcome.run_id} (experiment {outcome.experiment}): {what}, "
         f"validation balanced accuracy {best['val_balanced_accuracy']:.4f}, device {outcome.result.device}\n"
         f"checkpoint: {outcome.checkpoint_path}\n"
         f"look at it: mlflow ui --backend-store-uri {_ui_uri()}"
