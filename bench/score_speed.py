@@ -3,7 +3,9 @@
 Builds a Parquet catalog of N rows (titles resampled from the real validation titles when
 ``../shared/data`` exists, else from the embedded demo catalog), then runs ``meli-score`` on it
 in a child process — the way a nightly job runs it — and reports rows/s end to end (read,
-tokenize, infer, write) and the child's peak RSS. Tokenizer throughput alone is reported too.
+tokenize, infer, write) and the child's peak RSS. Tokenizer and model throughput alone (the
+model on length-sorted batches of 1,024 pre-encoded titles, as the scorer feeds it) are
+reported too.
 
     python bench/score_speed.py --model artifacts/model.onnx --rows 1000000 --threads 2
 """
@@ -69,6 +71,16 @@ def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak_kib / 1024
 
 
+def model_alone(path: str, enc, threads: int, rows: int = 50_000, batch: int = 1024) -> float:
+    model = load_onnx_model(path, provider="cpu", threads=threads)
+    order = np.argsort(enc.lengths[:rows], kind="stable")
+    t = time.perf_counter()
+    for start in range(0, len(order), batch):
+        chunk = order[start : start + batch]
+        model.predict(np.ascontiguousarray(enc.ids[chunk, : max(1, int(enc.lengths[chunk].max()))]))
+    return len(order) / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="artifacts/model.onnx")
@@ -87,6 +99,7 @@ def main() -> None:
         t = time.perf_counter()
         enc = tok.encode_batch(titles)
         tok_rate = len(titles) / (time.perf_counter() - t)
+        model_rate = model_alone(args.model, enc, args.threads)
 
         out = Path(tmp) / "scored.parquet"
         cmd = [sys.executable, "-m", "score", str(catalog), str(out), "--model", args.model, "--threads", str(args.threads),
@@ -97,8 +110,10 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(proc.stderr)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}")
-    print(f"model: {args.model} ({model.card.model_kind}, {len(model.card.labels)} categories); titles from {source}")
+    members = f", ensemble of {model.card.members}" if model.card.members > 1 else ""
+    print(f"model: {args.model} ({model.card.model_kind}{members}, {len(model.card.labels)} categories); titles from {source}")
     print(f"tokenizer alone: {tok_rate:,.0f} titles/s (mean {enc.lengths.mean():.0f} ids/title)")
+    print(f"model alone (onnxruntime CPU, {args.threads} threads): {model_rate:,.0f} titles/s")
     print(f"meli-score end to end: {args.rows:,} rows in {seconds:.1f}s = {args.rows / seconds:,.0f} rows/s "
           f"(process start and model load included); peak RSS of meli-score {peak_mib:,.0f} MiB")
     print(proc.stderr.strip().splitlines()[-1])
