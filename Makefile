@@ -10,6 +10,7 @@ EXTRAS ?= cpu,dev
 MODEL ?= mlp
 CONFIG ?= configs/$(MODEL).toml
 DATA ?=
+TRAIN_ARGS ?=
 EXPERIMENT ?=
 OUTPUT ?= artifacts/model.onnx
 INPUT ?= meli/resources/demo/catalog.jsonl.gz
@@ -24,7 +25,7 @@ exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
 	@echo "make test            run the test suite (what CI runs)"
-	@echo "make train           train (MODEL=mlp|cnn, CONFIG=..., DATA=folder, EXPERIMENT=name)"
+	@echo "make train           train (MODEL=mlp|cnn, CONFIG=..., DATA=folder, EXPERIMENT=name, TRAIN_ARGS=...)"
 	@echo "make export          best run -> $(OUTPUT), with the parity check"
 	@echo "make parity          re-check parity of $(OUTPUT) against its checkpoint"
 	@echo "make score           score INPUT=... into SCORED=..."
@@ -48,7 +49,7 @@ demo: venv
 	$(BIN)/python -c "import pyarrow.parquet as pq; print(pq.read_table('$(SCORED)').slice(0, 8).to_pandas().to_string())"
 
 train: venv
-	$(BIN)/meli-train --config $(CONFIG) $(data_arg) $(exp_arg)
+	$(BIN)/meli-train --config $(CONFIG) $(data_arg) $(exp_arg) $(TRAIN_ARGS)
 
 export: venv
 	$(BIN)/meli-export $(exp_arg) --output $(OUTPUT)
