@@ -71,8 +71,7 @@ def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak_kib / 1024
 
 
-def model_alone(path: str, enc, threads: int, rows: int = 50_000, batch: int = 1024) -> float:
-    model = load_onnx_model(path, provider="cpu", threads=threads)
+def model_alone(model, enc, rows: int = 50_000, batch: int = 1024) -> float:
     order = np.argsort(enc.lengths[:rows], kind="stable")
     t = time.perf_counter()
     for start in range(0, len(order), batch):
@@ -90,7 +89,7 @@ def main() -> None:
     ap.add_argument("--provider", default="auto")
     args = ap.parse_args()
 
-    model = load_onnx_model(args.model, provider="cpu")
+    model = load_onnx_model(args.model, provider="cpu", threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "catalog.parquet"
         source = make_catalog(catalog, args.rows)
@@ -99,7 +98,7 @@ def main() -> None:
         t = time.perf_counter()
         enc = tok.encode_batch(titles)
         tok_rate = len(titles) / (time.perf_counter() - t)
-        model_rate = model_alone(args.model, enc, args.threads)
+        model_rate = model_alone(model, enc)
 
         out = Path(tmp) / "scored.parquet"
         cmd = [sys.executable, "-m", "score", str(catalog), str(out), "--model", args.model, "--threads", str(args.threads),

@@ -295,13 +295,18 @@ def train_and_refit(
         final = train_model(refit_config, combined, validation, provenance=provenance, quiet=quiet, keep="last",
                             on_epoch=_tagged(on_refit_epoch, member))
         refits.append(final.checkpoint)
-        for k, v in final.timings.items():
-            timings[f"refit_{k}"] = timings.get(f"refit_{k}", 0.0) + v
+        _add_timings(timings, final.timings, prefix="refit_")
     checkpoint = refits[0] if config.members == 1 else _ensemble_checkpoint(refits)
     checkpoint.metrics = {**selection.checkpoint.metrics,
                           "refit_epochs": float(sum(f.best_epoch for f in selections) / len(selections))}
     checkpoint.provenance["refit"] = "train+validation"
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
+
+
+def _add_timings(total: dict[str, float], timings: dict[str, float], prefix: str = "") -> None:
+    """Add `timings` into `total` key by key (members' fits run one after another)."""
+    for k, v in timings.items():
+        total[prefix + k] = total.get(prefix + k, 0.0) + v
 
 
 def _tagged(callback: Callable[[EpochMetrics], None] | None, member: int) -> Callable[[EpochMetrics], None] | None:
@@ -341,8 +346,7 @@ def _ensemble_result(fits: list[TrainResult], validation: LabelledSplit) -> Trai
              ", ".join(f"{f.checkpoint.metrics['val_balanced_accuracy']:.4f}" for f in fits))
     timings: dict[str, float] = {}
     for f in fits:
-        for k, v in f.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
+        _add_timings(timings, f.timings)
     history = [dataclasses.replace(m, member=i) for i, f in enumerate(fits) for m in f.history]
     return dataclasses.replace(fits[0], checkpoint=checkpoint, history=history, val_pred=pred, timings=timings,
                                stopped_early=any(f.stopped_early for f in fits))
