@@ -30,7 +30,7 @@ class MLPConfig:
     hidden: tuple[int, ...] = (512,)
     dropout: float = 0.3
     embedding_dropout: float = 0.0  # drops whole tokens during training (word dropout)
-    embedding_init_std: float = 0.1  # rows never seen in training keep this noise: smaller is quieter
+    embedding_init_std: float = 0.1  # start of the rows training uses (the trainer zeroes the rest)
     pooling: Literal["mean", "attention"] = "mean"  # attention: a learned weight per token id
 
     def to_dict(self) -> dict:

@@ -322,8 +322,8 @@ def _ensemble_checkpoint(members: list[Checkpoint]) -> Checkpoint:
         if other.vocabulary != first.vocabulary or other.model_config != first.model_config:
             raise MeliError("ensemble members disagree on vocabulary or model shape")
     state = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state_dict.items()}
-    return dataclasses.replace(first, state_dict=state, members=len(members), metrics=dict(first.metrics),
-                               provenance=dict(first.provenance))
+    # the callers set the ensemble's own metrics; provenance is copied because the refit tags it
+    return dataclasses.replace(first, state_dict=state, members=len(members), provenance=dict(first.provenance))
 
 
 def _ensemble_result(fits: list[TrainResult], validation: LabelledSplit) -> TrainResult:
