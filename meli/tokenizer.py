@@ -15,6 +15,10 @@ The specification, per title:
 2. drop stopwords and tokens shorter than ``min_token_length``.
 3. features, always in this order:
    - words: their vocabulary id, or ``UNK`` (1) when not in the vocabulary;
+   - head words: the first ``head_words`` words again, tagged with their position
+     (``"1^funda"``, ``"2^iphone"``), where that tagged token is in the vocabulary (unknown
+     ones are dropped). Spanish and Portuguese titles name the product first (``Funda Iphone
+     7`` is a case, ``Iphone 7 Funda De Regalo`` a phone), which a bag of features cannot see;
    - word bigrams (``"funda iphone"``) that are in the vocabulary (unknown ones are dropped);
    - hashed character n-grams of every word padded with spaces (``" funda "``), for n from
      ``char_ngram_min`` to ``char_ngram_max``, n by n, word by word, left to right:
@@ -57,6 +61,7 @@ class TokenizerConfig:
     stopwords: tuple[str, ...] = ()  # already normalised; see `load_stopwords`
     min_token_length: int = 1
     word_bigrams: bool = True
+    head_words: int = 0  # the first this many words also as position-tagged tokens
     char_ngram_min: int = 3
     char_ngram_max: int = 5  # 0 turns character n-grams off
     char_buckets: int = 2**18
@@ -67,6 +72,8 @@ class TokenizerConfig:
             raise ValueError("max_length must be at least 1")
         if self.min_token_length < 1:
             raise ValueError("min_token_length must be at least 1")
+        if self.head_words < 0:
+            raise ValueError("head_words must be 0 or more")
         if self.char_ngrams:
             if not 1 <= self.char_ngram_min <= self.char_ngram_max:
                 raise ValueError("need 1 <= char_ngram_min <= char_ngram_max")
@@ -177,6 +184,9 @@ class Tokenizer:
         cfg = self.config
         words = self.words_reference(title)
         ids = [self._index.get(w, UNK) for w in words]
+        for i, w in enumerate(words[: cfg.head_words]):
+            if (h := self._index.get(head_token(i + 1, w))) is not None:
+                ids.append(h)
         if cfg.word_bigrams:
             for a, b in zip(words, words[1:]):
                 if (i := self._index.get(f"{a} {b}")) is not None:
@@ -257,6 +267,11 @@ class Tokenizer:
 
         ids = self._lookup(words)
         groups = [(rows, np.where(ids >= 0, ids, UNK))]
+        if cfg.head_words:
+            heads, head_rows = head_words(words, rows, cfg.head_words)
+            hi = self._lookup(heads)
+            known = hi >= 0
+            groups.append((head_rows[known], hi[known]))
         if cfg.word_bigrams:
             bigrams, bigram_rows = word_bigrams(words, rows)
             bi = self._lookup(bigrams)
@@ -265,6 +280,22 @@ class Tokenizer:
         if cfg.char_ngrams and len(words):
             groups.extend(self._char_ngrams(words, rows))
         return _pack(groups, n_rows, cfg.max_length)
+
+
+def head_token(position: int, word: str) -> str:
+    """The head-word token of `word` at 1-based `position` (no word holds ``^``)."""
+    return f"{position}^{word}"
+
+
+def head_words(words: pa.Array, rows: np.ndarray, k: int) -> tuple[pa.Array, np.ndarray]:
+    """`head_token` of each row's first `k` words (`words` grouped by row, in order)."""
+    if len(rows) == 0 or k < 1:
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    take = np.flatnonzero(rank < k)
+    positions = pa.array(rank[take] + 1).cast(pa.string())
+    return pc.binary_join_element_wise(positions, words.take(pa.array(take)), "^"), rows[take]
 
 
 def word_bigrams(words: pa.Array, rows: np.ndarray) -> tuple[pa.Array, np.ndarray]:

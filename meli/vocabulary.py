@@ -1,4 +1,4 @@
-"""The vocabulary: words and word bigrams seen in the training titles.
+"""The vocabulary: words, word bigrams and position-tagged head words seen in the training titles.
 
 Index 0 is padding and 1 is unknown (`meli.tokenizer.PAD`, `UNK`); token ``i`` of the
 vocabulary has id ``i + 2``. Built from training titles only, most frequent first.
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meli.tokenizer import Tokenizer, TokenizerConfig, word_bigrams
+from meli.tokenizer import Tokenizer, TokenizerConfig, head_words, word_bigrams
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class VocabularyConfig:
 def build_vocabulary(
     titles: pa.Array | pa.ChunkedArray, tokenizer: TokenizerConfig, config: VocabularyConfig = VocabularyConfig()
 ) -> tuple[str, ...]:
-    """Count words (and bigrams, when the tokenizer uses them) and keep the frequent ones.
+    """Count words (and bigrams and head words, when the tokenizer uses them) and keep the frequent ones.
 
     Ties are broken alphabetically so that the same titles always give the same ids.
     """
@@ -40,6 +40,9 @@ def build_vocabulary(
     if tokenizer.word_bigrams:
         bigrams, _ = word_bigrams(words, rows)
         candidates.append(_frequent(bigrams, config.bigram_min_count))
+    if tokenizer.head_words:
+        heads, _ = head_words(words, rows, tokenizer.head_words)
+        candidates.append(_frequent(heads, config.min_count))
     ranked = sorted((pair for c in candidates for pair in c), key=lambda tc: (-tc[1], tc[0]))
     return tuple(tok for tok, _ in ranked[: config.max_size])
 

@@ -40,6 +40,7 @@ def demo_titles() -> list:
 CONFIGS = {
     "default": TokenizerConfig(stopwords=load_stopwords()),
     "words-only": TokenizerConfig(word_bigrams=False, char_ngram_max=0),
+    "head-words": TokenizerConfig(stopwords=load_stopwords(), head_words=2),
     "digits-short": TokenizerConfig(map_digits=True, min_token_length=2, char_ngram_min=1, char_ngram_max=3, char_buckets=97, max_length=12),
 }
 
@@ -51,10 +52,11 @@ def test_vectorized_matches_reference(name, demo_titles):
     assert_agree(tok, demo_titles + EDGE_CASES)
 
 
-def test_vectorized_matches_reference_on_real_titles(shared_data):
+@pytest.mark.parametrize("name", ["default", "head-words"])
+def test_vectorized_matches_reference_on_real_titles(name, shared_data):
     titles = [json.loads(line)["title"] for line in gzip.open(shared_data / "meli-es" / "validation.jsonl.gz", "rt")]
     raw = (shared_data / "meli-2019-raw" / "test-sample.csv").read_text("utf-8").splitlines()[1:]
-    config = CONFIGS["default"]
+    config = CONFIGS[name]
     tok = Tokenizer(config, build_vocabulary(pa.array(titles[:3000]), config))
     assert_agree(tok, titles + raw + EDGE_CASES)
 
@@ -81,6 +83,16 @@ def test_ids_follow_the_contract():
     assert tok.encode_reference("Bolso de Maternal Rojo") == [2, 3, UNK, 4]
     assert tok.encode_reference("maternal bolso") == [3, 2]
     assert tok.n_ids == 5
+
+
+def test_head_words_tag_the_first_words_by_position():
+    config = TokenizerConfig(stopwords=("de",), char_ngram_max=0, word_bigrams=False, head_words=2)
+    tok = Tokenizer(config, ("bolso", "maternal", "1^bolso", "2^maternal", "1^maternal"))
+    # after the words, the first two kept words again as "1^word", "2^word" where known
+    assert tok.encode_reference("De Bolso de Maternal Rojo") == [2, 3, UNK, 4, 5]
+    assert tok.encode_reference("Maternal Bolso") == [3, 2, 6]  # "2^bolso" is unknown: dropped
+    assert tok.encode_reference("Rojo Bolso Maternal") == [UNK, 2, 3]  # "1^rojo" unknown
+    assert list(tok.encode_batch(["Maternal Bolso"]).ids[0]) == [3, 2, 6]
 
 
 def test_char_ngrams_hash_padded_words():
@@ -117,3 +129,6 @@ def test_vocabulary_is_built_from_training_titles_only_and_deterministic():
     assert vocab == ("funda", "funda iphone", "iphone")  # most frequent first, ties alphabetical
     assert build_vocabulary(titles, config, VocabularyConfig(min_count=1, max_size=2)) == ("funda", "funda iphone")
     assert build_vocabulary(pa.array([None, ""]), config) == ()
+    heads = dataclasses.replace(config, head_words=1, word_bigrams=False)
+    vocab = build_vocabulary(titles, heads, VocabularyConfig(min_count=2))
+    assert vocab == ("1^funda", "funda", "iphone")  # "1^funda" starts three titles; "1^cable" one
