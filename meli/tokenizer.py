@@ -18,7 +18,8 @@ The specification, per title:
    - head words: the first ``head_words`` words again, tagged with their position
      (``"1^funda"``, ``"2^iphone"``), where that tagged token is in the vocabulary (unknown
      ones are dropped). Spanish and Portuguese titles name the product first (``Funda Iphone
-     7`` is a case, ``Iphone 7 Funda De Regalo`` a phone), which a bag of features cannot see;
+     7`` is a case, ``Iphone 7 Funda De Regalo`` a phone), which a bag of features cannot see.
+     The group is written ``head_repeat`` times over, so a mean-pooling model weighs it more;
    - word bigrams (``"funda iphone"``) that are in the vocabulary (unknown ones are dropped);
    - hashed character n-grams of every word padded with spaces (``" funda "``), for n from
      ``char_ngram_min`` to ``char_ngram_max``, n by n, word by word, left to right:
@@ -62,6 +63,7 @@ class TokenizerConfig:
     min_token_length: int = 1
     word_bigrams: bool = True
     head_words: int = 0  # the first this many words also as position-tagged tokens
+    head_repeat: int = 1  # ... written this many times over (their weight in a mean)
     char_ngram_min: int = 3
     char_ngram_max: int = 5  # 0 turns character n-grams off
     char_buckets: int = 2**18
@@ -74,6 +76,8 @@ class TokenizerConfig:
             raise ValueError("min_token_length must be at least 1")
         if self.head_words < 0:
             raise ValueError("head_words must be 0 or more")
+        if self.head_repeat < 1:
+            raise ValueError("head_repeat must be at least 1")
         if self.char_ngrams:
             if not 1 <= self.char_ngram_min <= self.char_ngram_max:
                 raise ValueError("need 1 <= char_ngram_min <= char_ngram_max")
@@ -184,9 +188,8 @@ class Tokenizer:
         cfg = self.config
         words = self.words_reference(title)
         ids = [self._index.get(w, UNK) for w in words]
-        for i, w in enumerate(words[: cfg.head_words]):
-            if (h := self._index.get(head_token(i + 1, w))) is not None:
-                ids.append(h)
+        heads = [self._index.get(head_token(i + 1, w)) for i, w in enumerate(words[: cfg.head_words])]
+        ids.extend([h for h in heads if h is not None] * cfg.head_repeat)
         if cfg.word_bigrams:
             for a, b in zip(words, words[1:]):
                 if (i := self._index.get(f"{a} {b}")) is not None:
@@ -271,7 +274,7 @@ class Tokenizer:
             heads, head_rows = head_words(words, rows, cfg.head_words)
             hi = self._lookup(heads)
             known = hi >= 0
-            groups.append((head_rows[known], hi[known]))
+            groups.extend([(head_rows[known], hi[known])] * cfg.head_repeat)
         if cfg.word_bigrams:
             bigrams, bigram_rows = word_bigrams(words, rows)
             bi = self._lookup(bigrams)

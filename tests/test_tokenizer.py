@@ -40,7 +40,7 @@ def demo_titles() -> list:
 CONFIGS = {
     "default": TokenizerConfig(stopwords=load_stopwords()),
     "words-only": TokenizerConfig(word_bigrams=False, char_ngram_max=0),
-    "head-words": TokenizerConfig(stopwords=load_stopwords(), head_words=2),
+    "head-words": TokenizerConfig(stopwords=load_stopwords(), head_words=2, head_repeat=3),
     "digits-short": TokenizerConfig(map_digits=True, min_token_length=2, char_ngram_min=1, char_ngram_max=3, char_buckets=97, max_length=12),
 }
 
@@ -93,6 +93,9 @@ def test_head_words_tag_the_first_words_by_position():
     assert tok.encode_reference("Maternal Bolso") == [3, 2, 6]  # "2^bolso" is unknown: dropped
     assert tok.encode_reference("Rojo Bolso Maternal") == [UNK, 2, 3]  # "1^rojo" unknown
     assert list(tok.encode_batch(["Maternal Bolso"]).ids[0]) == [3, 2, 6]
+    tok = Tokenizer(dataclasses.replace(config, head_repeat=2), tok.vocabulary)
+    assert tok.encode_reference("Bolso Maternal") == [2, 3, 4, 5, 4, 5]  # the group, twice
+    assert list(tok.encode_batch(["Bolso Maternal"]).ids[0]) == [2, 3, 4, 5, 4, 5]
 
 
 def test_char_ngrams_hash_padded_words():

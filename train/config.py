@@ -27,6 +27,7 @@ class TokenizerSettings:
     min_token_length: int = 1
     word_bigrams: bool = True
     head_words: int = 0
+    head_repeat: int = 1
     char_ngram_min: int = 3
     char_ngram_max: int = 5
     char_buckets: int = 2**18
