@@ -173,7 +173,7 @@ def train_model(
     x_val, len_val = enc_val.ids.astype(np.int32), enc_val.lengths
     y_train, y_val = label_indices(train.categories, labels), label_indices(validation.categories, labels)
     timings["tokenize_s"] = time.perf_counter() - t0
-    log.info("vocabulary: %d words and bigrams; id space %d; mean ids per title %.1f",
+    log.info("vocabulary: %d words, bigrams and head words; id space %d; mean ids per title %.1f",
              len(vocabulary), tokenizer.n_ids, float(len_train.mean()))
 
     model_config = config.model_config(tokenizer.n_ids, len(labels))
