@@ -26,8 +26,8 @@ class TokenizerSettings:
     map_digits: bool = False
     min_token_length: int = 1
     word_bigrams: bool = True
-    head_words: int = 0
-    head_repeat: int = 1
+    head_words: int = 0  # the first this many words again as "1^word", "2^word" (meli/tokenizer.py)
+    head_repeat: int = 1  # ... written this many times over: their weight in the MLP's mean
     char_ngram_min: int = 3
     char_ngram_max: int = 5
     char_buckets: int = 2**18
