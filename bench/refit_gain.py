@@ -30,11 +30,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "mlp.toml")
+    ap.add_argument("--split-seed", type=int, default=0, help="which 15%% of train becomes val'")
     args = ap.parse_args()
     source = resolve_data(args.data)
     config = load_config(args.config)
     judged = load_labelled(source.validation)
-    train, val = split_holdout(load_labelled(source.train), 0.15, seed=0)
+    train, val = split_holdout(load_labelled(source.train), 0.15, seed=args.split_seed)
     for refit in (False, True):
         result = train_and_refit(dataclasses.replace(config, refit=refit), train, val, quiet=True)
         ckpt = result.checkpoint
