@@ -3,9 +3,9 @@
 Builds a Parquet catalog of N rows (titles resampled from the real validation titles when
 ``../shared/data`` exists, else from the embedded demo catalog), then runs ``meli-score`` on it
 in a child process — the way a nightly job runs it — and reports rows/s end to end (read,
-tokenize, infer, write) and the child's peak RSS. Tokenizer and model throughput alone (the
-model on length-sorted batches of 1,024 pre-encoded titles, as the scorer feeds it) are
-reported too (the tokenizer on batches of ``--batch-size`` titles, as meli-score calls it).
+tokenize, infer, write) and the child's peak RSS. Tokenizer and model throughput alone are
+reported too, each fed as meli-score feeds it: the tokenizer batches of ``--batch-size``
+titles, the model length-sorted batches of 1,024 pre-encoded titles.
 
     python bench/score_speed.py --model artifacts/model.onnx --rows 1000000 --threads 2
 """

@@ -292,10 +292,7 @@ def head_token(position: int, word: str) -> str:
 
 def head_words(words: pa.Array, rows: np.ndarray, k: int) -> tuple[pa.Array, np.ndarray]:
     """`head_token` of each row's first `k` words (`words` grouped by row, in order)."""
-    if len(rows) == 0 or k < 1:
-        return pa.array([], pa.string()), np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    rank = _rank_in_row(rows, np.bincount(rows))
     take = np.flatnonzero(rank < k)
     positions = pa.array(rank[take] + 1).cast(pa.string())
     return pc.binary_join_element_wise(positions, words.take(pa.array(take)), "^"), rows[take]
@@ -308,6 +305,12 @@ def word_bigrams(words: pa.Array, rows: np.ndarray) -> tuple[pa.Array, np.ndarra
     return pc.binary_join_element_wise(left, right, " "), rows[pair]
 
 
+def _rank_in_row(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each entry's rank among its row's entries (`rows` sorted, `counts` = bincount of rows)."""
+    starts = np.cumsum(counts) - counts  # index of each row's first entry
+    return np.arange(len(rows), dtype=np.int64) - starts[rows]
+
+
 def _pack(groups: list[tuple[np.ndarray, np.ndarray]], n_rows: int, max_length: int) -> Encoded:
     """Lay out feature groups row by row, group after group, without sorting.
 
@@ -318,8 +321,7 @@ def _pack(groups: list[tuple[np.ndarray, np.ndarray]], n_rows: int, max_length: 
     placed_rows, placed_pos, placed_ids = [], [], []
     for rows, ids in groups:
         counts = np.bincount(rows, minlength=n_rows)
-        starts = np.cumsum(counts) - counts  # (B,) index of each row's first entry
-        pos = base[rows] + np.arange(len(rows), dtype=np.int64) - starts[rows]
+        pos = base[rows] + _rank_in_row(rows, counts)
         keep = pos < max_length
         placed_rows.append(rows[keep])
         placed_pos.append(pos[keep])

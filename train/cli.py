@@ -47,8 +47,11 @@ def main(config_path, data, train_path, validation_path, model, epochs, device, 
     outcome = run_training(config, source, data_filter=DataFilter(tuple(languages), tuple(label_qualities)),
                            experiment=experiment, checkpoint_dir=checkpoint_dir, quiet=quiet)
     best = outcome.result.checkpoint.metrics
-    what = (f"ensemble of {config.members} (members {', '.join(f'{best[k]:.4f}' for k in sorted(best) if k.startswith('member'))})"
-            if config.members > 1 else f"best epoch {outcome.result.best_epoch}")
+    if config.members > 1:
+        members = ", ".join(f"{best[f'member{i}_val_balanced_accuracy']:.4f}" for i in range(1, config.members + 1))
+        what = f"ensemble of {config.members} (members {members})"
+    else:
+        what = f"best epoch {outcome.result.best_epoch}"
     click.echo(
         f"run {outcome.run_id} (experiment {outcome.experiment}): {what}, "
         f"validation balanced accuracy {best['val_balanced_accuracy']:.4f}, device {outcome.result.device}\n"
