@@ -16,6 +16,7 @@ OUTPUT ?= artifacts/model.onnx
 INPUT ?= meli/resources/demo/catalog.jsonl.gz
 SCORED ?= artifacts/scored.parquet
 PYTEST_ARGS ?=
+BENCH_ROWS ?= 2000000
 
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
@@ -29,7 +30,7 @@ help:
 	@echo "make export          best run -> $(OUTPUT), with the parity check"
 	@echo "make parity          re-check parity of $(OUTPUT) against its checkpoint"
 	@echo "make score           score INPUT=... into SCORED=..."
-	@echo "make bench           scoring throughput and memory"
+	@echo "make bench           titles/s and peak RSS by stage, vs a fastText pipeline (BENCH_ROWS=...)"
 	@echo "make bench-accuracy  this project's model vs classical baselines (DATA=folder)"
 	@echo "make data            download the course's MeLi 2019 data (SBW=1: also SBW vectors)"
 
@@ -64,7 +65,8 @@ test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv
-	$(BIN)/python bench/score_speed.py --model $(OUTPUT)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/score_speed.py --model $(OUTPUT) --rows $(BENCH_ROWS)
 
 bench-accuracy: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

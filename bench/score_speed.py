@@ -1,18 +1,29 @@
-"""`make bench`: meli-score throughput and peak memory on a generated catalog.
+"""`make bench`: scoring throughput and peak memory, stage by stage, against fastText.
 
-Builds a Parquet catalog of N rows (titles resampled from the real validation titles when
-``../shared/data`` exists, else from the embedded demo catalog), then runs ``meli-score`` on it
-in a child process — the way a nightly job runs it — and reports rows/s end to end (read,
-tokenize, infer, write) and the child's peak RSS. Tokenizer and model throughput alone are
-reported too, each fed as meli-score feeds it: the tokenizer batches of ``--batch-size``
-titles, the model length-sorted batches of 1,024 pre-encoded titles.
+Builds a Parquet catalog of N rows (``id``, ``title``) of real titles recombined into new
+ones (the first half of one title's words + the second half of another's, as
+`train.distill.recombine_titles` does) from ``../shared/data/meli-es`` when it is there, else
+from the embedded demo data. Then runs each stage in a child process of its own, as a
+nightly job would run it, polling the child's peak RSS, and prints one Markdown table:
 
-    python bench/score_speed.py --model artifacts/model.onnx --rows 1000000 --threads 2
+- read only: the Parquet file in meli-score's batches (the floor under everything);
+- tokenize only: read + the compiled tokenizer, in the encoding the model reads;
+- model only: onnxruntime on pre-encoded titles in length-sorted batches of 1,024
+  (encoding not timed);
+- ``meli-score`` end to end: read, tokenize, infer, write Parquet; start-up and model load included;
+- the fastText pipeline: a fastText model trained on the same labelled titles (word
+  bigrams, dim 100, 25 epochs, lr 1.0), end to end in Python: read Parquet, normalise,
+  predict (``f.multilinePredict``; ``predict()`` fails under NumPy 2), write Parquet;
+
+and the ratio of meli-score to the fastText pipeline.
+
+    python bench/score_speed.py --model artifacts/model.onnx --rows 2000000 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import platform
 import subprocess
@@ -23,39 +34,129 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from meli.formats import read_table  # noqa: E402
-from meli.onnx_model import load_onnx_model  # noqa: E402
+SHARED = ROOT.parent / "shared" / "data" / "meli-es"
+DEMO = ROOT / "meli" / "resources" / "demo"
+BATCH = 16_384
 
-REAL = ROOT.parent / "shared" / "data" / "meli-es" / "validation.jsonl.gz"
-DEMO = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
+
+def labelled_sources() -> list[Path]:
+    if (SHARED / "train.jsonl.gz").is_file():
+        return [SHARED / "train.jsonl.gz", SHARED / "validation.jsonl.gz"]
+    return [DEMO / "train.jsonl.gz", DEMO / "validation.jsonl.gz"]
 
 
 def make_catalog(path: Path, rows: int, seed: int = 0) -> str:
-    source = REAL if REAL.is_file() else DEMO
-    titles = read_table(source)["title"].combine_chunks()
-    titles = titles.filter(titles.is_valid())
-    rng = np.random.default_rng(seed)
+    from meli.dataset import load_labelled
+    from train.distill import recombine_titles
+
+    splits = [load_labelled(p) for p in labelled_sources()]
+    titles = pa.concat_arrays([s.titles for s in splits])
+    labels = pc.dictionary_encode(pa.concat_arrays([s.categories for s in splits])).indices.to_numpy()
     writer = None
     for start in range(0, rows, 500_000):
         n = min(500_000, rows - start)
-        batch = pa.table({"id": pa.array(np.arange(start, start + n)), "title": titles.take(pa.array(rng.integers(0, len(titles), n)))})
+        batch = pa.table({"id": pa.array(np.arange(start, start + n)),
+                          "title": recombine_titles(titles, labels, n, seed + start)})
         writer = writer or pq.ParquetWriter(path, batch.schema)
         writer.write_table(batch, row_group_size=100_000)
     writer.close()
-    return str(source)
+    return ", ".join(str(p) for p in labelled_sources())
 
 
-def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `cmd`, polling its own peak RSS (VmHWM).
+# ----------------------------------------------------------------------------- stages (child processes)
+def _read(catalog: str):
+    from meli.formats import iter_batches
+
+    return iter_batches(Path(catalog), batch_size=BATCH, string_columns=("title",))
+
+
+def stage_read(args) -> int:
+    return sum(b.num_rows for b in _read(args.catalog))
+
+
+def stage_tokenize(args) -> int:
+    from meli.onnx_model import load_onnx_model
+
+    card = load_onnx_model(args.model, provider="cpu").card
+    tokenizer = card.tokenizer()
+    n = 0
+    for b in _read(args.catalog):
+        tokenizer.encode_batch(b.column("title"), compact=card.compact)
+        n += b.num_rows
+    return n
+
+
+def stage_model(args) -> int:
+    """onnxruntime alone: the first `model_rows` titles encoded (untimed), then scored."""
+    from meli.onnx_model import load_onnx_model
+
+    model = load_onnx_model(args.model, provider=args.provider, threads=args.threads)
+    tokenizer = model.card.tokenizer()
+    encoded = []
+    for b in _read(args.catalog):
+        enc = tokenizer.encode_batch(b.column("title"), compact=model.card.compact)
+        encoded.append((np.ascontiguousarray(enc.ids), enc.lengths))
+        if sum(len(e[1]) for e in encoded) >= args.model_rows:
+            break
+    model.predict(encoded[0][0][:64])  # warm-up
+    t = time.perf_counter()
+    n = 0
+    for ids, lengths in encoded:
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(order), 1024):
+            chunk = order[start : start + 1024]
+            model.predict(ids[chunk, : max(1, int(lengths[chunk[-1]]))])
+        n += len(lengths)
+    print(f"seconds {time.perf_counter() - t}", file=sys.stderr)
+    return n
+
+
+def stage_fasttext(args) -> int:
+    """A fastText user's pipeline: read, normalise (vectorised), predict, write Parquet."""
+    import fasttext
+
+    model = fasttext.load_model(args.fasttext_model)
+    writer = None
+    n = 0
+    for b in _read(args.catalog):
+        s = pc.utf8_normalize(pc.utf8_lower(pc.fill_null(b.column("title"), "")), form="NFKD")
+        s = pc.replace_substring_regex(pc.replace_substring_regex(s, "[\\x{0300}-\\x{036f}]", ""), "[^a-z0-9]+", " ")
+        labels, probs = model.f.multilinePredict(s.to_pylist(), 1, 0.0, "strict")
+        out = pa.record_batch({
+            "id": b.column("id"),
+            "category": pa.array([lab[0].removeprefix("__label__") if lab else None for lab in labels], pa.string()),
+            "probability": pa.array([p[0] if len(p) else None for p in probs], pa.float32()),
+        })
+        writer = writer or pq.ParquetWriter(args.output, out.schema, compression="zstd")
+        writer.write_batch(out)
+        n += b.num_rows
+    writer.close()
+    return n
+
+
+STAGES = {"read": stage_read, "tokenize": stage_tokenize, "model": stage_model, "fasttext": stage_fasttext}
+
+
+def run_stage(args) -> None:
+    t = time.perf_counter()
+    n = STAGES[args.stage](args)
+    print(f"rows {n} seconds {time.perf_counter() - t}")
+
+
+# ----------------------------------------------------------------------------- the parent
+def run_measured(cmd: list[str]) -> tuple[str, float, float]:
+    """Run `cmd`; (its stdout, wall seconds, peak RSS in MiB polled from /proc VmHWM).
 
     Not getrusage(RUSAGE_CHILDREN): a forked child's ru_maxrss starts from the parent's
-    high-water mark, so it would count this script's memory, not meli-score's.
+    high-water mark, so it would count this script's memory, not the child's.
     """
+    t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_kib = 0
     status = Path(f"/proc/{proc.pid}/status")
@@ -66,59 +167,94 @@ def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
                     peak_kib = max(peak_kib, int(line.split()[1]))
         except (OSError, ValueError):
             pass
-        time.sleep(0.05)
+        time.sleep(0.02)
     out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak_kib / 1024
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{err}")
+    return out + err, seconds, peak_kib / 1024
 
 
-def model_alone(model, enc, rows: int = 50_000, batch: int = 1024) -> float:
-    order = np.argsort(enc.lengths[:rows], kind="stable")
+def train_fasttext(path: Path) -> float:
+    import fasttext
+
+    from meli.dataset import load_labelled
+    from meli.tokenizer import normalize_title
+
+    train = load_labelled(labelled_sources()[0])
+    text = path.with_suffix(".txt")
+    text.write_text("".join(f"__label__{c} {' '.join(normalize_title(t))}\n"
+                            for t, c in zip(train.titles.to_pylist(), train.categories.to_pylist())))
     t = time.perf_counter()
-    for start in range(0, len(order), batch):
-        chunk = order[start : start + batch]
-        model.predict(np.ascontiguousarray(enc.ids[chunk, : max(1, int(enc.lengths[chunk].max()))]))
-    return len(order) / (time.perf_counter() - t)
+    model = fasttext.train_supervised(str(text), dim=100, epoch=25, lr=1.0, wordNgrams=2, verbose=0,
+                                      thread=os.cpu_count() or 1, seed=0)
+    seconds = time.perf_counter() - t
+    model.save_model(str(path))
+    return seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="artifacts/model.onnx")
-    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=16_384)
-    ap.add_argument("--provider", default="auto")
+    ap.add_argument("--provider", default="cpu", help="onnxruntime provider for the model and meli-score rows")
+    ap.add_argument("--model-rows", type=int, default=500_000, help="titles the model-only row scores")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["fasttext"], help="leave the fastText row out")
+    ap.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # a child's work
+    ap.add_argument("--catalog", help=argparse.SUPPRESS)
+    ap.add_argument("--fasttext-model", help=argparse.SUPPRESS)
+    ap.add_argument("--output", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.stage:
+        return run_stage(args)
 
-    model = load_onnx_model(args.model, provider="cpu", threads=args.threads)
+    from meli.onnx_model import load_onnx_model
+
+    card = load_onnx_model(args.model, provider="cpu").card
+    me = [sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--threads", str(args.threads),
+          "--provider", args.provider]
+    rows: list[tuple[str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "catalog.parquet"
         source = make_catalog(catalog, args.rows)
-        titles = pq.read_table(catalog, columns=["title"])["title"].combine_chunks().slice(0, 200_000)
-        tok = model.card.tokenizer()
-        tok.encode_batch(titles.slice(0, 1_000))  # warm-up: kernels, regexes
-        t = time.perf_counter()  # in batches of meli-score's size, as meli-score tokenizes
-        for start in range(0, len(titles), args.batch_size):
-            tok.encode_batch(titles.slice(start, args.batch_size))
-        tok_rate = len(titles) / (time.perf_counter() - t)
-        enc = tok.encode_batch(titles.slice(0, 50_000))  # what model_alone feeds the model
-        model_rate = model_alone(model, enc)
+        size_mb = Path(args.model).stat().st_size / 1e6
 
-        out = Path(tmp) / "scored.parquet"
-        cmd = [sys.executable, "-m", "score", str(catalog), str(out), "--model", args.model, "--threads", str(args.threads),
-               "--batch-size", str(args.batch_size), "--provider", args.provider, "--quiet"]
-        t = time.perf_counter()
-        proc, peak_mib = run_measured(cmd)
-        seconds = time.perf_counter() - t
-        if proc.returncode != 0:
-            sys.exit(proc.stderr)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}")
-    members = f", ensemble of {model.card.members}" if model.card.members > 1 else ""
-    print(f"model: {args.model} ({model.card.model_kind}{members}, {len(model.card.labels)} categories); titles from {source}")
-    print(f"tokenizer alone: {tok_rate:,.0f} titles/s (mean {enc.lengths.mean():.0f} ids/title)")
-    print(f"model alone (onnxruntime CPU, {args.threads} threads): {model_rate:,.0f} titles/s")
-    print(f"meli-score end to end: {args.rows:,} rows in {seconds:.1f}s = {args.rows / seconds:,.0f} rows/s "
-          f"(process start and model load included); peak RSS of meli-score {peak_mib:,.0f} MiB")
-    print(proc.stderr.strip().splitlines()[-1])
+        def child(stage: str, what: str, note: str, *extra: str) -> None:
+            out, seconds, peak = run_measured([*me, "--stage", stage, "--catalog", str(catalog), *extra])
+            fields = dict(zip(out.split()[::2], out.split()[1::2]))
+            n, timed = int(fields["rows"]), float(fields.get("seconds", seconds))
+            rows.append((what, n / timed, peak, note))
+            print(f"{what}: {n / timed:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
+
+        child("read", "read only (Parquet, batches of 16,384)", "the floor under everything")
+        child("tokenize", f"tokenize only ({card.encoding} ids, one thread)", "read included")
+        child("model", f"model only (onnxruntime {args.provider}, {args.threads} threads)",
+              f"{min(args.rows, args.model_rows):,} pre-encoded titles, length-sorted batches of 1,024",
+              "--model-rows", str(args.model_rows))
+        scored = Path(tmp) / "scored.parquet"
+        out, seconds, peak = run_measured([sys.executable, "-m", "score", str(catalog), str(scored), "--model", args.model,
+                                           "--threads", str(args.threads), "--provider", args.provider, "--quiet"])
+        ours = args.rows / seconds
+        rows.append(("**meli-score end to end**", ours, peak, f"model file {size_mb:.1f} MB; start-up and model load included"))
+        print(f"meli-score: {ours:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
+        ratio = ""
+        if "fasttext" not in args.skip:
+            ft = Path(tmp) / "fasttext.bin"
+            train_s = train_fasttext(ft)
+            ft_mb = ft.stat().st_size / 1e6
+            child("fasttext", "fastText pipeline end to end", f"model file {ft_mb:.0f} MB, trained in {train_s:.0f} s",
+                  "--fasttext-model", str(ft), "--output", str(Path(tmp) / "fasttext.parquet"))
+            ratio = f"{ours / rows[-1][1]:.1f}x"
+    print(f"\n{dt.date.today()}, {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores; "
+          f"{args.rows:,} recombined titles from {source}; model {args.model} ({card.model_kind}, "
+          f"{card.encoding} ids, {card.precision} table, {len(card.labels)} categories)\n")
+    print("| stage | titles/s | peak RSS | note |")
+    print("|---|---|---|---|")
+    for what, rate, peak, note in rows:
+        print(f"| {what} | {rate:,.0f} | {peak:,.0f} MiB | {note} |")
+    if ratio:
+        print(f"\nmeli-score / fastText pipeline: **{ratio}**")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,151 @@
-"""Drop the embedding rows that training never touched, for a smaller ONNX file.
+"""The trained MLP → the scoring model: one small table over compact ids, then the heads.
 
-Most of the id space is hashed character n-gram buckets, and the training titles hit only
-about half of them. Training zeroes the rows it never saw (`train.trainer`), so at export
-every all-zero row can share one row: each embedding table becomes a lookup
-``remap[token_id]`` into the rows in use, with every unused id sent to the zero padding row.
-The mask that says which positions hold a token still reads the original ids, so the
-compacted model computes exactly what the checkpoint's model computes (the parity check
-proves it on real titles), in a file about half the size.
+A mean-pooling MLP computes ``sum of the rows of a title's ids / how many ids`` and then its
+hidden layers. Both the sum and the count are additive, so any group of ids that always
+comes together can be stored as one row holding the group's sum, with the group's size as
+its count. The compact encoding (`meli.tokenizer.Tokenizer`) uses that for the two groups
+that make up most ids: a known word together with all its character n-grams (one *fused*
+row instead of ~16), and a known head token written ``head_repeat`` times (one row). A title
+then reaches the graph as ~20 ids instead of ~110, and the graph computes what the
+trained model computes on the full ids.
+
+The table keeps only the rows a title can reach: rows training never touched (zero, most
+hash buckets) share one zero row that still counts 1, and padding is a zero row that counts
+0. It is stored as int8 with one float scale per row (``precision = "int8"``, the default:
+a quarter of the bytes; the rounding's effect on the probabilities is measured and
+reported by the parity check) or as float32 (``"fp32"``: the same outputs as the checkpoint
+to float rounding).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meli.models import CNN, MLP
+from meli.models import MLP, Ensemble
+from meli.tokenizer import N_SPECIAL, PAD, Tokenizer
+
+Precision = Literal["int8", "fp32"]
 
 
+@dataclass(frozen=True)
+class CompactionStats:
+    ids_before: int  # rows of the trained table (full id space)
+    rows_after: int  # rows of the scoring table
+    fused_rows: int
+    precision: str
+
+    def summary(self) -> str:
+        return (f"scoring table: {self.rows_after:,} rows ({self.fused_rows:,} fused words and head words) "
+                f"for {self.ids_before:,} trained rows, stored {self.precision}")
+
+
+class PooledTable(nn.Module):
+    """Compact ids → the mean of the rows they stand for: ``(B, T)`` int64 → ``(B, width)``.
+
+    Lookups are `F.embedding`, which exports as ONNX ``Gather``."""
+
+    def __init__(self, remap: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None, count: torch.Tensor):
+        super().__init__()
+        self.register_buffer("remap", remap.to(torch.int32).unsqueeze(1))  # (n_compact_ids, 1): id → row
+        self.register_buffer("table", table)  # (R, width) float32, or int8 dequantised by `scale`
+        # (R, 2): each row's scale (1 for float32) and how many ids it stands for
+        scale = torch.ones(len(table), 1) if scale is None else scale
+        self.register_buffer("meta", torch.cat([scale.to(torch.float32), count.to(torch.float32).unsqueeze(1)], dim=1))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(token_ids, self.remap).squeeze(-1).to(torch.int64)  # (B, T)
+        meta = F.embedding(rows, self.meta)  # (B, T, 2)
+        emb = F.embedding(rows, self.table).to(torch.float32)  # (B, T, width)
+        if self.table.dtype != torch.float32:
+            emb = emb * meta[:, :, :1]  # dequantise with each row's scale
+        n = meta[:, :, 1].sum(1, keepdim=True).clamp(min=1.0)  # (B, 1); an empty title → 1, never NaN
+        return emb.sum(1) / n
+
+
+class CompactMLP(nn.Module):
+    """`PooledTable` + each member's head; the mean of the members' probabilities."""
+
+    def __init__(self, pooled: PooledTable, heads: list[nn.Module], width: int):
+        super().__init__()
+        self.pooled = pooled
+        self.heads = nn.ModuleList(heads)
+        self.width = width  # embedding width of one member
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        x = self.pooled(token_ids)  # (B, members * width)
+        probs = [torch.softmax(h(x[:, i * self.width : (i + 1) * self.width]), dim=-1) for i, h in enumerate(self.heads)]
+        return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)  # (B, n_labels)
+
+
+def compactable(model: nn.Module) -> bool:
+    """Mean-pooling MLPs (and ensembles of them) can read compact ids; CNNs and attention cannot."""
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    return all(isinstance(m, MLP) and m.config.pooling == "mean" for m in members)
+
+
+def fused_groups(tokenizer: Tokenizer) -> tuple[list[int], list[list[int]]]:
+    """For each vocabulary token that has a fused id: (fused id, the full ids it stands for)."""
+    cfg = tokenizer.config
+    fused, groups = [], []
+    for i, token in enumerate(tokenizer.vocabulary):
+        vid = i + N_SPECIAL
+        if " " in token:  # bigrams stay plain ids
+            continue
+        if "^" in token:  # a head token: its head_repeat copies
+            group = [vid] * cfg.head_repeat
+        else:  # a word: itself and its character n-grams
+            group = [vid, *tokenizer.char_ngram_ids(token)]
+        fused.append(tokenizer.fused_offset + i)
+        groups.append(group)
+    return fused, groups
+
+
+def compact_mlp(model: nn.Module, tokenizer: Tokenizer, precision: Precision = "int8") -> tuple[CompactMLP, CompactionStats]:
+    """The scoring model of a trained mean-pooling MLP (or ensemble of them)."""
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    weight = torch.cat([m.embedding.weight.detach().to(torch.float64) for m in members], dim=1)  # (n_ids, M*E)
+    n_ids = weight.shape[0]
+    if n_ids != tokenizer.n_ids:
+        raise ValueError(f"embedding has {n_ids} rows, the tokenizer {tokenizer.n_ids} ids")
+    fused_ids, groups = fused_groups(tokenizer)
+    flat = torch.tensor([i for g in groups for i in g], dtype=torch.int64)
+    offsets = torch.tensor(np.cumsum([0] + [len(g) for g in groups[:-1]]), dtype=torch.int64)
+    fused_rows = F.embedding_bag(flat, weight, offsets, mode="sum") if groups else weight[:0]
+    fused_count = torch.tensor([len(g) for g in groups], dtype=torch.float64)
+
+    used = weight.ne(0).any(dim=1)
+    used[PAD] = False
+    used_ids = torch.nonzero(used).squeeze(1)
+    # rows: 0 = padding (counts 0), 1 = an id training never touched (zeros, counts 1), the raw
+    # rows in use, then the fused rows
+    zero = torch.zeros(1, weight.shape[1], dtype=torch.float64)
+    table = torch.cat([zero, zero, weight[used_ids], fused_rows])
+    count = torch.cat([torch.tensor([0.0, 1.0], dtype=torch.float64), torch.ones(len(used_ids), dtype=torch.float64), fused_count])
+    remap = torch.ones(tokenizer.n_compact_ids, dtype=torch.int64)  # by default: the zero row counting 1
+    remap[PAD] = 0
+    remap[used_ids] = torch.arange(2, 2 + len(used_ids))
+    remap[torch.tensor(fused_ids, dtype=torch.int64)] = torch.arange(2 + len(used_ids), len(table))
+    if precision == "int8":
+        scale = table.abs().amax(dim=1, keepdim=True) / 127.0
+        scale[scale == 0] = 1.0
+        stored, scale = torch.round(table / scale).to(torch.int8), scale.to(torch.float32)
+    elif precision == "fp32":
+        stored, scale = table.to(torch.float32), None
+    else:
+        raise ValueError(f"unknown table precision {precision!r}; expected 'int8' or 'fp32'")
+    pooled = PooledTable(remap, stored, scale, count)
+    heads = [m.head for m in members]
+    stats = CompactionStats(n_ids, len(table), len(fused_ids), precision)
+    return CompactMLP(pooled, heads, members[0].config.embedding_dim).eval(), stats
+
+
+# ----------------------------------------------------------------------------- full ids (CNN)
 class RemappedEmbedding(nn.Module):
     """``weight[remap[ids]]``: an embedding table that stores only the rows in use."""
 
@@ -32,37 +158,27 @@ class RemappedEmbedding(nn.Module):
         return F.embedding(self.remap[token_ids].to(torch.int64), self.weight)
 
 
-@dataclass(frozen=True)
-class CompactionStats:
-    rows_before: int
-    rows_after: int
+def drop_unused_rows(model: nn.Module) -> CompactionStats:
+    """For models that read full ids (CNNs, attention pooling): replace, in place, each
+    embedding table by a `RemappedEmbedding` of its non-zero rows, every unused id sent to
+    the zero padding row. Their masks read the original ids, so outputs are unchanged."""
+    from meli.models import CNN
 
-    def summary(self) -> str:
-        return f"embedding rows in use: {self.rows_after:,} of {self.rows_before:,}"
-
-
-def _tables(model: nn.Module) -> list[str]:
-    return ["embedding", "token_score"] if isinstance(model, MLP) and model.config.pooling == "attention" else ["embedding"]
-
-
-def compact(model: nn.Module) -> CompactionStats:
-    """Replace, in place, every MLP/CNN embedding table of `model` (an ensemble's members
-    too) by a `RemappedEmbedding` of its non-zero rows. Row 0 (padding) always stays first."""
     before = after = 0
     for module in model.modules():
         if not isinstance(module, (MLP, CNN)):
             continue
-        names = _tables(module)
+        names = ["embedding", "token_score"] if isinstance(module, MLP) and module.config.pooling == "attention" else ["embedding"]
         weights = [getattr(module, n).weight.detach() for n in names]
         used = torch.zeros(weights[0].shape[0], dtype=torch.bool)
         for w in weights:
             used |= w.ne(0).any(dim=1)
         used[0] = True
         rows = torch.nonzero(used).squeeze(1)  # sorted, starts with 0
-        remap = torch.zeros(len(used), dtype=torch.int64)  # unused ids → row 0, which is all zeros
+        remap = torch.zeros(len(used), dtype=torch.int64)
         remap[rows] = torch.arange(len(rows))
         for name, w in zip(names, weights):
             setattr(module, name, RemappedEmbedding(remap, w[rows].clone()))
         before += len(used)
         after += len(rows)
-    return CompactionStats(before, after)
+    return CompactionStats(before, after, 0, "fp32")

@@ -2,9 +2,11 @@
 
 The graph: ``token_ids`` int64 ``[batch, sequence]`` (both axes dynamic) → softmax
 ``probabilities`` float32 ``[batch, n_labels]``. Weights are embedded (no ``.onnx.data``
-side file) and the card (tokenizer, vocabulary, labels, provenance) goes in
-``metadata_props``. Embedding rows that training never touched are dropped
-(`export.compaction`). Any sequence length from 1 up runs; titles longer than the tokenizer's
+side file) and the card (tokenizer, vocabulary, labels, provenance, and which id encoding
+the graph reads) goes in ``metadata_props``. A mean-pooling MLP is exported as its scoring
+model over *compact* ids (`export.compaction`: fused rows for words and head words, unused
+rows dropped, an int8 table by default); other models read the full ids, with unused rows
+dropped. Any sequence length from 1 up runs; titles longer than the tokenizer's
 ``max_length`` are truncated by the tokenizer before they reach the graph, so the graph
 never sees a length it was not built for.
 """
@@ -19,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.compaction import compact
+from export.compaction import Precision, compact_mlp, compactable, drop_unused_rows
 from meli import __version__
 from meli.checkpoint import Checkpoint
 from meli.onnx_model import INPUT_NAME, OUTPUT_NAME, ModelCard
@@ -40,7 +42,7 @@ class WithSoftmax(nn.Module):
         return torch.softmax(self.model(token_ids), dim=-1)  # (B, n_labels)
 
 
-def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None) -> ModelCard:
+def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding: str = "full", precision: str = "fp32") -> ModelCard:
     import onnxruntime
 
     provenance = {
@@ -63,14 +65,26 @@ def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None) -> ModelC
         model_config=ckpt.model_config.to_dict(),
         provenance=provenance,
         members=ckpt.members,
+        encoding=encoding,
+        precision=precision,
     )
 
 
-def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None) -> onnx.ModelProto:
-    """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked."""
+def scoring_module(ckpt: Checkpoint, precision: Precision = "int8") -> tuple[nn.Module, str, str]:
+    """The torch module that the ONNX graph is exported from, the id encoding it reads and
+    its table precision. The parity check runs this same module against onnxruntime."""
     model = ckpt.build_model()
-    log.info("%s", compact(model).summary())
-    model = WithSoftmax(model).eval()
+    if compactable(model):
+        module, stats = compact_mlp(model, ckpt.tokenizer(), precision)
+        log.info("%s", stats.summary())
+        return module, "compact", precision
+    log.info("%s", drop_unused_rows(model).summary())
+    return WithSoftmax(model).eval(), "full", "fp32"
+
+
+def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: Precision = "int8") -> onnx.ModelProto:
+    """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked."""
+    model, encoding, precision = scoring_module(ckpt, precision)
     # an example with batch > 1 and a length that no axis could be mistaken for a constant
     example = torch.randint(2, ckpt.model_config.n_ids, (3, 7), dtype=torch.int64)
     dims = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
@@ -94,7 +108,7 @@ def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None) -> onnx.Mode
     finally:
         exporter_log.setLevel(level)
     proto = program.model_proto
-    for key, value in model_card(ckpt, extra_provenance).to_metadata().items():
+    for key, value in model_card(ckpt, extra_provenance, encoding, precision).to_metadata().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = "meli-categorizer product-title classifier"

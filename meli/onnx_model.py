@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from meli.errors import MeliError, ModelFileError
 from meli.tokenizer import Tokenizer, TokenizerConfig
 
@@ -41,9 +43,19 @@ class ModelCard:
     model_config: dict
     provenance: dict = field(default_factory=dict)  # run id, fingerprint, metrics, versions, export time
     members: int = 1  # > 1: the graph averages that many models' probabilities
+    encoding: str = "full"  # which token ids the graph reads: "full" or "compact" (meli.tokenizer)
+    precision: str = "fp32"  # how the graph stores its embedding table: "fp32" or "int8"
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ("full", "compact"):
+            raise ValueError(f"unknown token encoding {self.encoding!r}")
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_config, self.vocabulary)
+
+    @property
+    def compact(self) -> bool:
+        return self.encoding == "compact"
 
     def to_metadata(self) -> dict[str, str]:
         return {
@@ -51,7 +63,8 @@ class ModelCard:
             "meli.tokenizer": json.dumps(self.tokenizer_config.to_dict()),
             "meli.vocabulary": json.dumps(list(self.vocabulary), ensure_ascii=False),
             "meli.labels": json.dumps(list(self.labels), ensure_ascii=False),
-            "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config, "members": self.members}),
+            "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config, "members": self.members,
+                                      "encoding": self.encoding, "precision": self.precision}),
             "meli.provenance": json.dumps(self.provenance, ensure_ascii=False),
         }
 
@@ -72,6 +85,8 @@ class ModelCard:
                 model_config=model["config"],
                 provenance=json.loads(meta["meli.provenance"]),
                 members=int(model.get("members", 1)),
+                encoding=model.get("encoding", "full"),
+                precision=model.get("precision", "fp32"),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{source}: unreadable model metadata ({e})") from e
@@ -105,7 +120,7 @@ class OnnxModel:
 
     def predict(self, token_ids):
         """``(B, T)`` int64 ids → ``(B, n_labels)`` float32 probabilities."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: token_ids})[0]
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(token_ids, dtype=np.int64)})[0]
 
 
 def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto", threads: int | None = None) -> OnnxModel:

@@ -3,8 +3,9 @@
 One specification, two implementations:
 
 - `Tokenizer.encode_reference(title)` is a plain per-title Python loop: the readable spec.
-- `Tokenizer.encode_batch(titles)` is vectorized over a pyarrow string array (Arrow string
-  kernels + numpy), the path training and scoring use. Tests prove they agree id for id.
+- `Tokenizer.encode_batch(titles)` is compiled (numba, `meli.tokenizer_kernels`) over the raw
+  bytes of a pyarrow string array: the path training and scoring use. Tests prove they agree
+  id for id, in both encodings (full and compact, see `Tokenizer`).
 
 The specification, per title:
 
@@ -26,6 +27,9 @@ The specification, per title:
      ``id = char_offset + fnv1a_32(ngram) % char_buckets`` (fastText-style subwords, so
      misspellings and unseen model numbers still share features with training titles).
 4. truncate to ``max_length`` ids; rows are right-padded with ``PAD`` (0).
+
+The compact encoding (what the exported model reads) is defined on top of these ids in
+`Tokenizer`; ``docs/tokenizer.md`` is the same specification for other implementations.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from meli.tokenizer_kernels import CharFolding, TokenTable, encode_titles
 
 PAD = 0
 UNK = 1
@@ -144,21 +150,35 @@ class Encoded:
 
 @dataclass
 class Tokenizer:
-    """A `TokenizerConfig` plus the vocabulary (words and bigrams) it maps to ids."""
+    """A `TokenizerConfig` plus the vocabulary (words, head words and bigrams) it maps to ids.
+
+    Two encodings of the same spec:
+
+    - *full* ids (`encode_batch`, `encode_reference`): what the model is trained on;
+    - *compact* ids (``encode_batch(..., compact=True)``, `encode_compact_reference`): what the
+      exported scoring graph reads. A known word becomes one *fused* id ``fused_offset + i``
+      (``i`` its vocabulary index) that stands for the word and all its character n-grams,
+      and each known head token one fused id that stands for its ``head_repeat`` copies; the
+      export stores each fused row as the sum of the rows it stands for, with their count,
+      so a mean-pooled model computes the same thing from ~15 ids as from ~115.
+      Titles whose full ids would be truncated keep their full ids.
+    """
 
     config: TokenizerConfig
     vocabulary: Sequence[str]
     _index: dict[str, int] = field(init=False, repr=False)
-    _value_set: pa.Array = field(init=False, repr=False)
-    _stopword_set: pa.Array = field(init=False, repr=False)
+    _vocab_table: TokenTable = field(init=False, repr=False)
+    _stop_table: TokenTable = field(init=False, repr=False)
+    _folding: CharFolding = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.vocabulary = tuple(self.vocabulary)
         self._index = {tok: i + N_SPECIAL for i, tok in enumerate(self.vocabulary)}
         if len(self._index) != len(self.vocabulary):
             raise ValueError("vocabulary has duplicate tokens")
-        self._value_set = pa.array(self.vocabulary, type=pa.string())
-        self._stopword_set = pa.array(self.config.stopwords, type=pa.string())
+        self._vocab_table = TokenTable.build(self.vocabulary, range(N_SPECIAL, N_SPECIAL + len(self.vocabulary)))
+        self._stop_table = TokenTable.build(self.config.stopwords, np.zeros(len(self.config.stopwords), np.int64))
+        self._folding = CharFolding()
 
     @property
     def char_offset(self) -> int:
@@ -166,9 +186,19 @@ class Tokenizer:
 
     @property
     def n_ids(self) -> int:
-        """Size of the id space: the embedding table needs this many rows."""
+        """Size of the full id space: the trained embedding table has this many rows."""
         buckets = self.config.char_buckets if self.config.char_ngrams else 0
         return self.char_offset + buckets
+
+    @property
+    def fused_offset(self) -> int:
+        """Compact ids from here on are fused: ``fused_offset + i`` for vocabulary token ``i``."""
+        return self.n_ids
+
+    @property
+    def n_compact_ids(self) -> int:
+        """Size of the compact id space (full ids, then one fused id per vocabulary token)."""
+        return self.n_ids + len(self.vocabulary)
 
     # ---------------------------------------------------------------- reference
     def words_reference(self, title: str | None) -> list[str]:
@@ -183,27 +213,70 @@ class Tokenizer:
             if len(w) >= cfg.min_token_length and w not in stop
         ]
 
-    def encode_reference(self, title: str | None) -> list[int]:
-        """The whole spec for one title, as a plain loop. Slow; the truth for tests."""
+    def char_ngram_ids(self, word: str, n: int | None = None) -> list[int]:
+        """The hashed character n-gram ids of one normalised word padded with spaces: of
+        length `n`, or of every length (min to max, n by n)."""
+        cfg = self.config
+        if not cfg.char_ngrams:
+            return []
+        padded = f" {word} ".encode("ascii")
+        sizes = range(cfg.char_ngram_min, cfg.char_ngram_max + 1) if n is None else (n,)
+        return [self.char_offset + fnv1a_32(padded[p : p + k]) % cfg.char_buckets
+                for k in sizes for p in range(len(padded) - k + 1)]
+
+    def _features_reference(self, title: str | None) -> tuple[list[str], list[int], list[int], list[int]]:
+        """(words, word ids, known head-token ids, known bigram ids) of one title."""
         cfg = self.config
         words = self.words_reference(title)
         ids = [self._index.get(w, UNK) for w in words]
         heads = [self._index.get(head_token(i + 1, w)) for i, w in enumerate(words[: cfg.head_words])]
-        ids.extend([h for h in heads if h is not None] * cfg.head_repeat)
-        if cfg.word_bigrams:
-            for a, b in zip(words, words[1:]):
-                if (i := self._index.get(f"{a} {b}")) is not None:
-                    ids.append(i)
+        bigrams = [self._index.get(f"{a} {b}") for a, b in zip(words, words[1:])] if cfg.word_bigrams else []
+        return words, ids, [h for h in heads if h is not None], [b for b in bigrams if b is not None]
+
+    def encode_reference(self, title: str | None) -> list[int]:
+        """The whole spec for one title, as a plain loop. Slow; the truth for tests."""
+        cfg = self.config
+        words, ids, heads, bigrams = self._features_reference(title)
+        ids = ids + heads * cfg.head_repeat + bigrams
         if cfg.char_ngrams:
-            for n in range(cfg.char_ngram_min, cfg.char_ngram_max + 1):
+            for n in range(cfg.char_ngram_min, cfg.char_ngram_max + 1):  # n by n, word by word
                 for w in words:
-                    padded = f" {w} ".encode("ascii")
-                    for p in range(len(padded) - n + 1):
-                        h = fnv1a_32(padded[p : p + n])
-                        ids.append(self.char_offset + h % cfg.char_buckets)
+                    ids.extend(self.char_ngram_ids(w, n))
         return ids[: cfg.max_length]
 
-    # ---------------------------------------------------------------- vectorized
+    def encode_compact_reference(self, title: str | None) -> list[int]:
+        """The compact ids of one title (see the class docstring), as a plain loop."""
+        cfg = self.config
+        full = self.encode_reference(title)
+        words, ids, heads, bigrams = self._features_reference(title)
+        untruncated = len(ids) + len(heads) * cfg.head_repeat + len(bigrams) + sum(len(self.char_ngram_ids(w)) for w in words)
+        if untruncated > cfg.max_length:
+            return full
+        out: list[int] = []
+        for w, i in zip(words, ids):
+            out.extend([self.fused_offset + i - N_SPECIAL] if i != UNK else [UNK, *self.char_ngram_ids(w)])
+        return out + [self.fused_offset + h - N_SPECIAL for h in heads] + bigrams
+
+    # ---------------------------------------------------------------- compiled
+    def encode_batch(self, titles: pa.Array | pa.ChunkedArray | Sequence[str | None], compact: bool = False) -> Encoded:
+        """The whole spec for a batch of titles (nulls become all-padding rows), compiled.
+
+        ``compact=True`` gives the compact ids the exported graph reads.
+        """
+        offsets, data = _string_buffers(titles)
+        self._folding.ensure(offsets, data)
+        cfg, f, v, s = self.config, self._folding, self._vocab_table, self._stop_table
+        out, lengths = encode_titles(
+            offsets, data, f.start, f.length, f.data,
+            v.keys, v.key_start, v.values, v.slots, s.keys, s.key_start, s.values, s.slots,
+            cfg.map_digits, cfg.min_token_length, cfg.word_bigrams, cfg.head_words, cfg.head_repeat,
+            cfg.char_ngram_min, cfg.char_ngram_max if cfg.char_ngrams else 0, self.char_offset,
+            max(1, cfg.char_buckets), cfg.max_length, compact, self.fused_offset,
+        )
+        width = max(1, int(lengths.max(initial=0)))
+        return Encoded(ids=out[:, :width], lengths=lengths)
+
+    # ---------------------------------------------------------------- vectorized words (vocabulary)
     def words_batch(self, titles: pa.Array) -> tuple[pa.Array, np.ndarray]:
         """Steps 1–2 for a batch: the kept words, flat, and the row each belongs to."""
         cfg = self.config
@@ -217,72 +290,28 @@ class Tokenizer:
         words = pc.list_flatten(lists).cast(pa.string())
         rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         keep = pc.greater_equal(pc.utf8_length(words), cfg.min_token_length)
-        if len(self._stopword_set):
-            keep = pc.and_(keep, pc.invert(pc.is_in(words, value_set=self._stopword_set)))
+        if cfg.stopwords:
+            keep = pc.and_(keep, pc.invert(pc.is_in(words, value_set=pa.array(cfg.stopwords, pa.string()))))
         keep_np = keep.to_numpy(zero_copy_only=False)
         return words.filter(keep), rows[keep_np]
 
-    def _lookup(self, tokens: pa.Array) -> np.ndarray:
-        """Vocabulary ids of `tokens`, -1 where unknown."""
-        if len(tokens) == 0 or len(self._value_set) == 0:
-            return np.full(len(tokens), -1, dtype=np.int64)
-        pos = pc.index_in(tokens, value_set=self._value_set)
-        pos = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        return np.where(pos >= 0, pos + N_SPECIAL, -1)
 
-    def _char_ngrams(self, words: pa.Array, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Hashed n-grams of every padded word, one (rows, ids) pair per n."""
-        cfg = self.config
-        padded = pc.binary_join_element_wise(" ", words, " ", "")
-        padded = padded.combine_chunks() if isinstance(padded, pa.ChunkedArray) else padded
-        off = np.frombuffer(padded.buffers()[1], dtype=np.int32, count=len(padded) + 1, offset=padded.offset * 4)
-        off = off.astype(np.int64)
-        data = np.frombuffer(padded.buffers()[2], dtype=np.uint8)[off[0] : off[-1]]
-        off -= off[0]
-        lengths = np.diff(off)
-        word_end = np.repeat(off[1:], lengths)  # (bytes,) end of the word each byte is in
-        word_row = np.repeat(rows, lengths)
-        h = np.full(len(data), FNV_OFFSET, dtype=np.uint32)
-        out = []
-        positions = np.arange(len(data), dtype=np.int64)
-        for n in range(1, cfg.char_ngram_max + 1):
-            # h[p] becomes the hash of data[p : p + n]; where p + n runs past the buffer
-            # the window is invalid anyway, so any byte will do.
-            nxt = data[np.minimum(positions + n - 1, len(data) - 1)].astype(np.uint32)
-            h = (h ^ nxt) * np.uint32(FNV_PRIME)
-            if n >= cfg.char_ngram_min:
-                valid = positions + n <= word_end
-                ids = self.char_offset + (h[valid] % np.uint32(cfg.char_buckets)).astype(np.int64)
-                out.append((word_row[valid], ids))
-        return out
-
-    def encode_batch(self, titles: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> Encoded:
-        """The whole spec for a batch of titles (nulls become all-padding rows)."""
-        if not isinstance(titles, (pa.Array, pa.ChunkedArray)):
-            titles = pa.array(titles, type=pa.string())
-        if isinstance(titles, pa.ChunkedArray):
-            titles = titles.combine_chunks()
-        if pa.types.is_large_string(titles.type) or pa.types.is_string_view(titles.type):
-            titles = titles.cast(pa.string())
-        n_rows = len(titles)
-        cfg = self.config
-        words, rows = self.words_batch(titles)
-
-        ids = self._lookup(words)
-        groups = [(rows, np.where(ids >= 0, ids, UNK))]
-        if cfg.head_words:
-            heads, head_rows = head_words(words, rows, cfg.head_words)
-            hi = self._lookup(heads)
-            known = hi >= 0
-            groups.extend([(head_rows[known], hi[known])] * cfg.head_repeat)
-        if cfg.word_bigrams:
-            bigrams, bigram_rows = word_bigrams(words, rows)
-            bi = self._lookup(bigrams)
-            known = bi >= 0
-            groups.append((bigram_rows[known], bi[known]))
-        if cfg.char_ngrams and len(words):
-            groups.extend(self._char_ngrams(words, rows))
-        return _pack(groups, n_rows, cfg.max_length)
+def _string_buffers(titles) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets, uint8 bytes) of a string array, nulls as empty strings."""
+    if not isinstance(titles, (pa.Array, pa.ChunkedArray)):
+        titles = pa.array(titles, type=pa.string())
+    if isinstance(titles, pa.ChunkedArray):
+        titles = titles.combine_chunks()
+    if pa.types.is_dictionary(titles.type):
+        titles = titles.dictionary_decode()
+    if not pa.types.is_large_string(titles.type):
+        titles = titles.cast(pa.large_string())
+    if titles.null_count:
+        titles = pc.fill_null(titles, "")
+    bufs = titles.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64, count=len(titles) + 1, offset=titles.offset * 8)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
 
 
 def head_token(position: int, word: str) -> str:
@@ -309,26 +338,3 @@ def _rank_in_row(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Each entry's rank among its row's entries (`rows` sorted, `counts` = bincount of rows)."""
     starts = np.cumsum(counts) - counts  # index of each row's first entry
     return np.arange(len(rows), dtype=np.int64) - starts[rows]
-
-
-def _pack(groups: list[tuple[np.ndarray, np.ndarray]], n_rows: int, max_length: int) -> Encoded:
-    """Lay out feature groups row by row, group after group, without sorting.
-
-    Within each group the entries are already ordered by row, so an entry's position is the
-    row's count in earlier groups plus its rank among the row's entries in this group.
-    """
-    base = np.zeros(n_rows, dtype=np.int64)
-    placed_rows, placed_pos, placed_ids = [], [], []
-    for rows, ids in groups:
-        counts = np.bincount(rows, minlength=n_rows)
-        pos = base[rows] + _rank_in_row(rows, counts)
-        keep = pos < max_length
-        placed_rows.append(rows[keep])
-        placed_pos.append(pos[keep])
-        placed_ids.append(ids[keep])
-        base += counts
-    lengths = np.minimum(base, max_length)
-    width = max(1, int(lengths.max(initial=0)))
-    out = np.zeros((n_rows, width), dtype=np.int64)
-    out[np.concatenate(placed_rows), np.concatenate(placed_pos)] = np.concatenate(placed_ids)
-    return Encoded(ids=out, lengths=lengths)

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from meli.errors import InputError
 from meli.onnx_model import OnnxModel, load_onnx_model
-from meli.tokenizer import N_SPECIAL
+from meli.tokenizer import N_SPECIAL, Encoded
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,15 @@ class ScoreStats:
     def add(self, other: "ScoreStats") -> None:
         self.rows += other.rows
         self.unscored += other.unscored
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A batch between `Scorer.tokenize` and `Scorer.predict`."""
+
+    batch: pa.RecordBatch
+    kept: list[tuple[str, str]]
+    encoded: Encoded
 
 
 @dataclass
@@ -95,13 +104,19 @@ class Scorer:
         }
 
     # ---------------------------------------------------------------- scoring
-    def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def tokenize(self, batch: pa.RecordBatch) -> "Tokenized":
+        """The first half of `score_batch`: check the batch, encode its titles (releases the
+        GIL, so it can run in another thread while onnxruntime scores the batch before)."""
         kept = self._kept(batch.schema)
-        schema = self.output_schema(batch.schema, kept)
         titles = batch.column(self.options.title_column)
         if not (pa.types.is_string(titles.type) or pa.types.is_large_string(titles.type) or pa.types.is_null(titles.type)):
             raise InputError(f"title column {self.options.title_column!r} holds {titles.type}, not strings")
-        enc = self.tokenizer.encode_batch(titles.cast(pa.string()))
+        return Tokenized(batch, kept, self.tokenizer.encode_batch(titles, compact=self.model.card.compact))
+
+    def predict(self, tokenized: "Tokenized") -> pa.RecordBatch:
+        """The second half of `score_batch`: run the model, build the output rows."""
+        batch, kept, enc = tokenized.batch, tokenized.kept, tokenized.encoded
+        schema = self.output_schema(batch.schema, kept)
         n = batch.num_rows
         scorable = (enc.ids >= N_SPECIAL).any(axis=1)  # at least one known token
         k = max(1, self.options.top_k)
@@ -113,8 +128,8 @@ class Scorer:
         step = self.options.inference_batch
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            width = max(1, int(enc.lengths[chunk].max()))
-            probs = self.model.predict(np.ascontiguousarray(enc.ids[chunk, :width]))
+            width = max(1, int(enc.lengths[chunk[-1]]))  # sorted: the last row is the longest
+            probs = self.model.predict(enc.ids[chunk, :width])
             if k == 1:
                 best = probs.argmax(axis=1)[:, None]
             else:
@@ -134,6 +149,9 @@ class Scorer:
             columns += [names, values]
         self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum())))
         return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+    def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        return self.predict(self.tokenize(batch))
 
     def score_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:

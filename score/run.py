@@ -1,9 +1,9 @@
 """`meli-score INPUT OUTPUT`: stream a file through the scoring core into an output file.
 
-Three stages overlap: a reader thread decodes the next input batch, the calling thread
-tokenizes and runs onnxruntime, a writer thread encodes the previous output batch. The
-queues between them hold two batches each, so memory is bounded by the batch size, never
-by the file size. Output goes to a temporary file beside the target, renamed at the end:
+Four stages overlap: a reader thread decodes input batch n+2, a tokenizer thread encodes
+batch n+1 (compiled, without the GIL), the calling thread runs onnxruntime on batch n, and a
+writer thread encodes output batch n-1. The queues between them hold two batches each, so
+memory is bounded by the batch size, never by the file size. Output goes to a temporary file beside the target, renamed at the end:
 an error or a kill leaves any previous output untouched.
 """
 
@@ -192,11 +192,13 @@ def score_file(
     total = _count_rows(inp)
     with AtomicWriter(out) as target:
         batches = _prefetch(iter_batches(inp, batch_size=batch_size, string_columns=(options.title_column,)))
+        tokenized = _prefetch(scorer.tokenize(b) for b in batches)
         writer: _OutputFile | None = None
         bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=quiet, smoothing=0.1)
         try:
-            for batch in batches:
-                scored = scorer.score_batch(batch)
+            for item in tokenized:
+                batch = item.batch
+                scored = scorer.predict(item)
                 if writer is None:
                     writer = _OutputFile(target.path, scored.schema, detect_format(out))
                 writer.put(scored)

@@ -17,8 +17,8 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ROOT, write_jsonl
-from export.onnx_export import signature
-from export.parity import check_parity
+from export.onnx_export import scoring_module, signature
+from export.parity import MIN_INT8_AGREEMENT, ParityError, check_parity, require_parity
 from meli.errors import InputError, MeliError, ModelFileError
 from meli.onnx_model import load_onnx_model
 from score.cli import main as score_main
@@ -33,9 +33,10 @@ def direct_predictions(model_path: Path, titles: list) -> tuple[list, np.ndarray
     """The model run by hand, title by title: the truth the scorer is checked against."""
     m = load_onnx_model(model_path, provider="cpu")
     tok = m.card.tokenizer()
+    encode = tok.encode_compact_reference if m.card.compact else tok.encode_reference
     cats, probs = [], []
     for t in titles:
-        ids = tok.encode_reference(t)
+        ids = encode(t)
         if not any(i >= 2 for i in ids):
             cats.append(None)
             probs.append(np.nan)
@@ -57,17 +58,40 @@ def test_onnx_graph_contract(kind, exported, trained):
     assert sig["inputs"] == [{"name": "token_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
     assert sig["outputs"][0]["shape"] == ["batch", len(trained[kind].checkpoint.labels)]
     m = load_onnx_model(exported[kind], provider="cpu")
-    model = trained[kind].checkpoint.build_model()
+    ckpt = trained[kind].checkpoint
+    module, encoding, _ = scoring_module(ckpt, m.card.precision)  # what the graph was exported from
+    assert m.card.encoding == encoding == ("full" if kind == "cnn" else "compact")
+    tok = ckpt.tokenizer()
+    n_ids = tok.n_compact_ids if m.card.compact else tok.n_ids
     rng = np.random.default_rng(0)
-    n_ids = trained[kind].checkpoint.model_config.n_ids
-    # batch 1 and large; length 1, shorter than the widest kernel, longer than any title seen
+    # batch 1 and large; length 1, shorter than the widest kernel, longer than any title seen;
+    # every id of the id space the graph reads (fused ids included)
     for shape in [(1, 1), (1, 2), (2048, 3), (5, 1000)]:
         ids = rng.integers(0, n_ids, shape).astype(np.int64)
         ids[0, :] = 0  # an all-padding row too
-        expected = torch.softmax(model(torch.from_numpy(ids)), -1).detach().numpy()
+        with torch.no_grad():
+            expected = module(torch.from_numpy(ids)).numpy()
         got = m.predict(ids)
         assert got.shape == (shape[0], len(m.card.labels))
         assert np.abs(got - expected).max() <= 1e-5 and np.allclose(got.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "ensemble"])
+def test_compact_ids_compute_what_the_trained_model_computes(kind, trained, demo_splits):
+    """A float32 scoring table on compact ids = the trained model on full ids, title by title;
+    the int8 table rounds, and stays within the parity check's bounds."""
+    ckpt = trained[kind].checkpoint
+    tok = ckpt.tokenizer()
+    titles = demo_splits[1].titles
+    full, compact = tok.encode_batch(titles), tok.encode_batch(titles, compact=True)
+    assert compact.lengths.mean() < full.lengths.mean() / 2
+    with torch.no_grad():
+        expected = torch.softmax(ckpt.build_model()(torch.from_numpy(np.ascontiguousarray(full.ids))), -1).numpy()
+        for precision, atol in (("fp32", 1e-5), ("int8", 1e-2)):
+            module, _, _ = scoring_module(ckpt, precision)
+            got = module(torch.from_numpy(np.ascontiguousarray(compact.ids))).numpy()
+            assert np.abs(got - expected).max() <= atol, precision
+            assert (got.argmax(1) == expected.argmax(1)).mean() >= MIN_INT8_AGREEMENT
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "ensemble"])
@@ -75,8 +99,18 @@ def test_parity_on_mixed_length_titles(kind, exported, trained, demo_splits):
     _, validation = demo_splits
     report = check_parity(trained[kind].checkpoint, load_onnx_model(exported[kind], "cpu"), validation.titles, batch_size=64)
     assert report.passed and report.rows == len(validation) and report.top1_agreement == 1.0
+    assert report.checkpoint_top1_agreement >= MIN_INT8_AGREEMENT
     assert report.min_length < report.max_length
     assert json.loads(report.to_json())["providers"] == ["CPUExecutionProvider"]
+
+
+def test_parity_fails_on_a_graph_that_computes_something_else(exported, trained, demo_splits):
+    """The check can fail: the MLP's file checked against the ensemble's checkpoint."""
+    _, validation = demo_splits
+    report = check_parity(trained["ensemble"].checkpoint, load_onnx_model(exported["mlp"], "cpu"), validation.titles)
+    assert not report.passed and report.max_abs_diff > 1e-3
+    with pytest.raises(ParityError, match="parity check failed"):
+        require_parity(report)
 
 
 def test_model_card_travels_inside_the_file(exported, trained):
@@ -88,18 +122,20 @@ def test_model_card_travels_inside_the_file(exported, trained):
     assert {"torch", "onnx", "onnxruntime"} <= set(card.provenance["export_versions"])
 
 
-def test_export_stores_only_the_embedding_rows_in_use(exported, trained):
+def test_export_stores_only_the_rows_a_title_can_reach(exported, trained):
+    """One int8 table: padding, the shared zero row, the trained rows in use, one fused row
+    per word and head word; the ensemble's members side by side in it."""
     for kind in ("mlp", "ensemble"):
         ckpt = trained[kind].checkpoint
-        dim = ckpt.model_config.embedding_dim
-        tables = [t for t in onnx.load(exported[kind]).graph.initializer if t.name.endswith("embedding.weight")]
-        assert all(t.dims[1] == dim for t in tables)
-        assert len(tables) == ckpt.members, kind  # one table per member
-        in_use = int(ckpt.build_model().state_dict()[
-            "embedding.weight" if ckpt.members == 1 else "members.0.embedding.weight"].ne(0).any(1).sum())
-        assert all(t.dims[0] == in_use + 1 for t in tables), kind  # + the padding row
-        assert in_use + 1 < ckpt.model_config.n_ids
-    assert load_onnx_model(exported["ensemble"], "cpu").card.members == 2
+        tables = [t for t in onnx.load(exported[kind]).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert len(tables) == 1, kind
+        table = tables[0]
+        assert table.dims[1] == ckpt.model_config.embedding_dim * ckpt.members
+        state = ckpt.build_model().state_dict()
+        in_use = int(sum(v.ne(0).any(1) for k, v in state.items() if k.endswith("embedding.weight")).ne(0).sum())
+        fused = sum(1 for t in ckpt.vocabulary if " " not in t)  # words and head words
+        assert table.dims[0] == 2 + in_use + fused, kind
+        assert in_use < ckpt.model_config.n_ids - 1  # rows training never touched are gone
 
 
 def test_onnx_file_runs_in_a_python_without_torch(exported):

@@ -19,17 +19,26 @@ EDGE_CASES = [
     "", None, "   ", "®", "😀🔥", "Pañal 1/2 12V® 😀", "Bolso Maternal Moderno Con Cambiador Y Correa",
     "ÁÉÍÓÚ áéíóú ÑñÇç ü", "Kit 2x1 - 100% Original!!!", "İstanbul ẞ straße ﬁ ½ ²", "a", "de la para con",
     "Xc3s400-4pqg208c Xilinx Ic Chips. Qfp208. . 1piezas", "tab\tnew\nline", "x" * 400,
+    # code points whose folding is not one ASCII letter: combining marks alone and after a
+    # letter, fullwidth and mathematical letters, a ligature of 18 letters (U+FDFA), letters
+    # that NFKD turns into capitals (which the spec then drops: it lowercases first)
+    "cafe\u0301 \u0301abc", "ＡＢＣ１２３ ｶﾀｶﾅ", "𝐀𝐁𝐂 𝟏𝟐", "\ufdfa", "ℂℍ ℌ Ǆ ǅungla", "Σίσυφος Привет 한국어",
+    "a\u200db\u00a0c\x00d", "👍🏽 ok", "Ⅻ ⑳ ㎏ ℡",
+    # long titles: truncated full ids, so the compact encoding keeps them as they are
+    " ".join(["funda iphone cargador"] * 30), "Bolso " * 60,
 ]
 
 
 def assert_agree(tok: Tokenizer, titles: list) -> None:
-    enc = tok.encode_batch(pa.array(titles, type=pa.string()))
-    assert enc.ids.dtype == np.int64 and enc.ids.shape[0] == len(titles)
-    for i, title in enumerate(titles):
-        ref = tok.encode_reference(title)
-        n = enc.lengths[i]
-        assert list(enc.ids[i, :n]) == ref, title
-        assert (enc.ids[i, n:] == PAD).all()
+    """The compiled path gives the reference's ids, full and compact, on every title."""
+    for compact, reference in ((False, tok.encode_reference), (True, tok.encode_compact_reference)):
+        enc = tok.encode_batch(pa.array(titles, type=pa.string()), compact=compact)
+        assert enc.ids.dtype == np.int64 and enc.ids.shape[0] == len(titles)
+        for i, title in enumerate(titles):
+            ref = reference(title)
+            n = enc.lengths[i]
+            assert list(enc.ids[i, :n]) == ref, (compact, title)
+            assert (enc.ids[i, n:] == PAD).all()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +63,8 @@ def test_vectorized_matches_reference(name, demo_titles):
 
 @pytest.mark.parametrize("name", ["default", "head-words"])
 def test_vectorized_matches_reference_on_real_titles(name, shared_data):
-    titles = [json.loads(line)["title"] for line in gzip.open(shared_data / "meli-es" / "validation.jsonl.gz", "rt")]
+    titles = [json.loads(line)["title"] for split in ("train", "validation")
+              for line in gzip.open(shared_data / "meli-es" / f"{split}.jsonl.gz", "rt")]
     raw = (shared_data / "meli-2019-raw" / "test-sample.csv").read_text("utf-8").splitlines()[1:]
     config = CONFIGS[name]
     tok = Tokenizer(config, build_vocabulary(pa.array(titles[:3000]), config))
@@ -135,3 +145,20 @@ def test_vocabulary_is_built_from_training_titles_only_and_deterministic():
     heads = dataclasses.replace(config, head_words=1, word_bigrams=False)
     vocab = build_vocabulary(titles, heads, VocabularyConfig(min_count=2))
     assert vocab == ("1^funda", "funda", "iphone")  # "1^funda" starts three titles; "1^cable" one
+
+
+def test_compact_ids_fuse_words_and_head_words():
+    config = TokenizerConfig(stopwords=("de",), char_ngram_min=3, char_ngram_max=3, char_buckets=1000, head_words=1,
+                             head_repeat=3)
+    tok = Tokenizer(config, ("bolso", "1^bolso", "bolso maternal"))
+    fused = tok.fused_offset
+    assert fused == tok.n_ids == 2 + 3 + 1000 and tok.n_compact_ids == fused + 3
+    grams = tok.char_ngram_ids("maternal")
+    # full: words, the head group three times, the bigram, then every word's n-grams
+    assert tok.encode_reference("Bolso de Maternal") == [2, UNK, 3, 3, 3, 4, *tok.char_ngram_ids("bolso"), *grams]
+    # compact: "bolso" and its n-grams as one id, "1^bolso" x3 as one id, the unknown word spelled out
+    assert tok.encode_compact_reference("Bolso de Maternal") == [fused + 0, UNK, *grams, fused + 1, 4]
+    assert list(tok.encode_batch(["Bolso de Maternal"], compact=True).ids[0]) == [fused, UNK, *grams, fused + 1, 4]
+    # a title the full encoding truncates keeps its full ids
+    short = Tokenizer(dataclasses.replace(config, max_length=4), tok.vocabulary)
+    assert short.encode_compact_reference("Bolso Maternal") == short.encode_reference("Bolso Maternal") == [2, UNK, 3, 3]

@@ -50,6 +50,9 @@ def main(config_path, data, train_path, validation_path, model, epochs, device, 
     if config.members > 1:
         members = ", ".join(f"{best[f'member{i}_val_balanced_accuracy']:.4f}" for i in range(1, config.members + 1))
         what = f"ensemble of {config.members} (members {members})"
+        if "teachers_val_balanced_accuracy" in best:
+            what = (f"one student distilled from an ensemble of {config.members} (members {members}; "
+                    f"ensemble {best['teachers_val_balanced_accuracy']:.4f}), best epoch {outcome.result.best_epoch}")
     else:
         what = f"best epoch {outcome.result.best_epoch}"
     click.echo(

@@ -16,6 +16,7 @@ from meli.errors import MeliError
 from meli.models import CNNConfig, MLPConfig, ModelKind
 from meli.tokenizer import STOPWORD_LANGUAGES, TokenizerConfig, load_stopwords
 from meli.vocabulary import VocabularyConfig
+from train.distill import DistillSettings
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TrainConfig:
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     mlp: MLPConfig = field(default_factory=lambda: MLPConfig(n_ids=0, n_labels=0))
     cnn: CNNConfig = field(default_factory=lambda: CNNConfig(n_ids=0, n_labels=0))
 

@@ -15,12 +15,13 @@ from train.trainer import TrainResult  # noqa: E402
 
 
 def plot_curves(result: TrainResult, path: Path) -> Path:
-    """Loss and validation accuracy by epoch; an ensemble gets one line per member."""
-    members = sorted({m.member for m in result.history})
+    """Loss and validation accuracy by epoch; an ensemble gets one line per member (and a
+    distilled student its own)."""
+    members = sorted({m.member for m in result.history}, key=lambda k: (k < 0, k))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for member in members:
         history = [m for m in result.history if m.member == member]
-        name = f"member {member + 1} " if len(members) > 1 else ""
+        name = f"{history[0].model_name} " if len(members) > 1 else ""
         epochs = [m.epoch for m in history]
         ax_loss.plot(epochs, [m.train_loss for m in history], marker="o", label=f"{name}train")
         ax_loss.plot(epochs, [m.val_loss for m in history], marker="o", label=f"{name}validation")

@@ -116,7 +116,7 @@ def run_training(
                            "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
 
         def prefix(m: EpochMetrics) -> str:  # an ensemble's members each get their own curves
-            return f"member{m.member + 1}_" if config.members > 1 else ""
+            return f"{m.model_name}_" if config.members > 1 else ""
 
         def log_epoch(m: EpochMetrics) -> None:
             metrics = {"train_loss": m.train_loss, "val_loss": m.val_loss, "val_balanced_accuracy": m.val_balanced_accuracy,

@@ -34,9 +34,13 @@ from meli.models import build_model
 from meli.tokenizer import Tokenizer
 from meli.vocabulary import build_vocabulary
 from train.config import TrainConfig
+from train.distill import recombine_titles, soft_targets, teacher_probabilities
 from train.embeddings import init_embedding, word_vectors
 
 log = logging.getLogger(__name__)
+
+
+STUDENT = -1  # EpochMetrics.member of a distilled student's epochs
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,11 @@ class EpochMetrics:
     val_balanced_accuracy: float
     val_accuracy: float
     seconds: float
-    member: int = 0  # which ensemble member (0 for a single model)
+    member: int = 0  # which ensemble member (0 for a single model; STUDENT for a distilled student)
+
+    @property
+    def model_name(self) -> str:
+        return "student" if self.member == STUDENT else f"member{self.member + 1}"
 
 
 @dataclass
@@ -149,9 +157,14 @@ def train_model(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     quiet: bool = False,
     keep: Literal["best", "last"] = "best",
+    teacher: Checkpoint | None = None,
 ) -> TrainResult:
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
-    stops early; `keep="last"` trains all epochs and keeps the last (for the refit)."""
+    stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
+
+    With a `teacher` (an ensemble's checkpoint), the fit is a distillation (`train.distill`):
+    the teacher's tokenizer and vocabulary, recombined titles added to the training titles,
+    and the teacher's probabilities in the targets."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     labels = check_labels(train, validation)
@@ -161,17 +174,30 @@ def train_model(
     log.info("training a %s on %s (%d train / %d validation titles, %d categories)",
              config.model, device, len(train), len(validation), len(labels))
 
-    tokenizer_config = config.tokenizer.resolve()
-    vocabulary = build_vocabulary(train.titles, tokenizer_config, config.vocabulary)
+    if teacher is not None:
+        tokenizer_config, vocabulary = teacher.tokenizer_config, teacher.vocabulary
+    else:
+        tokenizer_config = config.tokenizer.resolve()
+        vocabulary = build_vocabulary(train.titles, tokenizer_config, config.vocabulary)
     if not vocabulary and not tokenizer_config.char_ngrams:
         raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
     tokenizer = Tokenizer(tokenizer_config, vocabulary)
+    y_train, y_val = label_indices(train.categories, labels), label_indices(validation.categories, labels)
+    titles = train.titles
+    if teacher is not None:
+        extra = recombine_titles(train.titles, y_train, round(config.distill.recombined * len(train)), config.seed)
+        titles = pa.concat_arrays([train.titles, extra])
     # int32 halves the memory of the encoded titles; batches are widened to int64
-    enc_train = tokenizer.encode_batch(train.titles)
+    enc_train = tokenizer.encode_batch(titles)
     enc_val = tokenizer.encode_batch(validation.titles)
     x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
     x_val, len_val = enc_val.ids.astype(np.int32), enc_val.lengths
-    y_train, y_val = label_indices(train.categories, labels), label_indices(validation.categories, labels)
+    targets = y_train  # (N,) label indices, or (N, n_labels) probabilities when distilling
+    if teacher is not None:
+        probs = teacher_probabilities(teacher.build_model(), x_train, len_train, device)
+        targets = soft_targets(probs, y_train, config.distill.teacher_weight, config.label_smoothing)
+        log.info("distilling from an ensemble of %d on %d titles (%d recombined)", teacher.members, len(titles),
+                 len(titles) - len(train))
     timings["tokenize_s"] = time.perf_counter() - t0
     log.info("vocabulary: %d words, bigrams and head words; id space %d; mean ids per title %.1f",
              len(vocabulary), tokenizer.n_ids, float(len_train.mean()))
@@ -184,7 +210,7 @@ def train_model(
     model.to(device)
     model.embedding.sparse = True  # training only; the exported graph is the same either way
 
-    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    steps_per_epoch = math.ceil(len(targets) / config.batch_size)
     optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch)
     history: list[EpochMetrics] = []
     best_state, best_bacc, best_epoch, best_pred, stale = None, -1.0, -1, None, 0
@@ -193,14 +219,17 @@ def train_model(
     for epoch in range(1, config.epochs + 1):
         t_epoch = time.perf_counter()
         model.train()
-        order = rng.permutation(len(y_train))
+        order = rng.permutation(len(targets))
         total, seen = 0.0, 0
-        bar = tqdm(_batches(len(y_train), config.batch_size, order), desc=f"epoch {epoch}/{config.epochs}",
+        bar = tqdm(_batches(len(targets), config.batch_size, order), desc=f"epoch {epoch}/{config.epochs}",
                    unit="batch", leave=False, disable=quiet)
         for rows in bar:
             logits = model(_to_tensor(x_train, rows, len_train, device))
-            target = torch.from_numpy(y_train[rows]).to(device)
-            loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
+            target = torch.from_numpy(targets[rows]).to(device)
+            if target.ndim == 2:  # probabilities: the smoothing is already in them
+                loss = F.cross_entropy(logits, target)
+            else:
+                loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
             optimizers.step(loss)
             total += loss.item() * len(rows)
             seen += len(rows)
@@ -280,6 +309,13 @@ def train_and_refit(
                         on_epoch=_tagged(on_epoch, member))
         )
     selection = selections[0] if config.members == 1 else _ensemble_result(selections, validation)
+    distilling = config.distill.enabled and config.members > 1
+    if distilling:
+        student_config = dataclasses.replace(config, members=1, epochs=config.distill.epochs or config.epochs)
+        log.info("distilling one student from the ensemble of %d", config.members)
+        student = train_model(student_config, train, validation, provenance=provenance, quiet=quiet,
+                              on_epoch=_tagged(on_epoch, STUDENT), teacher=selection.checkpoint)
+        selection = _student_result(student, selection)
     if not config.refit:
         return selection
     combined = LabelledSplit(
@@ -297,10 +333,33 @@ def train_and_refit(
         refits.append(final.checkpoint)
         _add_timings(timings, final.timings, prefix="refit_")
     checkpoint = refits[0] if config.members == 1 else _ensemble_checkpoint(refits)
-    checkpoint.metrics = {**selection.checkpoint.metrics,
-                          "refit_epochs": float(sum(f.best_epoch for f in selections) / len(selections))}
+    epochs = [f.best_epoch for f in selections]
+    if distilling:
+        log.info("refit the student on train + validation for %d epochs, from the refit ensemble", selection.best_epoch)
+        final = train_model(dataclasses.replace(student_config, epochs=selection.best_epoch), combined, validation,
+                            provenance=provenance, quiet=quiet, keep="last", on_epoch=_tagged(on_refit_epoch, STUDENT),
+                            teacher=checkpoint)
+        _add_timings(timings, final.timings, prefix="refit_student_")
+        checkpoint, epochs = final.checkpoint, [selection.best_epoch]
+    checkpoint.metrics = {**selection.checkpoint.metrics, "refit_epochs": float(sum(epochs) / len(epochs))}
     checkpoint.provenance["refit"] = "train+validation"
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
+
+
+def _student_result(student: TrainResult, teachers: TrainResult) -> TrainResult:
+    """The student's fit, with the teachers' metrics, curves and timings kept beside its own."""
+    checkpoint = student.checkpoint
+    checkpoint.metrics = {
+        **checkpoint.metrics,
+        **{k: v for k, v in teachers.checkpoint.metrics.items() if k.startswith("member")},
+        "teachers_val_balanced_accuracy": teachers.checkpoint.metrics["val_balanced_accuracy"],
+    }
+    log.info("student: validation balanced accuracy %.4f (the ensemble it learnt from: %.4f)",
+             checkpoint.metrics["val_balanced_accuracy"], checkpoint.metrics["teachers_val_balanced_accuracy"])
+    timings = dict(teachers.timings)
+    _add_timings(timings, student.timings, prefix="student_")
+    return dataclasses.replace(student, history=teachers.history + student.history, timings=timings,
+                               stopped_early=student.stopped_early)
 
 
 def _add_timings(total: dict[str, float], timings: dict[str, float], prefix: str = "") -> None:

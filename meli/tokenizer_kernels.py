@@ -1,0 +1,373 @@
+"""The tokenizer's compiled kernels (numba): raw UTF-8 bytes of an Arrow string array → ids.
+
+`meli.tokenizer` holds the specification and its reference implementation; this module is the
+fast path that training and scoring run, and the tests hold it to the reference id for id.
+It works on the Arrow buffers directly (offsets + bytes, no Python string per title) and
+releases the GIL, so a scorer can tokenize one batch while onnxruntime runs another.
+
+Normalisation is a per-code-point table: each code point's folded form (lowercase → NFKD →
+no combining accents → anything outside ``[a-z0-9]`` a space) is what the reference gives for
+that character alone. That equals the reference on whole titles because NFKD decomposes
+character by character and its only context effect (reordering combining marks) permutes
+characters that are all dropped or all become spaces. The table is filled lazily from
+Python's own `unicodedata` for the code points a batch actually holds (`CharFolding`), so
+it is exact for every character the reference knows, in every Python version.
+
+Token lookups (words, stopwords, ``"k^word"`` head tokens, ``"a b"`` bigrams) use an
+open-addressing hash table over the tokens' UTF-8 bytes (`TokenTable`), built once per
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+import numba as nb
+import numpy as np
+
+FNV32_OFFSET = 2166136261
+FNV32_PRIME = 16777619
+FNV64_OFFSET = 0xCBF29CE484222325
+FNV64_PRIME = 0x100000001B3
+
+_ACCENTS = re.compile("[\u0300-\u036f]")
+_NON_ALNUM = re.compile("[^a-z0-9]+")
+_MAX_FOLD = 32  # the longest fold of any code point is 18 ASCII characters (U+FDFA)
+N_CODEPOINTS = 0x110000
+SPACE = 32
+
+
+def fold_char(cp: int) -> bytes:
+    """The reference normalisation of one code point, spaces kept (``"Ñ"`` → ``b"n"``)."""
+    s = unicodedata.normalize("NFKD", chr(cp).lower())
+    s = _ACCENTS.sub("", s)
+    return _NON_ALNUM.sub(" ", s).encode("ascii")
+
+
+@dataclass
+class CharFolding:
+    """Code point → folded ASCII bytes, filled on demand (`ensure`) for the code points seen."""
+
+    known: np.ndarray = field(default_factory=lambda: np.zeros(N_CODEPOINTS, dtype=np.bool_))
+    start: np.ndarray = field(default_factory=lambda: np.zeros(N_CODEPOINTS, dtype=np.int32))
+    length: np.ndarray = field(default_factory=lambda: np.zeros(N_CODEPOINTS, dtype=np.uint8))
+    data: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+
+    def __post_init__(self) -> None:
+        self.add(range(128))
+
+    def add(self, codepoints) -> None:
+        chunks, pos = [], len(self.data)
+        for cp in codepoints:
+            folded = fold_char(int(cp))
+            if len(folded) > _MAX_FOLD:  # never happens in Unicode 15; keep the kernel's bound honest
+                folded = folded[:_MAX_FOLD]
+            self.start[cp], self.length[cp], self.known[cp] = pos, len(folded), True
+            chunks.append(folded)
+            pos += len(folded)
+        if chunks:
+            self.data = np.concatenate([self.data, np.frombuffer(b"".join(chunks), dtype=np.uint8)])
+
+    def ensure(self, offsets: np.ndarray, data: np.ndarray) -> None:
+        """Fold every code point of the titles in `data` that is not in the table yet."""
+        if len(data) and data.max() >= 0x80:
+            missing = _unknown_codepoints(offsets, data, self.known)
+            if len(missing):
+                self.add(np.unique(missing))
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Tokens (UTF-8) → values, as open addressing over FNV-1a 64 hashes; -1 = absent."""
+
+    keys: np.ndarray  # uint8, every token's bytes back to back
+    key_start: np.ndarray  # int64 (n + 1,)
+    values: np.ndarray  # int64 (n,)
+    slots: np.ndarray  # int64 (capacity,), index into keys or -1
+
+    @classmethod
+    def build(cls, tokens, values) -> "TokenTable":
+        encoded = [t.encode("utf-8") for t in tokens]
+        key_start = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=key_start[1:])
+        keys = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        capacity = 1 << max(4, int(2 * max(1, len(encoded)) - 1).bit_length())  # load factor <= 1/2
+        slots = _build_slots(keys, key_start, capacity)
+        return cls(keys, key_start, np.asarray(values, dtype=np.int64), slots)
+
+
+# ----------------------------------------------------------------------------- kernels
+@nb.njit(cache=True, nogil=True)
+def _fnv64(buf, start, end):
+    h = np.uint64(FNV64_OFFSET)
+    for i in range(start, end):
+        h = (h ^ np.uint64(buf[i])) * np.uint64(FNV64_PRIME)
+    return h
+
+
+@nb.njit(cache=True, nogil=True)
+def _build_slots(keys, key_start, capacity):
+    slots = np.full(capacity, -1, dtype=np.int64)
+    mask = capacity - 1
+    for k in range(len(key_start) - 1):
+        s = np.int64(_fnv64(keys, key_start[k], key_start[k + 1]) & np.uint64(mask))
+        while slots[s] != -1:
+            s = (s + 1) & mask
+        slots[s] = k
+    return slots
+
+
+@nb.njit(cache=True, nogil=True)
+def _lookup(keys, key_start, values, slots, buf, start, end):
+    """The value of token ``buf[start:end]``, or -1."""
+    mask = len(slots) - 1
+    s = np.int64(_fnv64(buf, start, end) & np.uint64(mask))
+    n = end - start
+    while True:
+        k = slots[s]
+        if k == -1:
+            return -1
+        ks = key_start[k]
+        if key_start[k + 1] - ks == n:
+            same = True
+            for i in range(n):
+                if keys[ks + i] != buf[start + i]:
+                    same = False
+                    break
+            if same:
+                return values[k]
+        s = (s + 1) & mask
+
+
+@nb.njit(cache=True, nogil=True)
+def _decode(data, i, end):
+    """(code point, next index) of the UTF-8 sequence at ``data[i]``; U+FFFD for bad bytes."""
+    b = np.int64(data[i])
+    if b < 0x80:
+        return b, i + 1
+    if b >= 0xF0:
+        n, cp = 3, b & 0x07
+    elif b >= 0xE0:
+        n, cp = 2, b & 0x0F
+    elif b >= 0xC0:
+        n, cp = 1, b & 0x1F
+    else:
+        return 0xFFFD, i + 1
+    if i + n >= end:  # the sequence runs past the title
+        return 0xFFFD, end
+    for j in range(1, n + 1):
+        c = np.int64(data[i + j])
+        if c & 0xC0 != 0x80:
+            return 0xFFFD, i + j
+        cp = (cp << 6) | (c & 0x3F)
+    if cp >= 0x110000:
+        return 0xFFFD, i + n + 1
+    return cp, i + n + 1
+
+
+@nb.njit(cache=True, nogil=True)
+def _unknown_codepoints(offsets, data, known):
+    out = np.empty(64, dtype=np.int64)
+    n = 0
+    seen = known.copy()
+    for t in range(len(offsets) - 1):
+        i, end = offsets[t], offsets[t + 1]
+        while i < end:
+            if data[i] < 0x80:
+                i += 1
+                continue
+            cp, i = _decode(data, i, end)
+            if not seen[cp]:
+                seen[cp] = True
+                if n == len(out):
+                    out = np.concatenate((out, np.empty(n, dtype=np.int64)))
+                out[n] = cp
+                n += 1
+    return out[:n]
+
+
+@nb.njit(cache=True, nogil=True)
+def _words(data, start, end, fold_start, fold_len, fold_data, map_digits, text, word_start, word_len):
+    """Normalise one title into `text`; its words' starts and lengths; returns the word count."""
+    n_text = 0
+    n_words = 0
+    in_word = False
+    i = start
+    while i < end:
+        cp, i = _decode(data, i, end)
+        fs = fold_start[cp]
+        for j in range(fold_len[cp]):
+            c = fold_data[fs + j]
+            if c == SPACE:
+                in_word = False
+                continue
+            if map_digits and c >= 48 and c <= 57:
+                c = 48
+            if not in_word:
+                word_start[n_words] = n_text
+                word_len[n_words] = 0
+                n_words += 1
+                in_word = True
+            text[n_text] = c
+            word_len[n_words - 1] += 1
+            n_text += 1
+    return n_words
+
+
+@nb.njit(cache=True, nogil=True)
+def _ngram_count(length, n_min, n_max):
+    """Character n-grams (n_min..n_max) of one word padded with a space on each side."""
+    total = 0
+    for n in range(n_min, n_max + 1):
+        if length + 2 >= n:
+            total += length + 3 - n
+    return total
+
+
+@nb.njit(cache=True, nogil=True)
+def _emit_ngrams(text, ws, wl, n, pad, char_offset, buckets, out, pos, limit):
+    """Append the hashed n-grams of word ``text[ws:ws+wl]`` (padded) to ``out[pos:limit]``."""
+    padded_len = wl + 2
+    for p in range(padded_len - n + 1):
+        if pos >= limit:
+            return pos
+        h = np.uint64(FNV32_OFFSET)  # 32-bit FNV-1a in 64-bit arithmetic, wrapped by the mask
+        for q in range(p, p + n):
+            c = pad if (q == 0 or q == padded_len - 1) else text[ws + q - 1]
+            h = ((h ^ np.uint64(c)) * np.uint64(FNV32_PRIME)) & np.uint64(0xFFFFFFFF)
+        out[pos] = char_offset + np.int64(h % np.uint64(buckets))
+        pos += 1
+    return pos
+
+
+@nb.njit(cache=True, nogil=True)
+def encode_titles(
+    offsets, data,  # the Arrow string array: int64 offsets (n + 1,), uint8 bytes
+    fold_start, fold_len, fold_data,  # CharFolding
+    vk, vs, vv, vslots,  # vocabulary TokenTable
+    sk, ss, sv, sslots,  # stopword TokenTable
+    map_digits, min_token_length, word_bigrams, head_words, head_repeat,
+    n_min, n_max, char_offset, buckets, max_length,
+    compact, fused_offset,
+):
+    """Every title's ids into row ``t`` of a ``(n, max_length)`` int64 array, and its length.
+
+    Full ids follow the spec in `meli.tokenizer`. With ``compact``, a title whose full ids fit
+    in ``max_length`` is written as: a known word's *fused* id (``fused_offset + vocab index``:
+    the word and all its character n-grams, one row of the exported table), an unknown word as
+    UNK plus its n-grams, each known head token once as its fused id (the group written
+    ``head_repeat`` times), then the known bigrams; a title that would be truncated keeps its
+    full ids, so the exported graph's sum and count equal the trained model's on every title.
+    """
+    n_titles = len(offsets) - 1
+    out = np.zeros((n_titles, max_length), dtype=np.int64)
+    lengths = np.zeros(n_titles, dtype=np.int64)
+    longest = 0
+    for t in range(n_titles):
+        longest = max(longest, offsets[t + 1] - offsets[t])
+    cap = longest * 18 + 8
+    text = np.empty(cap, dtype=np.uint8)
+    raw_start = np.empty(cap, dtype=np.int64)
+    raw_len = np.empty(cap, dtype=np.int64)
+    word_start = np.empty(cap, dtype=np.int64)
+    word_len = np.empty(cap, dtype=np.int64)
+    word_id = np.empty(cap, dtype=np.int64)
+    head_ids = np.empty(max(1, head_words), dtype=np.int64)
+    bigram_ids = np.empty(cap, dtype=np.int64)
+    scratch = np.empty(2 * cap + 24, dtype=np.uint8)
+    for t in range(n_titles):
+        n_raw = _words(data, offsets[t], offsets[t + 1], fold_start, fold_len, fold_data, map_digits,
+                       text, raw_start, raw_len)
+        # keep words long enough and not stopwords
+        n = 0
+        for w in range(n_raw):
+            ws, wl = raw_start[w], raw_len[w]
+            if wl < min_token_length:
+                continue
+            if len(sslots) and _lookup(sk, ss, sv, sslots, text, ws, ws + wl) != -1:
+                continue
+            word_start[n], word_len[n] = ws, wl
+            v = _lookup(vk, vs, vv, vslots, text, ws, ws + wl)
+            word_id[n] = v if v >= 0 else 1
+            n += 1
+        # head words: "k^word" for the first head_words words, where known
+        n_heads = 0
+        for w in range(min(n, head_words)):
+            digits = 0
+            k = w + 1
+            while k > 0:
+                digits += 1
+                k //= 10
+            k = w + 1
+            for d in range(digits - 1, -1, -1):
+                scratch[d] = 48 + k % 10
+                k //= 10
+            scratch[digits] = 94  # '^'
+            ws, wl = word_start[w], word_len[w]
+            for j in range(wl):
+                scratch[digits + 1 + j] = text[ws + j]
+            v = _lookup(vk, vs, vv, vslots, scratch, 0, digits + 1 + wl)
+            if v >= 0:
+                head_ids[n_heads] = v
+                n_heads += 1
+        # word bigrams "a b", where known
+        n_bigrams = 0
+        if word_bigrams:
+            for w in range(n - 1):
+                a, al, b, bl = word_start[w], word_len[w], word_start[w + 1], word_len[w + 1]
+                for j in range(al):
+                    scratch[j] = text[a + j]
+                scratch[al] = SPACE
+                for j in range(bl):
+                    scratch[al + 1 + j] = text[b + j]
+                v = _lookup(vk, vs, vv, vslots, scratch, 0, al + 1 + bl)
+                if v >= 0:
+                    bigram_ids[n_bigrams] = v
+                    n_bigrams += 1
+        row = out[t]
+        full = n + n_heads * head_repeat + n_bigrams
+        if n_max > 0:
+            for w in range(n):
+                full += _ngram_count(word_len[w], n_min, n_max)
+        pos = 0
+        if compact and full <= max_length:
+            for w in range(n):
+                if word_id[w] >= 2:
+                    row[pos] = fused_offset + word_id[w] - 2
+                    pos += 1
+                else:
+                    row[pos] = 1
+                    pos += 1
+                    if n_max > 0:
+                        for g in range(n_min, n_max + 1):
+                            pos = _emit_ngrams(text, word_start[w], word_len[w], g, SPACE, char_offset, buckets,
+                                               row, pos, max_length)
+            for h in range(n_heads):
+                row[pos] = fused_offset + head_ids[h] - 2
+                pos += 1
+            for b in range(n_bigrams):
+                row[pos] = bigram_ids[b]
+                pos += 1
+        else:
+            for w in range(n):
+                if pos < max_length:
+                    row[pos] = word_id[w]
+                    pos += 1
+            for r in range(head_repeat):
+                for h in range(n_heads):
+                    if pos < max_length:
+                        row[pos] = head_ids[h]
+                        pos += 1
+            for b in range(n_bigrams):
+                if pos < max_length:
+                    row[pos] = bigram_ids[b]
+                    pos += 1
+            if n_max > 0:
+                for g in range(n_min, n_max + 1):
+                    for w in range(n):
+                        pos = _emit_ngrams(text, word_start[w], word_len[w], g, SPACE, char_offset, buckets,
+                                           row, pos, max_length)
+        lengths[t] = pos
+    return out, lengths

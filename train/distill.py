@@ -1,0 +1,84 @@
+"""Distillation: one student learns what an ensemble of teachers predicts.
+
+An ensemble of N models is more accurate than one, and N times as dear to score. A single
+student of the members' shape, trained to reproduce the teachers' averaged probabilities,
+keeps most of that accuracy at one model's cost. Its training set is the labelled titles
+plus *recombined* ones: the first half of one training title's words followed by the second
+half of another's (of the same category half of the time, of any other the rest), so the
+student also learns how the teachers answer titles none of them saw. Real titles' targets
+mix the teachers' probabilities with the (smoothed) true label; recombined titles have no
+true label and take the teachers' probabilities alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How a student is distilled from the ensemble's members (``members > 1``)."""
+
+    enabled: bool = False  # ship one student instead of the ensemble
+    recombined: float = 1.0  # recombined titles per training title, labelled by the teachers
+    teacher_weight: float = 0.5  # real titles' target: this much teacher, the rest the smoothed true label
+    epochs: int = 0  # the student's epochs; 0: the config's epochs
+
+    def __post_init__(self) -> None:
+        if self.recombined < 0:
+            raise ValueError("distill.recombined must be 0 or more")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError("distill.teacher_weight must be between 0 and 1")
+        if self.epochs < 0:
+            raise ValueError("distill.epochs must be 0 or more")
+
+
+def recombine_titles(titles: pa.Array, labels: np.ndarray, n: int, seed: int) -> pa.Array:
+    """`n` new titles, each the first half of a training title's words + the second half of
+    another's: of the same category (label index) for half of them, of any title otherwise."""
+    if n == 0 or len(titles) == 0:
+        return pa.array([], pa.string())
+    rng = np.random.default_rng(seed)
+    words = [(t or "").split() for t in titles.to_pylist()]
+    order = np.argsort(labels, kind="stable")  # titles grouped by label: a random partner of the same label
+    starts = np.searchsorted(labels[order], labels)
+    ends = np.searchsorted(labels[order], labels, side="right")
+    first = rng.integers(0, len(words), n)
+    same = rng.random(n) < 0.5
+    partner = np.where(same, order[starts[first] + (rng.random(n) * (ends[first] - starts[first])).astype(np.int64)],
+                       rng.integers(0, len(words), n))
+    out = []
+    for a, b in zip(first, partner):
+        wa, wb = words[a], words[b]
+        out.append(" ".join(wa[: (len(wa) + 1) // 2] + wb[len(wb) // 2 :]))
+    return pa.array(out, pa.string())
+
+
+def teacher_probabilities(teacher: nn.Module, ids: np.ndarray, lengths: np.ndarray, device: torch.device,
+                          batch_size: int = 2048) -> np.ndarray:
+    """The teacher's probabilities for pre-encoded titles: ``(N, n_labels)`` float32."""
+    teacher = teacher.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            rows = slice(start, start + batch_size)
+            width = max(1, int(lengths[rows].max(initial=0)))
+            x = torch.from_numpy(ids[rows, :width].astype(np.int64)).to(device)
+            out.append(torch.softmax(teacher(x), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def soft_targets(probs: np.ndarray, labels: np.ndarray, teacher_weight: float, smoothing: float) -> np.ndarray:
+    """Targets of the first ``len(labels)`` rows (real titles) mixed with their smoothed true
+    label; the remaining rows (recombined titles) keep the teachers' probabilities."""
+    targets = probs.astype(np.float32, copy=True)
+    n, k = len(labels), probs.shape[1]
+    hard = np.full((n, k), smoothing / k, dtype=np.float32)
+    hard[np.arange(n), labels] += 1.0 - smoothing
+    targets[:n] = teacher_weight * targets[:n] + (1.0 - teacher_weight) * hard
+    return targets
