@@ -5,7 +5,7 @@ The graph: ``token_ids`` int64 ``[batch, sequence]`` (both axes dynamic) → sof
 side file) and the card (tokenizer, vocabulary, labels, provenance, and which id encoding
 the graph reads) goes in ``metadata_props``. A mean-pooling MLP is exported as its scoring
 model over *compact* ids (`export.compaction`: fused rows for words and head words, unused
-rows dropped, an int8 table by default); other models read the full ids, with unused rows
+rows dropped, a float16 table by default); other models read the full ids, with unused rows
 dropped. Any sequence length from 1 up runs; titles longer than the tokenizer's
 ``max_length`` are truncated by the tokenizer before they reach the graph, so the graph
 never sees a length it was not built for.
@@ -70,7 +70,7 @@ def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding:
     )
 
 
-def scoring_module(ckpt: Checkpoint, precision: Precision = "int8") -> tuple[nn.Module, str, str]:
+def scoring_module(ckpt: Checkpoint, precision: Precision = "fp16") -> tuple[nn.Module, str, str]:
     """The torch module that the ONNX graph is exported from, the id encoding it reads and
     its table precision. The parity check runs this same module against onnxruntime."""
     model = ckpt.build_model()
@@ -82,7 +82,7 @@ def scoring_module(ckpt: Checkpoint, precision: Precision = "int8") -> tuple[nn.
     return WithSoftmax(model).eval(), "full", "fp32"
 
 
-def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: Precision = "int8") -> onnx.ModelProto:
+def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: Precision = "fp16") -> onnx.ModelProto:
     """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked."""
     model, encoding, precision = scoring_module(ckpt, precision)
     # an example with batch > 1 and a length that no axis could be mistaken for a constant

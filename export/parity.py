@@ -9,8 +9,9 @@ Two comparisons, every figure reported before the verdict:
   exported models) and the top-1 category is the same on every row.
 - **checkpoint**: the trained model on its full ids against onnxruntime on the graph's ids.
   For a float32 table that is the same check (the compact encoding computes the same sum);
-  an int8 table rounds every row, so there the top-1 category must agree on at least
-  `MIN_INT8_AGREEMENT` of the titles, and the largest difference is reported.
+  a float16 table rounds every row (~1e-4 on a probability), so there the top-1 category
+  must agree on at least `MIN_ROUNDED_AGREEMENT` of the titles, and the largest difference
+  is reported.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from meli.errors import MeliError
 from meli.onnx_model import OnnxModel
 
 ATOL = 1e-5
-MIN_INT8_AGREEMENT = 0.995
+MIN_ROUNDED_AGREEMENT = 0.999
 
 
 class ParityError(MeliError):
@@ -52,12 +53,12 @@ class ParityReport:
 
     @property
     def min_checkpoint_agreement(self) -> float:
-        return MIN_INT8_AGREEMENT if self.precision == "int8" else 1.0
+        return 1.0 if self.precision == "fp32" else MIN_ROUNDED_AGREEMENT
 
     @property
     def passed(self) -> bool:
         graph = self.max_abs_diff <= self.atol and self.top1_mismatches == 0
-        exact = self.precision == "int8" or self.checkpoint_max_abs_diff <= self.atol
+        exact = self.precision != "fp32" or self.checkpoint_max_abs_diff <= self.atol
         return graph and exact and self.checkpoint_top1_agreement >= self.min_checkpoint_agreement
 
     def to_json(self) -> str:

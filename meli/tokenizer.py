@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from importlib import resources
 from typing import Iterable, Sequence
 
@@ -44,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meli.tokenizer_kernels import CharFolding, TokenTable, encode_titles
+from meli.tokenizer_kernels import CharFolding, TokenTable, encode_titles, pad_rows
 
 PAD = 0
 UNK = 1
@@ -142,10 +143,27 @@ def fnv1a_32(data: bytes) -> int:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A batch of encoded titles: right-padded ids and the true length of each row."""
+    """A batch of encoded titles, stored flat: title ``t`` is ``values[offsets[t]:offsets[t + 1]]``."""
 
-    ids: np.ndarray  # (B, T) int64, T = min(max_length, longest row), at least 1
-    lengths: np.ndarray  # (B,) int64, ids before padding (after truncation)
+    values: np.ndarray  # (total,) int64
+    offsets: np.ndarray  # (B + 1,) int64
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(B,) ids per title (after truncation)."""
+        return np.diff(self.offsets)
+
+    def rows(self, rows: np.ndarray, width: int | None = None) -> np.ndarray:
+        """Titles `rows`, right-padded with PAD to `width` (default: their longest, at least 1): (len(rows), width)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if width is None:
+            width = max(1, int(self.lengths[rows].max(initial=0)))
+        return pad_rows(self.values, self.offsets, rows, width)
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        """(B, T) int64, right-padded; T = the longest title's length, at least 1."""
+        return self.rows(np.arange(len(self.offsets) - 1))
 
 
 @dataclass
@@ -266,15 +284,14 @@ class Tokenizer:
         offsets, data = _string_buffers(titles)
         self._folding.ensure(offsets, data)
         cfg, f, v, s = self.config, self._folding, self._vocab_table, self._stop_table
-        out, lengths = encode_titles(
+        values, offsets = encode_titles(
             offsets, data, f.start, f.length, f.data,
             v.keys, v.key_start, v.values, v.slots, s.keys, s.key_start, s.values, s.slots,
             cfg.map_digits, cfg.min_token_length, cfg.word_bigrams, cfg.head_words, cfg.head_repeat,
             cfg.char_ngram_min, cfg.char_ngram_max if cfg.char_ngrams else 0, self.char_offset,
             max(1, cfg.char_buckets), cfg.max_length, compact, self.fused_offset,
         )
-        width = max(1, int(lengths.max(initial=0)))
-        return Encoded(ids=out[:, :width], lengths=lengths)
+        return Encoded(values, offsets)
 
     # ---------------------------------------------------------------- vectorized words (vocabulary)
     def words_batch(self, titles: pa.Array) -> tuple[pa.Array, np.ndarray]:

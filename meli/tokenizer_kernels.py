@@ -252,7 +252,7 @@ def encode_titles(
     n_min, n_max, char_offset, buckets, max_length,
     compact, fused_offset,
 ):
-    """Every title's ids into row ``t`` of a ``(n, max_length)`` int64 array, and its length.
+    """Every title's ids, flat: ``(values, offsets)``, title ``t`` being ``values[offsets[t]:offsets[t+1]]``.
 
     Full ids follow the spec in `meli.tokenizer`. With ``compact``, a title whose full ids fit
     in ``max_length`` is written as: a known word's *fused* id (``fused_offset + vocab index``:
@@ -262,8 +262,9 @@ def encode_titles(
     full ids, so the exported graph's sum and count equal the trained model's on every title.
     """
     n_titles = len(offsets) - 1
-    out = np.zeros((n_titles, max_length), dtype=np.int64)
-    lengths = np.zeros(n_titles, dtype=np.int64)
+    offsets_out = np.zeros(n_titles + 1, dtype=np.int64)
+    values = np.empty(max(1024, n_titles * (32 if compact else 128)), dtype=np.int64)
+    row = np.empty(max_length, dtype=np.int64)
     longest = 0
     for t in range(n_titles):
         longest = max(longest, offsets[t + 1] - offsets[t])
@@ -326,7 +327,6 @@ def encode_titles(
                 if v >= 0:
                     bigram_ids[n_bigrams] = v
                     n_bigrams += 1
-        row = out[t]
         full = n + n_heads * head_repeat + n_bigrams
         if n_max > 0:
             for w in range(n):
@@ -369,5 +369,20 @@ def encode_titles(
                     for w in range(n):
                         pos = _emit_ngrams(text, word_start[w], word_len[w], g, SPACE, char_offset, buckets,
                                            row, pos, max_length)
-        lengths[t] = pos
-    return out, lengths
+        start = offsets_out[t]
+        if start + pos > len(values):  # grow the flat output
+            values = np.concatenate((values, np.empty(max(len(values), pos), dtype=np.int64)))
+        values[start : start + pos] = row[:pos]
+        offsets_out[t + 1] = start + pos
+    return values[: offsets_out[n_titles]], offsets_out
+
+
+@nb.njit(cache=True, nogil=True)
+def pad_rows(values, offsets, rows, width):
+    """Rows `rows` of a flat (values, offsets) encoding as a right-padded ``(len(rows), width)`` array."""
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i in range(len(rows)):
+        r = rows[i]
+        n = min(width, offsets[r + 1] - offsets[r])
+        out[i, :n] = values[offsets[r] : offsets[r] + n]
+    return out

@@ -35,7 +35,7 @@ class ScoreOptions:
     title_column: str = "title"
     keep_columns: tuple[str, ...] | None = None  # None: every input column except the title
     top_k: int = 0
-    inference_batch: int = 1024  # rows per onnxruntime call, grouped by length to cut padding
+    inference_ids: int = 65_536  # ids (rows x padded length) per onnxruntime call: bounds its memory
 
 
 @dataclass
@@ -118,18 +118,17 @@ class Scorer:
         batch, kept, enc = tokenized.batch, tokenized.kept, tokenized.encoded
         schema = self.output_schema(batch.schema, kept)
         n = batch.num_rows
-        scorable = (enc.ids >= N_SPECIAL).any(axis=1)  # at least one known token
+        known = np.concatenate([[0], np.cumsum(enc.values >= N_SPECIAL)])
+        scorable = known[enc.offsets[1:]] > known[enc.offsets[:-1]]  # at least one known token
         k = max(1, self.options.top_k)
         top_idx = np.zeros((n, k), dtype=np.int64)
         top_p = np.zeros((n, k), dtype=np.float32)
         rows = np.flatnonzero(scorable)
         # group rows of similar length so each onnxruntime call pads little
-        rows = rows[np.argsort(enc.lengths[rows], kind="stable")]
-        step = self.options.inference_batch
-        for start in range(0, len(rows), step):
-            chunk = rows[start : start + step]
-            width = max(1, int(enc.lengths[chunk[-1]]))  # sorted: the last row is the longest
-            probs = self.model.predict(enc.ids[chunk, :width])
+        lengths = enc.lengths
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        for chunk in _chunks(rows, lengths[rows], self.options.inference_ids):
+            probs = self.model.predict(enc.rows(chunk, max(1, int(lengths[chunk[-1]]))))  # sorted: the last is the longest
             if k == 1:
                 best = probs.argmax(axis=1)[:, None]
             else:
@@ -156,6 +155,18 @@ class Scorer:
     def score_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             yield self.score_batch(batch)
+
+
+def _chunks(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
+    """`rows` (sorted by their `lengths`) in runs whose padded size, rows x the run's longest,
+    stays within `budget` ids; every run holds at least one row."""
+    start = 0
+    while start < len(rows):
+        # the run [start, end) pads to lengths[end - 1]; take the most rows that fit
+        fits = (np.arange(1, len(rows) - start + 1) * np.maximum(lengths[start:], 1)) <= budget
+        end = start + max(1, int(np.argmin(fits)) if not fits.all() else len(fits))
+        yield rows[start:end]
+        start = end
 
 
 def score_arrow_batches(

@@ -198,3 +198,77 @@ def test_an_ensemble_refits_every_member(demo_splits):
     assert a.shape == b.shape and not torch.equal(a, b)
     with pytest.raises(MeliError, match="members must be at least 1"):
         load_config(None, members=0)
+
+
+def test_row_adam_takes_sparse_adams_steps():
+    """The row-wise optimizer is SparseAdam's arithmetic without sparse tensors: same weights
+    after steps with repeated ids, padding and a one-cycle schedule that moves lr and beta1."""
+    from torch import nn
+
+    from train.row_adam import RowAdam, RowSparseEmbedding
+
+    weights = {}
+    for kind in ("sparse", "rows"):
+        torch.manual_seed(0)
+        emb = nn.Embedding(60, 5, padding_idx=0)
+        if kind == "sparse":
+            emb.sparse = True
+            module, opt = emb, torch.optim.SparseAdam(emb.parameters(), lr=0.05)
+        else:
+            module = RowSparseEmbedding(emb)
+            opt = RowAdam(module, lr=0.05)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            ids = torch.randint(0, 60, (8, 7), generator=g)
+            ids[:, 5:] = 0  # padding
+            loss = (module(ids).sum(1) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+        weights[kind] = emb.weight.detach()
+    assert torch.allclose(weights["sparse"], weights["rows"], atol=1e-6)
+    assert not torch.equal(weights["rows"], torch.zeros_like(weights["rows"]))
+    assert torch.equal(weights["rows"][0], torch.zeros(5))  # padding never moves
+
+
+def test_recombined_titles_splice_two_training_titles():
+    import pyarrow as pa
+
+    from train.distill import recombine_titles, soft_targets
+
+    titles = pa.array(["funda iphone silicona", "taladro bosch 650w", "funda samsung cuero", None])
+    labels = np.array([0, 1, 0, 2])
+    out = recombine_titles(titles, labels, 200, seed=0).to_pylist()
+    assert len(out) == 200 and out == recombine_titles(titles, labels, 200, seed=0).to_pylist()
+    heads = {"funda iphone", "taladro bosch", "funda samsung", ""}
+    tails = {"silicona", "650w", "cuero", ""}
+    for t in out:
+        words = t.split()
+        assert " ".join(words[:2]) in heads or words[:1] == [] or " ".join(words[-1:]) in tails
+    assert len(set(out)) > 4  # new titles, not copies
+    # real titles' targets mix teacher and smoothed label; recombined ones are the teacher's
+    probs = np.full((3, 4), 0.25, dtype=np.float32)
+    targets = soft_targets(probs, np.array([2, 0]), teacher_weight=0.5, smoothing=0.0)
+    assert np.allclose(targets[0], [0.125, 0.125, 0.625, 0.125]) and np.allclose(targets[2], 0.25)
+    assert np.allclose(targets.sum(1), 1.0)
+
+
+def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
+    """members > 1 with distillation ships one model of the members' shape, refit like them,
+    and reports the student's validation figures beside the ensemble's."""
+    from train.distill import DistillSettings
+    from train.trainer import STUDENT, train_and_refit
+
+    train, validation = demo_splits
+    config = small_config("mlp", epochs=2, members=2, refit=True, distill=DistillSettings(enabled=True, recombined=0.5))
+    result = train_and_refit(config, train, validation, quiet=True)
+    ckpt = result.checkpoint
+    assert ckpt.members == 1 and "head.1.weight" in ckpt.state_dict
+    metrics = ckpt.metrics
+    assert {"member1_val_balanced_accuracy", "member2_val_balanced_accuracy", "teachers_val_balanced_accuracy"} <= set(metrics)
+    assert metrics["val_balanced_accuracy"] > 0.8
+    assert {m.member for m in result.history} == {0, 1, STUDENT}
+    assert ckpt.provenance["refit"] == "train+validation"
+    assert set(ckpt.vocabulary) - set(build_vocabulary(train.titles, config.tokenizer.resolve(), config.vocabulary))
