@@ -15,7 +15,9 @@ nightly job would run it, polling the child's peak RSS, and prints one Markdown 
   bigrams, dim 100, 25 epochs, lr 1.0), end to end in Python: read Parquet, normalise,
   predict (``f.multilinePredict``; ``predict()`` fails under NumPy 2), write Parquet;
 
-and the ratio of meli-score to the fastText pipeline.
+and the ratio of meli-score to the fastText pipeline. With ``--previous DIR --previous-model
+FILE``, the same file is also scored by the ``meli-score`` of another checkout (an earlier
+version of this repository) with its model, in the same run.
 
     python bench/score_speed.py --model artifacts/model.onnx --rows 2000000 --threads 2
 """
@@ -156,6 +158,16 @@ def run_measured(cmd: list[str]) -> tuple[str, float, float]:
     """
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = _poll_peak(proc)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{err}")
+    return out + err, seconds, peak
+
+
+def _poll_peak(proc: subprocess.Popen) -> float:
+    """Wait for `proc`, polling its peak RSS (VmHWM) in MiB."""
     peak_kib = 0
     status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
@@ -166,11 +178,7 @@ def run_measured(cmd: list[str]) -> tuple[str, float, float]:
         except (OSError, ValueError):
             pass
         time.sleep(0.02)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{err}")
-    return out + err, seconds, peak_kib / 1024
+    return peak_kib / 1024
 
 
 def train_fasttext(path: Path) -> float:
@@ -199,6 +207,8 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu", help="onnxruntime provider for the model and meli-score rows")
     ap.add_argument("--model-rows", type=int, default=500_000, help="titles the model-only row scores")
     ap.add_argument("--skip", nargs="*", default=[], choices=["fasttext"], help="leave the fastText row out")
+    ap.add_argument("--previous", type=Path, help="a checkout of an earlier version: its meli-score joins the table")
+    ap.add_argument("--previous-model", type=Path, help="the model file for --previous")
     ap.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # a child's work
     ap.add_argument("--catalog", help=argparse.SUPPRESS)
     ap.add_argument("--fasttext-model", help=argparse.SUPPRESS)
@@ -236,6 +246,19 @@ def main() -> None:
         ours = args.rows / seconds
         rows.append(("**meli-score end to end**", ours, peak, f"model file {size_mb:.1f} MB; start-up and model load included"))
         print(f"meli-score: {ours:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
+        if args.previous:
+            prev_out = Path(tmp) / "previous.parquet"
+            cmd = [sys.executable, "-m", "score", str(catalog), str(prev_out), "--model", str(args.previous_model.resolve()),
+                   "--threads", str(args.threads), "--provider", args.provider, "--quiet"]
+            t = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=args.previous, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            peak = _poll_peak(proc)
+            if proc.returncode != 0:
+                sys.exit(f"previous meli-score failed:\n{proc.stderr.read()}")
+            rate = args.rows / (time.perf_counter() - t)
+            rows.append((f"previous meli-score ({args.previous.name})", rate, peak,
+                         f"model file {args.previous_model.stat().st_size / 1e6:.0f} MB"))
+            print(f"previous meli-score: {rate:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
         ratio = ""
         if "fasttext" not in args.skip:
             ft = Path(tmp) / "fasttext.bin"

@@ -141,6 +141,9 @@ def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's own warnings are noise for users
+    # idle intra-op threads sleep instead of spinning: meli-score tokenizes, reads and writes
+    # in other threads on the same cores while onnxruntime runs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
         raise MeliError(f"--provider cuda: this onnxruntime has no CUDA provider (has {', '.join(available)}); "

@@ -35,7 +35,7 @@ class ScoreOptions:
     title_column: str = "title"
     keep_columns: tuple[str, ...] | None = None  # None: every input column except the title
     top_k: int = 0
-    inference_ids: int = 65_536  # ids (rows x padded length) per onnxruntime call: bounds its memory
+    inference_ids: int = 32_768  # ids (rows x padded length) per onnxruntime call: bounds its memory (and runs fastest here)
 
 
 @dataclass

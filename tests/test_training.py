@@ -248,10 +248,11 @@ def test_recombined_titles_splice_two_training_titles():
         words = t.split()
         assert " ".join(words[:2]) in heads or words[:1] == [] or " ".join(words[-1:]) in tails
     assert len(set(out)) > 4  # new titles, not copies
-    # real titles' targets mix teacher and smoothed label; recombined ones are the teacher's
+    # real titles the teachers never saw mix their probabilities with the smoothed label;
+    # titles they trained on, and recombined ones, keep the teachers' probabilities
     probs = np.full((3, 4), 0.25, dtype=np.float32)
-    targets = soft_targets(probs, np.array([2, 0]), teacher_weight=0.5, smoothing=0.0)
-    assert np.allclose(targets[0], [0.125, 0.125, 0.625, 0.125]) and np.allclose(targets[2], 0.25)
+    targets = soft_targets(probs, np.array([2, 0]), np.array([True, False]), teacher_weight=0.5, smoothing=0.0)
+    assert np.allclose(targets[0], [0.125, 0.125, 0.625, 0.125]) and np.allclose(targets[1:], 0.25)
     assert np.allclose(targets.sum(1), 1.0)
 
 
@@ -262,7 +263,7 @@ def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
     from train.trainer import STUDENT, train_and_refit
 
     train, validation = demo_splits
-    config = small_config("mlp", epochs=2, members=2, refit=True, distill=DistillSettings(enabled=True, recombined=0.5))
+    config = small_config("mlp", epochs=4, members=2, refit=True, distill=DistillSettings(enabled=True, recombined=0.5))
     result = train_and_refit(config, train, validation, quiet=True)
     ckpt = result.checkpoint
     assert ckpt.members == 1 and "head.1.weight" in ckpt.state_dict

@@ -162,13 +162,15 @@ def train_model(
     quiet: bool = False,
     keep: Literal["best", "last"] = "best",
     teacher: Checkpoint | None = None,
+    teacher_titles: pa.Array | None = None,
 ) -> TrainResult:
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
 
     With a `teacher` (an ensemble's checkpoint), the fit is a distillation (`train.distill`):
-    the teacher's tokenizer and vocabulary, recombined titles added to the training titles,
-    and the teacher's probabilities in the targets."""
+    recombined titles added to the training titles, and the teacher's probabilities (the
+    teacher reading them with its own tokenizer) in the targets; real titles not among
+    `teacher_titles` (what the teacher trained on) also get their true label."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     labels = check_labels(train, validation)
@@ -178,11 +180,8 @@ def train_model(
     log.info("training a %s on %s (%d train / %d validation titles, %d categories)",
              config.model, device, len(train), len(validation), len(labels))
 
-    if teacher is not None:
-        tokenizer_config, vocabulary = teacher.tokenizer_config, teacher.vocabulary
-    else:
-        tokenizer_config = config.tokenizer.resolve()
-        vocabulary = build_vocabulary(train.titles, tokenizer_config, config.vocabulary)
+    tokenizer_config = config.tokenizer.resolve()
+    vocabulary = build_vocabulary(train.titles, tokenizer_config, config.vocabulary)
     if not vocabulary and not tokenizer_config.char_ngrams:
         raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
     tokenizer = Tokenizer(tokenizer_config, vocabulary)
@@ -197,9 +196,12 @@ def train_model(
     x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
     x_val, len_val = enc_val.ids.astype(np.int32), enc_val.lengths
     targets = y_train  # (N,) label indices, or (N, n_labels) probabilities when distilling
-    if teacher is not None:
-        probs = teacher_probabilities(teacher.build_model(), x_train, len_train, device)
-        targets = soft_targets(probs, y_train, config.distill.teacher_weight, config.label_smoothing)
+    if teacher is not None:  # the teacher reads the titles with its own tokenizer
+        seen = teacher.tokenizer().encode_batch(titles)
+        probs = teacher_probabilities(teacher.build_model(), seen.ids, seen.lengths, device)
+        unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
+                  else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
+        targets = soft_targets(probs, y_train, unseen, config.distill.teacher_weight, config.label_smoothing)
         log.info("distilling from an ensemble of %d on %d titles (%d recombined)", teacher.members, len(titles),
                  len(titles) - len(train))
     timings["tokenize_s"] = time.perf_counter() - t0
@@ -301,6 +303,11 @@ def train_and_refit(
     ensemble: the averaged probabilities of the members' selection fits): the refit model
     has seen the validation titles, so nothing measured on them afterwards would be honest.
     The tokenizer's vocabulary of the refit comes from all the titles it trains on.
+
+    With ``distill.enabled`` (and ``members > 1``) the members are teachers: one student of
+    their shape is distilled from their averaged probabilities (`train.distill`) and is the
+    model kept; its metrics are the ones reported (the ensemble's beside them), and only the
+    student is refit, taught by the members' selection fits.
     """
     selections: list[TrainResult] = []
     for member in range(config.members):
@@ -316,8 +323,9 @@ def train_and_refit(
     if distilling:
         student_config = dataclasses.replace(config, members=1, epochs=config.distill.epochs or config.epochs)
         log.info("distilling one student from the ensemble of %d", config.members)
+        teachers = selection.checkpoint
         student = train_model(student_config, train, validation, provenance=provenance, quiet=quiet,
-                              on_epoch=_tagged(on_epoch, STUDENT), teacher=selection.checkpoint)
+                              on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=train.titles)
         selection = _student_result(student, selection)
     if not config.refit:
         return selection
@@ -326,24 +334,28 @@ def train_and_refit(
         pa.concat_arrays([train.categories, validation.categories]),
         f"{train.source} + {validation.source}",
     )
-    refits: list[Checkpoint] = []
     timings = dict(selection.timings)
-    for member, fit in enumerate(selections):
-        log.info("refit on train + validation (%d titles) for %d epochs", len(combined), fit.best_epoch)
-        refit_config = dataclasses.replace(config, seed=config.seed + member, members=1, epochs=fit.best_epoch)
-        final = train_model(refit_config, combined, validation, provenance=provenance, quiet=quiet, keep="last",
-                            on_epoch=_tagged(on_refit_epoch, member))
-        refits.append(final.checkpoint)
-        _add_timings(timings, final.timings, prefix="refit_")
-    checkpoint = refits[0] if config.members == 1 else _ensemble_checkpoint(refits)
-    epochs = [f.best_epoch for f in selections]
     if distilling:
-        log.info("refit the student on train + validation for %d epochs, from the refit ensemble", selection.best_epoch)
+        # The student alone is refit, still taught by the members' selection fits: the real
+        # titles' targets mix their probabilities with the true label, so the validation
+        # titles' labels reach it (refitting every member too would cost ~7 more minutes).
+        log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
         final = train_model(dataclasses.replace(student_config, epochs=selection.best_epoch), combined, validation,
                             provenance=provenance, quiet=quiet, keep="last", on_epoch=_tagged(on_refit_epoch, STUDENT),
-                            teacher=checkpoint)
+                            teacher=teachers, teacher_titles=train.titles)
         _add_timings(timings, final.timings, prefix="refit_student_")
         checkpoint, epochs = final.checkpoint, [selection.best_epoch]
+    else:
+        refits: list[Checkpoint] = []
+        for member, fit in enumerate(selections):
+            log.info("refit on train + validation (%d titles) for %d epochs", len(combined), fit.best_epoch)
+            refit_config = dataclasses.replace(config, seed=config.seed + member, members=1, epochs=fit.best_epoch)
+            final = train_model(refit_config, combined, validation, provenance=provenance, quiet=quiet, keep="last",
+                                on_epoch=_tagged(on_refit_epoch, member))
+            refits.append(final.checkpoint)
+            _add_timings(timings, final.timings, prefix="refit_")
+        checkpoint = refits[0] if config.members == 1 else _ensemble_checkpoint(refits)
+        epochs = [f.best_epoch for f in selections]
     checkpoint.metrics = {**selection.checkpoint.metrics, "refit_epochs": float(sum(epochs) / len(epochs))}
     checkpoint.provenance["refit"] = "train+validation"
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
