@@ -95,24 +95,26 @@ def stage_tokenize(args) -> int:
 
 
 def stage_model(args) -> int:
-    """onnxruntime alone: the first `model_rows` titles encoded (untimed), then scored."""
+    """onnxruntime alone: the first `model_rows` titles encoded and cut into the length-sorted
+    runs meli-score feeds it (untimed), then scored."""
     from meli.onnx_model import load_onnx_model
+    from score.core import ScoreOptions, length_runs
 
     model = load_onnx_model(args.model, provider=args.provider, threads=args.threads)
     tokenizer = model.card.tokenizer()
-    encoded = []
+    encoded: list[np.ndarray] = []
+    n = 0
     for b in _read(args.catalog):
         enc = tokenizer.encode_batch(b.column("title"), compact=model.card.compact)
         order = np.argsort(enc.lengths, kind="stable")
-        encoded.extend(enc.rows(order[s : s + 1024]) for s in range(0, len(order), 1024))
-        if sum(len(e) for e in encoded) >= args.model_rows:
+        encoded.extend(enc.rows(run) for run in length_runs(order, enc.lengths[order], ScoreOptions().inference_ids))
+        n += b.num_rows
+        if n >= args.model_rows:
             break
     model.predict(encoded[0][:64])  # warm-up
     t = time.perf_counter()
-    n = 0
     for ids in encoded:
         model.predict(ids)
-        n += len(ids)
     print(f"seconds {time.perf_counter() - t}", file=sys.stderr)
     return n
 
@@ -238,7 +240,7 @@ def main() -> None:
         child("read", "read only (Parquet, batches of 16,384)", "the floor under everything")
         child("tokenize", f"tokenize only ({card.encoding} ids, one thread)", "read included")
         child("model", f"model only (onnxruntime {args.provider}, {args.threads} threads)",
-              f"{min(args.rows, args.model_rows):,} pre-encoded titles, length-sorted batches of 1,024",
+              f"{min(args.rows, args.model_rows):,} pre-encoded titles in meli-score's length-sorted runs",
               "--model-rows", str(args.model_rows))
         scored = Path(tmp) / "scored.parquet"
         out, seconds, peak = run_measured([sys.executable, "-m", "score", str(catalog), str(scored), "--model", args.model,

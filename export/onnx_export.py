@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import tempfile
 import warnings
+from pathlib import Path
 
 import onnx
 import torch
@@ -42,7 +44,8 @@ class WithSoftmax(nn.Module):
         return torch.softmax(self.model(token_ids), dim=-1)  # (B, n_labels)
 
 
-def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding: str = "full", precision: str = "fp32") -> ModelCard:
+def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding: str = "full", precision: str = "fp32",
+               matmuls: str = "fp32") -> ModelCard:
     import onnxruntime
 
     provenance = {
@@ -67,6 +70,7 @@ def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding:
         members=ckpt.members,
         encoding=encoding,
         precision=precision,
+        matmuls=matmuls,
     )
 
 
@@ -82,8 +86,12 @@ def scoring_module(ckpt: Checkpoint, precision: Precision = "fp16") -> tuple[nn.
     return WithSoftmax(model).eval(), "full", "fp32"
 
 
-def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: Precision = "fp16") -> onnx.ModelProto:
-    """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked."""
+def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: Precision = "fp16",
+            quantize: bool = False) -> onnx.ModelProto:
+    """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked.
+
+    `quantize`: int8 matrix products (`quantize_matmuls`), an opt-in trade of a little
+    agreement with the checkpoint for speed; the parity check measures what it costs."""
     model, encoding, precision = scoring_module(ckpt, precision)
     # an example with batch > 1 and a length that no axis could be mistaken for a constant
     example = torch.randint(2, ckpt.model_config.n_ids, (3, 7), dtype=torch.int64)
@@ -108,12 +116,32 @@ def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: P
     finally:
         exporter_log.setLevel(level)
     proto = program.model_proto
-    for key, value in model_card(ckpt, extra_provenance, encoding, precision).to_metadata().items():
+    if quantize:
+        proto = quantize_matmuls(proto)
+    card = model_card(ckpt, extra_provenance, encoding, precision, "int8" if quantize else "fp32")
+    for key, value in card.to_metadata().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = "meli-categorizer product-title classifier"
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def quantize_matmuls(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's dynamic quantization of the MatMul/Gemm nodes: int8 weights, and each
+    call's activations quantized with one scale per tensor (so a title's probabilities can
+    move by a rounding step with the rows it is scored beside). ~1.8x the speed of the MLP's
+    graph on 2 CPU cores; measured cost in the README."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    clean = onnx.ModelProto()
+    clean.CopyFrom(proto)
+    del clean.graph.value_info[:]  # the exporter's intermediate shapes trip the quantizer's shape inference
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+        onnx.save(clean, str(src))
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        return onnx.load(str(dst))
 
 
 def signature(proto: onnx.ModelProto) -> dict:

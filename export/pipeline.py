@@ -16,6 +16,7 @@ from meli.errors import MeliError, ModelFileError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
 from meli.tracking import mlflow_client
+from export.compaction import Precision
 from export.onnx_export import signature, to_onnx
 from export.parity import ParityReport, check_parity, require_parity
 
@@ -125,11 +126,13 @@ def export_model(
     parity_rows: int | None = None,
     provider: str = "cpu",
     register_as: str | None = DEFAULT_REGISTERED_NAME,
+    precision: Precision = "fp16",
+    quantize: bool = False,
 ) -> ExportOutcome:
     output = Path(output)
     writer = AtomicWriter(output)  # fails now, before any work, on a missing or read-only folder
     with writer:
-        proto = to_onnx(chosen.checkpoint, {"checkpoint": chosen.path.name})
+        proto = to_onnx(chosen.checkpoint, {"checkpoint": chosen.path.name}, precision=precision, quantize=quantize)
         data = proto.SerializeToString()
         onnx_model = load_onnx_model(data, provider=provider)
         titles = parity_titles(parity_data, chosen.validation_source, parity_rows)

@@ -44,7 +44,8 @@ class ModelCard:
     provenance: dict = field(default_factory=dict)  # run id, fingerprint, metrics, versions, export time
     members: int = 1  # > 1: the graph averages that many models' probabilities
     encoding: str = "full"  # which token ids the graph reads: "full" or "compact" (meli.tokenizer)
-    precision: str = "fp32"  # how the graph stores its embedding table: "fp32" or "int8"
+    precision: str = "fp32"  # how the graph stores its embedding table: "fp32" or "fp16"
+    matmuls: str = "fp32"  # "int8": onnxruntime's dynamic quantization of the matrix products
 
     def __post_init__(self) -> None:
         if self.encoding not in ("full", "compact"):
@@ -64,7 +65,8 @@ class ModelCard:
             "meli.vocabulary": json.dumps(list(self.vocabulary), ensure_ascii=False),
             "meli.labels": json.dumps(list(self.labels), ensure_ascii=False),
             "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config, "members": self.members,
-                                      "encoding": self.encoding, "precision": self.precision}),
+                                      "encoding": self.encoding, "precision": self.precision,
+                                      "matmuls": self.matmuls}),
             "meli.provenance": json.dumps(self.provenance, ensure_ascii=False),
         }
 
@@ -87,6 +89,7 @@ class ModelCard:
                 members=int(model.get("members", 1)),
                 encoding=model.get("encoding", "full"),
                 precision=model.get("precision", "fp32"),
+                matmuls=model.get("matmuls", "fp32"),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{source}: unreadable model metadata ({e})") from e

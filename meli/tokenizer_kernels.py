@@ -217,6 +217,27 @@ def _words(data, start, end, fold_start, fold_len, fold_data, map_digits, text, 
 
 
 @nb.njit(cache=True, nogil=True)
+def _put(dst, at, src, start, n):
+    """Copy ``src[start:start+n]`` to ``dst[at:]``; the index after it."""
+    for j in range(n):
+        dst[at + j] = src[start + j]
+    return at + n
+
+
+@nb.njit(cache=True, nogil=True)
+def _put_int(dst, at, value):
+    """Write positive `value` in decimal ASCII at ``dst[at:]``; the index after it."""
+    digits, k = 0, value
+    while k > 0:
+        digits += 1
+        k //= 10
+    for d in range(digits - 1, -1, -1):
+        dst[at + d] = 48 + value % 10
+        value //= 10
+    return at + digits
+
+
+@nb.njit(cache=True, nogil=True)
 def _ngram_count(length, n_min, n_max):
     """Character n-grams (n_min..n_max) of one word padded with a space on each side."""
     total = 0
@@ -296,20 +317,10 @@ def encode_titles(
         # head words: "k^word" for the first head_words words, where known
         n_heads = 0
         for w in range(min(n, head_words)):
-            digits = 0
-            k = w + 1
-            while k > 0:
-                digits += 1
-                k //= 10
-            k = w + 1
-            for d in range(digits - 1, -1, -1):
-                scratch[d] = 48 + k % 10
-                k //= 10
-            scratch[digits] = 94  # '^'
-            ws, wl = word_start[w], word_len[w]
-            for j in range(wl):
-                scratch[digits + 1 + j] = text[ws + j]
-            v = _lookup(vk, vs, vv, vslots, scratch, 0, digits + 1 + wl)
+            end = _put_int(scratch, 0, w + 1)
+            scratch[end] = 94  # '^'
+            end = _put(scratch, end + 1, text, word_start[w], word_len[w])
+            v = _lookup(vk, vs, vv, vslots, scratch, 0, end)
             if v >= 0:
                 head_ids[n_heads] = v
                 n_heads += 1
@@ -317,13 +328,10 @@ def encode_titles(
         n_bigrams = 0
         if word_bigrams:
             for w in range(n - 1):
-                a, al, b, bl = word_start[w], word_len[w], word_start[w + 1], word_len[w + 1]
-                for j in range(al):
-                    scratch[j] = text[a + j]
-                scratch[al] = SPACE
-                for j in range(bl):
-                    scratch[al + 1 + j] = text[b + j]
-                v = _lookup(vk, vs, vv, vslots, scratch, 0, al + 1 + bl)
+                end = _put(scratch, 0, text, word_start[w], word_len[w])
+                scratch[end] = SPACE
+                end = _put(scratch, end + 1, text, word_start[w + 1], word_len[w + 1])
+                v = _lookup(vk, vs, vv, vslots, scratch, 0, end)
                 if v >= 0:
                     bigram_ids[n_bigrams] = v
                     n_bigrams += 1

@@ -127,7 +127,7 @@ class Scorer:
         # group rows of similar length so each onnxruntime call pads little
         lengths = enc.lengths
         rows = rows[np.argsort(lengths[rows], kind="stable")]
-        for chunk in _chunks(rows, lengths[rows], self.options.inference_ids):
+        for chunk in length_runs(rows, lengths[rows], self.options.inference_ids):
             probs = self.model.predict(enc.rows(chunk, max(1, int(lengths[chunk[-1]]))))  # sorted: the last is the longest
             if k == 1:
                 best = probs.argmax(axis=1)[:, None]
@@ -157,7 +157,7 @@ class Scorer:
             yield self.score_batch(batch)
 
 
-def _chunks(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
+def length_runs(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
     """`rows` (sorted by their `lengths`) in runs whose padded size, rows x the run's longest,
     stays within `budget` ids; every run holds at least one row."""
     start = 0

@@ -43,6 +43,7 @@ def small_config(model: str = "mlp", **overrides) -> TrainConfig:
         epochs=4,
         lr=0.01,
         members=1,  # the ensemble has tests of its own
+        distill=dataclasses.replace(config.distill, enabled=False),  # so has distillation
         tokenizer=tokenizer,
         mlp=dataclasses.replace(config.mlp, embedding_dim=32, hidden=(64,)),
         cnn=dataclasses.replace(config.cnn, embedding_dim=32, filters=32),

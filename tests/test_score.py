@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from conftest import ROOT, write_jsonl
 from export.onnx_export import scoring_module, signature
-from export.parity import MIN_ROUNDED_AGREEMENT, ParityError, check_parity, require_parity
+from export.parity import MIN_QUANTIZED_AGREEMENT, MIN_ROUNDED_AGREEMENT, ParityError, check_parity, require_parity
 from meli.errors import InputError, MeliError, ModelFileError
 from meli.onnx_model import load_onnx_model
 from score.cli import main as score_main
@@ -102,6 +102,21 @@ def test_parity_on_mixed_length_titles(kind, exported, trained, demo_splits):
     assert report.checkpoint_top1_agreement >= MIN_ROUNDED_AGREEMENT
     assert report.min_length < report.max_length
     assert json.loads(report.to_json())["providers"] == ["CPUExecutionProvider"]
+
+
+def test_quantized_export_reports_what_it_costs(trained, demo_splits):
+    """int8 matrix products are opt-in; parity then measures agreement with the checkpoint."""
+    from export.onnx_export import to_onnx
+
+    ckpt = trained["mlp"].checkpoint
+    proto = to_onnx(ckpt, quantize=True)
+    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    model = load_onnx_model(proto.SerializeToString(), "cpu")
+    assert model.card.matmuls == "int8" and model.card.compact
+    report = check_parity(ckpt, model, demo_splits[1].titles)
+    assert report.passed and report.checkpoint_top1_agreement >= MIN_QUANTIZED_AGREEMENT
+    assert report.max_abs_diff > 1e-6  # it is not the float graph
+    assert "int8 matrix products" in report.summary()
 
 
 def test_parity_fails_on_a_graph_that_computes_something_else(exported, trained, demo_splits):

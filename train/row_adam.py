@@ -35,7 +35,7 @@ class RowSparseEmbedding(nn.Module):
             return F.embedding(token_ids, self.weight, padding_idx=0)
         rows, inverse = torch.unique(token_ids, return_inverse=True)  # (U,), token_ids.shape
         self.rows = rows
-        self.sub = self.weight.detach()[rows].requires_grad_()  # (U, E)
+        self.sub = self.weight.detach().index_select(0, rows).requires_grad_()  # (U, E)
         padding = 0 if int(rows[0]) == 0 else None  # sorted: id 0 comes first when present
         return F.embedding(inverse, self.sub, padding_idx=padding)
 
@@ -62,12 +62,15 @@ class RowAdam(torch.optim.Optimizer):
         state = self.state[weight]
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(weight)
-            state["exp_avg_sq"] = torch.zeros_like(weight)
+            # both moments side by side: one gather and one scatter per step
+            state["moments"] = torch.zeros(weight.shape[0], 2 * weight.shape[1], dtype=weight.dtype, device=weight.device)
         state["step"] += 1
-        exp_avg = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        state["exp_avg"].index_copy_(0, rows, exp_avg)
-        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        moments = state["moments"].index_select(0, rows)  # (U, 2E)
+        exp_avg, exp_avg_sq = moments.chunk(2, dim=1)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        state["moments"].index_copy_(0, rows, moments)
         step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
-        weight.index_add_(0, rows, exp_avg.div_(exp_avg_sq.sqrt_().add_(group["eps"])), alpha=-step_size)
+        update = exp_avg.div(exp_avg_sq.sqrt().add_(group["eps"])).mul_(-step_size)
+        # rows are distinct (torch.unique), so a gather and a scatter replace index_add_
+        weight.data.index_copy_(0, rows, weight.data.index_select(0, rows).add_(update))
