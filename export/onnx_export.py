@@ -140,7 +140,11 @@ def quantize_matmuls(proto: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         onnx.save(clean, str(src))
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        logging.disable(logging.WARNING)  # the quantizer's advice to pre-process is for image models
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        finally:
+            logging.disable(logging.NOTSET)
         return onnx.load(str(dst))
 
 

@@ -65,7 +65,9 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        graph = self.matmuls == "int8" or (self.max_abs_diff <= self.atol and self.top1_mismatches == 0)
+        if self.matmuls == "int8":
+            return self.checkpoint_top1_agreement >= MIN_QUANTIZED_AGREEMENT
+        graph = self.max_abs_diff <= self.atol and self.top1_mismatches == 0
         exact = self.precision != "fp32" or self.checkpoint_max_abs_diff <= self.atol
         return graph and exact and self.checkpoint_top1_agreement >= self.min_checkpoint_agreement
 

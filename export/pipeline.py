@@ -127,7 +127,7 @@ def export_model(
     provider: str = "cpu",
     register_as: str | None = DEFAULT_REGISTERED_NAME,
     precision: Precision = "fp16",
-    quantize: bool = False,
+    quantize: bool = True,
 ) -> ExportOutcome:
     output = Path(output)
     writer = AtomicWriter(output)  # fails now, before any work, on a missing or read-only folder
@@ -174,7 +174,8 @@ def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name:
         for f in ("parity_report.json", "signature.json"):
             client.log_artifact(run_id, str(t / f), artifact_path="export")
     client.log_artifact(run_id, str(output), artifact_path="export")
-    for key, value in (("parity_max_abs_diff", report.max_abs_diff), ("parity_top1_agreement", report.top1_agreement)):
+    for key, value in (("parity_max_abs_diff", report.max_abs_diff), ("parity_top1_agreement", report.top1_agreement),
+                       ("parity_checkpoint_top1_agreement", report.checkpoint_top1_agreement)):
         client.log_metric(run_id, key, value)
     # register the very file just written (one file, weights inside) as a model version
     source = f"{client.get_run(run_id).info.artifact_uri}/export"

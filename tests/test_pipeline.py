@@ -16,6 +16,8 @@ from click.testing import CliRunner
 
 from conftest import ROOT, write_jsonl
 from export.cli import main as export_main
+from export.parity import MIN_QUANTIZED_AGREEMENT
+from meli.onnx_model import load_onnx_model
 from score.cli import main as score_main
 from train.cli import main as train_main
 
@@ -102,7 +104,14 @@ def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     report = {a.path for a in client.list_artifacts(best_id, "export")}
     assert {"export/model.onnx", "export/parity_report.json", "export/signature.json"} <= report
-    assert client.get_run(best_id).data.metrics["parity_max_abs_diff"] <= 1e-5
+    metrics = client.get_run(best_id).data.metrics
+    # the default export has int8 matrix products: its categories must agree with the checkpoint's
+    assert metrics["parity_checkpoint_top1_agreement"] >= MIN_QUANTIZED_AGREEMENT
+    assert load_onnx_model(model, "cpu").card.matmuls == "int8"
+    exact = invoke(export_main, ["--quiet", "--no-quantize", "--no-register", "--output", tmp_path / "fp.onnx"])
+    assert exact.exit_code == 0, exact.output
+    assert load_onnx_model(tmp_path / "fp.onnx", "cpu").card.matmuls == "fp32"
+    assert float(exact.output.split("max |diff| ")[1].split()[0]) <= 1e-5
 
     catalog = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
     for model_ref in (str(model), "models:/meli-categorizer/1", "models:/meli-categorizer@latest-export"):
@@ -113,7 +122,9 @@ def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
     assert table.schema.metadata[b"meli.mlflow_run_id"].decode() == best_id
 
     check = invoke(export_main, ["--check", "--quiet"])
-    assert check.exit_code == 0 and "top-1 agreement 100.0000%" in check.output
+    assert check.exit_code == 0 and "int8 matrix products" in check.output
+    agreement = float(check.output.split("top-1 agreement ")[-1].split("%")[0]) / 100
+    assert agreement >= MIN_QUANTIZED_AGREEMENT
 
 
 def test_cnn_through_the_whole_pipeline(tmp_path):
@@ -140,7 +151,8 @@ def test_an_ensemble_through_the_whole_pipeline(tmp_path):
     assert run.data.params["members"] == "2"
     for member in (1, 2):  # each member's curve, under its own name
         assert len(client.get_metric_history(run_id, f"member{member}_val_balanced_accuracy")) == 3
-    out = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "ensemble.onnx"])
+    # float matrix products: the graph must match the trained ensemble exactly
+    out = invoke(export_main, ["--quiet", "--no-register", "--no-quantize", "--output", tmp_path / "ensemble.onnx"])
     assert out.exit_code == 0, out.output
     assert "0 mismatches" in out.output
     catalog = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
