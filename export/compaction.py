@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meli.models import MLP, Ensemble
+from meli.models import CNN, MLP, Ensemble
 from meli.tokenizer import N_SPECIAL, PAD, Tokenizer
 
 Precision = Literal["fp16", "fp32"]
@@ -152,8 +152,6 @@ def drop_unused_rows(model: nn.Module) -> CompactionStats:
     """For models that read full ids (CNNs, attention pooling): replace, in place, each
     embedding table by a `RemappedEmbedding` of its non-zero rows, every unused id sent to
     the zero padding row. Their masks read the original ids, so outputs are unchanged."""
-    from meli.models import CNN
-
     before = after = 0
     for module in model.modules():
         if not isinstance(module, (MLP, CNN)):

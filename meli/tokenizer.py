@@ -45,14 +45,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meli.tokenizer_kernels import CharFolding, TokenTable, encode_titles, pad_rows
+from meli.tokenizer_kernels import FNV32_OFFSET, FNV32_PRIME, CharFolding, TokenTable, encode_titles, pad_rows
 
 PAD = 0
 UNK = 1
 N_SPECIAL = 2
 
-FNV_OFFSET = 2166136261
-FNV_PRIME = 16777619
 
 STOPWORD_LANGUAGES = ("spanish", "portuguese")
 
@@ -135,9 +133,9 @@ def load_stopwords(languages: Iterable[str] = STOPWORD_LANGUAGES) -> tuple[str, 
 
 
 def fnv1a_32(data: bytes) -> int:
-    h = FNV_OFFSET
+    h = FNV32_OFFSET
     for byte in data:
-        h = ((h ^ byte) * FNV_PRIME) & 0xFFFFFFFF
+        h = ((h ^ byte) * FNV32_PRIME) & 0xFFFFFFFF
     return h
 
 
@@ -265,14 +263,13 @@ class Tokenizer:
     def encode_compact_reference(self, title: str | None) -> list[int]:
         """The compact ids of one title (see the class docstring), as a plain loop."""
         cfg = self.config
-        full = self.encode_reference(title)
         words, ids, heads, bigrams = self._features_reference(title)
-        untruncated = len(ids) + len(heads) * cfg.head_repeat + len(bigrams) + sum(len(self.char_ngram_ids(w)) for w in words)
-        if untruncated > cfg.max_length:
-            return full
+        grams = [self.char_ngram_ids(w) for w in words]
+        if len(ids) + len(heads) * cfg.head_repeat + len(bigrams) + sum(map(len, grams)) > cfg.max_length:
+            return self.encode_reference(title)  # truncated: the full ids
         out: list[int] = []
-        for w, i in zip(words, ids):
-            out.extend([self.fused_offset + i - N_SPECIAL] if i != UNK else [UNK, *self.char_ngram_ids(w)])
+        for i, g in zip(ids, grams):
+            out.extend([self.fused_offset + i - N_SPECIAL] if i != UNK else [UNK, *g])
         return out + [self.fused_offset + h - N_SPECIAL for h in heads] + bigrams
 
     # ---------------------------------------------------------------- compiled

@@ -104,7 +104,7 @@ class Scorer:
         }
 
     # ---------------------------------------------------------------- scoring
-    def tokenize(self, batch: pa.RecordBatch) -> "Tokenized":
+    def tokenize(self, batch: pa.RecordBatch) -> Tokenized:
         """The first half of `score_batch`: check the batch, encode its titles (releases the
         GIL, so it can run in another thread while onnxruntime scores the batch before)."""
         kept = self._kept(batch.schema)
@@ -113,7 +113,7 @@ class Scorer:
             raise InputError(f"title column {self.options.title_column!r} holds {titles.type}, not strings")
         return Tokenized(batch, kept, self.tokenizer.encode_batch(titles, compact=self.model.card.compact))
 
-    def predict(self, tokenized: "Tokenized") -> pa.RecordBatch:
+    def predict(self, tokenized: Tokenized) -> pa.RecordBatch:
         """The second half of `score_batch`: run the model, build the output rows."""
         batch, kept, enc = tokenized.batch, tokenized.kept, tokenized.encoded
         schema = self.output_schema(batch.schema, kept)
@@ -162,9 +162,10 @@ def length_runs(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[
     stays within `budget` ids; every run holds at least one row."""
     start = 0
     while start < len(rows):
-        # the run [start, end) pads to lengths[end - 1]; take the most rows that fit
+        # the run [start, end) pads to lengths[end - 1]; rows x that length grows with end
+        # (lengths are sorted), so the rows that fit are a prefix: count them
         fits = (np.arange(1, len(rows) - start + 1) * np.maximum(lengths[start:], 1)) <= budget
-        end = start + max(1, int(np.argmin(fits)) if not fits.all() else len(fits))
+        end = start + max(1, int(fits.sum()))
         yield rows[start:end]
         start = end
 

@@ -3,8 +3,8 @@
 Four stages overlap: a reader thread decodes input batch n+2, a tokenizer thread encodes
 batch n+1 (compiled, without the GIL), the calling thread runs onnxruntime on batch n, and a
 writer thread encodes output batch n-1. The queues between them hold two batches each, so
-memory is bounded by the batch size, never by the file size. Output goes to a temporary file beside the target, renamed at the end:
-an error or a kill leaves any previous output untouched.
+memory is bounded by the batch size, never by the file size. Output goes to a temporary file
+beside the target, renamed at the end: an error or a kill leaves any previous output untouched.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from meli.tokenizer import Encoded
+
 
 @dataclass(frozen=True)
 class DistillSettings:
@@ -63,16 +65,15 @@ def recombine_titles(titles: pa.Array, labels: np.ndarray, n: int, seed: int) ->
     return pa.array(out, pa.string())
 
 
-def teacher_probabilities(teacher: nn.Module, ids: np.ndarray, lengths: np.ndarray, device: torch.device,
-                          batch_size: int = 2048) -> np.ndarray:
-    """The teacher's probabilities for pre-encoded titles: ``(N, n_labels)`` float32."""
+def teacher_probabilities(teacher: nn.Module, encoded: Encoded, device: torch.device, batch_size: int = 2048) -> np.ndarray:
+    """The teacher's probabilities for encoded titles: ``(N, n_labels)`` float32. Each batch
+    is padded on its own (no padded copy of all titles)."""
     teacher = teacher.to(device).eval()
+    n = len(encoded.lengths)
     out = []
     with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            rows = slice(start, start + batch_size)
-            width = max(1, int(lengths[rows].max(initial=0)))
-            x = torch.from_numpy(ids[rows, :width].astype(np.int64)).to(device)
+        for start in range(0, n, batch_size):
+            x = torch.from_numpy(encoded.rows(np.arange(start, min(n, start + batch_size)))).to(device)
             out.append(torch.softmax(teacher(x), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

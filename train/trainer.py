@@ -197,8 +197,7 @@ def train_model(
     x_val, len_val = enc_val.ids.astype(np.int32), enc_val.lengths
     targets = y_train  # (N,) label indices, or (N, n_labels) probabilities when distilling
     if teacher is not None:  # the teacher reads the titles with its own tokenizer
-        teacher_enc = teacher.tokenizer().encode_batch(titles)
-        probs = teacher_probabilities(teacher.build_model(), teacher_enc.ids, teacher_enc.lengths, device)
+        probs = teacher_probabilities(teacher.build_model(), teacher.tokenizer().encode_batch(titles), device)
         unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
                   else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
         targets = soft_targets(probs, y_train, unseen, config.distill.teacher_weight, config.label_smoothing)
