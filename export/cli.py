@@ -31,7 +31,7 @@ from meli.command import reports_errors, setup_logging
                    "(none of 6,371 validation titles for the default model). --no-quantize: float32, within 1e-4.")
 @click.option("--check", is_flag=True, help="Only check parity of an existing --output against its checkpoint.")
 @click.option("--quiet", is_flag=True, help="Only errors and the final line.")
-@reports_errors
+@reports_errors(interrupted=lambda kw: f"{kw['output']} left as it was")
 def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provider, register_name, no_register,
          table_precision, quantize, check, quiet):
     """Export the best checkpoint to one ONNX file and prove torch/onnxruntime parity.

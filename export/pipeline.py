@@ -15,7 +15,7 @@ from meli.demo_catalog import DEMO_DIR
 from meli.errors import MeliError, ModelFileError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
-from meli.tracking import mlflow_client
+from meli.tracking import check_store, mlflow_client, require_existing_store
 from export.compaction import Precision
 from export.onnx_export import signature, to_onnx
 from export.parity import ParityReport, check_parity, require_parity
@@ -40,6 +40,8 @@ def best_run_id(experiment: str | None = None) -> str:
 
     No experiment named: the experiment of the most recent run, i.e. what was just trained.
     """
+    require_existing_store("meli-export")
+    check_store()
     client = mlflow_client()
     if experiment is None:
         exps = client.search_experiments()

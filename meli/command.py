@@ -1,19 +1,38 @@
-"""What the three command-line tools share: logging to stderr, and one-line errors.
+"""What the three command-line tools share: logging to stderr, one-line errors, signals.
 
 Only the stages' ``cli.py`` modules import this (and click); the library raises
 `meli.errors.MeliError`, and `reports_errors` turns it into click's one-line ``Error: …``
-with exit code 1.
+with exit code 1. SIGTERM (what schedulers send) and SIGINT (Ctrl-C) unwind the command like
+an error, so every temporary file is removed and an existing output stays as it was; the
+exit code is then 128 + the signal's number, as a shell reports a killed command.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
+from typing import Callable
 
 import click
 
 from meli.errors import MeliError
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT (a BaseException, as KeyboardInterrupt is,
+    so that no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Stopped(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def setup_logging(quiet: bool) -> None:
@@ -28,14 +47,31 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def reports_errors(func):
-    """Turn the library's errors into a one-line click error and a non-zero exit."""
+def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = None):
+    """Turn the library's errors into a one-line click error and exit code 1, and SIGTERM or
+    SIGINT into ``Error: interrupted by SIGTERM[; what]`` and exit code 128 + signal, where
+    `interrupted(kwargs)` says what the interruption left (e.g. the output untouched)."""
+    if func is None:
+        return functools.partial(reports_errors, interrupted=interrupted)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        def stop(signum, frame):
+            raise Interrupted(signum)
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             return func(*args, **kwargs)
         except MeliError as e:
             raise click.ClickException(str(e)) from e
+        except Interrupted as e:
+            for s in previous:  # a second signal while unwinding must not print a traceback
+                signal.signal(s, signal.SIG_IGN)
+            what = f"; {interrupted(kwargs)}" if interrupted is not None else ""
+            raise _Stopped(f"interrupted by {e}{what}", 128 + e.signum) from None
+        finally:
+            for s, handler in previous.items():
+                if signal.getsignal(s) is stop:
+                    signal.signal(s, handler)
 
     return wrapper

@@ -18,10 +18,12 @@ import csv
 import gzip
 import io
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -29,6 +31,8 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from meli.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
 
 Format = Literal["parquet", "jsonl", "csv"]
 
@@ -51,6 +55,9 @@ def detect_format(path: str | os.PathLike) -> Format:
     name = p.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
+        if _SUFFIXES.get(Path(name).suffix) == "parquet":
+            raise InputError(f"{path}: Parquet is compressed inside, so a gzipped .parquet.gz is not a Parquet file; "
+                             "name it .parquet")
     fmt = _SUFFIXES.get(Path(name).suffix)
     if fmt is None:
         raise InputError(
@@ -93,9 +100,9 @@ def iter_batches(
     if fmt == "parquet":
         yield from _parquet_batches(p, batch_size)
     elif fmt == "jsonl":
-        yield from _jsonl_batches(p, batch_size, string_columns)
+        yield from _valid_text(p, _jsonl_batches(p, batch_size, string_columns))
     else:
-        yield from _csv_batches(p, batch_size)
+        yield from _valid_text(p, _csv_batches(p, batch_size))
 
 
 def read_table(path: str | os.PathLike, string_columns: tuple[str, ...] = ("title",)) -> pa.Table:
@@ -107,13 +114,133 @@ def read_table(path: str | os.PathLike, string_columns: tuple[str, ...] = ("titl
 
 
 def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Every part's batches, in one schema: the first part's, with string columns as plain
+    ``string`` (a part may store a title as ``large_string`` or dictionary-encoded and another
+    as ``string``: the same data). Parts whose columns differ otherwise are an error."""
+    first: tuple[Path, pa.Schema] | None = None
     for part in parquet_parts(path):
         try:
             f = pq.ParquetFile(part)
+            schema = f.schema_arrow
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{part}: not a readable Parquet file ({_first_line(e)})") from e
+        _check_unique(part, schema.names)
+        target = pa.schema([pa.field(fld.name, _plain(fld.type)) for fld in schema])
+        if first is None:
+            first = (part, target)
+        else:
+            _check_same_columns(part, target, *first)
+        rows = 0
+        try:
             for batch in f.iter_batches(batch_size=batch_size):
+                batch = _conform(batch, first[1])
+                _check_utf8(batch, lambda i: f"{part}: row {rows + i + 1}" if i is not None else str(part))
+                rows += batch.num_rows
                 yield batch
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part}: not a readable Parquet file ({_first_line(e)})") from e
+
+
+def is_text(t: pa.DataType) -> bool:
+    """Any Arrow type that holds strings: string, large_string, string_view, dictionary of those."""
+    if pa.types.is_dictionary(t):
+        return is_text(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def as_plain_strings(column: pa.Array) -> pa.Array:
+    """A text column as plain ``string``; other columns as they are."""
+    if not is_text(column.type) or column.type == pa.string():
+        return column
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column.cast(pa.string())
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    return pa.string() if is_text(t) else t
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    columns = [as_plain_strings(batch.column(name)) for name in schema.names]
+    columns = [c if c.type == f.type else c.cast(f.type, safe=True) for c, f in zip(columns, schema)]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+_FAMILIES = (pa.types.is_integer, pa.types.is_floating)  # widths may differ between parts; values must fit
+
+
+def _check_same_columns(part: Path, schema: pa.Schema, first: Path, first_schema: pa.Schema) -> None:
+    extra = [n for n in schema.names if n not in first_schema.names]
+    missing = [n for n in first_schema.names if n not in schema.names]
+    if extra or missing:
+        what = "; ".join(x for x in (f"extra: {', '.join(extra)}" if extra else "",
+                                     f"missing: {', '.join(missing)}" if missing else "") if x)
+        raise InputError(f"{part}: columns differ from {first.name}'s ({what})")
+    for fld in first_schema:
+        t = schema.field(fld.name).type
+        if t != fld.type and not any(same(t) and same(fld.type) for same in _FAMILIES):
+            raise InputError(f"{part}: column {fld.name!r} is {t} here, {fld.type} in {first.name}")
+
+
+def _check_unique(path: Path, names: list[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise InputError(f"{path}: column {n!r} appears twice")
+        seen.add(n)
+
+
+def _check_utf8(batch: pa.RecordBatch, where: Callable[[int | None], str]) -> None:
+    """Text columns must hold valid UTF-8 (Arrow's JSON and Parquet readers do not check):
+    a bad byte must not reach the tokenizer or be copied into the output. `where(row)` names
+    the place of a row of the batch (None: row unknown) for the error."""
+    for name, column in zip(batch.schema.names, batch.columns):
+        if not _holds_text(column.type):
+            continue
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as e:
+            m = re.search(r"at string index (\d+)", str(e))
+            row = int(m.group(1)) if m and is_text(column.type) else None
+            raise InputError(f"{where(row)}: column {name!r}: invalid UTF-8") from e
+
+
+def _holds_text(t: pa.DataType) -> bool:
+    if is_text(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_holds_text(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _holds_text(t.value_type)
+    if pa.types.is_map(t):
+        return _holds_text(t.key_type) or _holds_text(t.item_type)
+    return False
+
+
+def _valid_text(path: Path, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """JSON Lines and CSV batches with their text checked; a bad byte is named by its line."""
+    for batch in batches:
+        try:
+            _check_utf8(batch, lambda i: str(path))  # no line: the scan below finds it
+        except InputError as e:
+            line = _first_undecodable_line(path)
+            raise InputError(f"{path}: line {line}: invalid UTF-8" if line else str(e)) from e
+        yield batch
+
+
+def _first_undecodable_line(path: Path) -> int | None:
+    opener = gzip.open if _compression(path) else open
+    try:
+        with opener(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return number
+    except (OSError, EOFError):
+        return None
+    return None
 
 
 def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
@@ -122,23 +249,64 @@ def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...])
     present = _first_record_keys(path)
     if present is None:
         return  # an empty file: no batches
-    schema = pa.schema([(c, pa.string()) for c in string_columns if c in present])
-    parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+    fields = {c: pa.string() for c in string_columns if c in present}
     read = pjson.ReadOptions(block_size=max(1 << 20, batch_size * 256))
     try:
-        with pa.input_stream(str(path), compression=_compression(path)) as stream:
-            reader = pjson.open_json(stream, read_options=read, parse_options=parse)
-            for batch in reader:
-                yield from _split(batch, batch_size)
+        for attempt in range(2):
+            parse = pjson.ParseOptions(explicit_schema=pa.schema(list(fields.items())), unexpected_field_behavior="infer")
+            with pa.input_stream(str(path), compression=_compression(path)) as stream:
+                reader = pjson.open_json(stream, read_options=read, parse_options=parse)
+                first = next(iter(reader), None)
+                # Arrow types a column from the first block: one that is null all through it
+                # would make the first later value an error. Find those columns' types first.
+                late = [f.name for f in first.schema if pa.types.is_null(f.type)] if first is not None and attempt == 0 else []
+                if late:
+                    found = _late_types(path, late)
+                    if found:
+                        fields.update(found)
+                        continue  # read again, with those types; nothing was yielded yet
+                if first is None:
+                    return
+                yield from _split(first, batch_size)
+                for batch in reader:
+                    yield from _split(batch, batch_size)
+                return
     except (pa.ArrowException, OSError, EOFError) as e:
         raise InputError(_explain_jsonl(path, string_columns) or f"{path}: unreadable JSON Lines ({_first_line(e)})") from e
+
+
+def _late_types(path: Path, columns: list[str]) -> dict[str, pa.DataType]:
+    """The Arrow type of each column's first non-null value (columns null all through the
+    file are left out): a scan that stops as soon as every column has shown one."""
+    log.info("%s: %s null in the first block; looking further for %s", path, ", ".join(columns),
+             "its type" if len(columns) == 1 else "their types")
+    pending = {c: re.compile(rb'"' + re.escape(json.dumps(c)[1:-1].encode()) + rb'"\s*:\s*(null\b)?') for c in columns}
+    found: dict[str, pa.DataType] = {}
+    opener = gzip.open if _compression(path) else open
+    with opener(path, "rb") as f:
+        for line in f:
+            hits = [c for c, rx in pending.items() if (m := rx.search(line)) is not None and m.group(1) is None]
+            if not hits:
+                continue
+            try:
+                record = json.loads(line)
+                typed = pjson.read_json(io.BytesIO(line.lstrip(b"\xef\xbb\xbf")))
+            except (ValueError, pa.ArrowException):
+                continue  # the reader names a malformed line
+            for c in hits:
+                if isinstance(record, dict) and record.get(c) is not None and c in typed.column_names:
+                    found[c] = typed.schema.field(c).type
+                    del pending[c]
+            if not pending:
+                break
+    return found
 
 
 def _first_record_keys(path: Path) -> set[str] | None:
     """Keys of the first record (None for a file with no records): only columns a file has
     may be typed explicitly (Arrow would otherwise add the absent ones as all-null columns)."""
     try:
-        with open_text(path) as f:
+        with open_text(path, encoding="utf-8-sig") as f:
             for line in f:
                 if line.strip():
                     record = json.loads(line)
@@ -148,10 +316,21 @@ def _first_record_keys(path: Path) -> set[str] | None:
     return None
 
 
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true/false", dict: "an object", list: "an array"}
+
+
 def _explain_jsonl(path: Path, string_columns: tuple[str, ...]) -> str | None:
+    """The first line at fault, by a plain scan: bad bytes, bad JSON, a non-object, a title
+    that is not a string, or a column whose kind of value changes from an earlier line."""
+    kinds: dict[str, tuple[str, int]] = {}
+    opener = gzip.open if _compression(path) else open
     try:
-        with open_text(path) as f:
-            for number, line in enumerate(f, start=1):
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    return f"{path}: line {number}: invalid UTF-8"
                 if not line.strip():
                     continue
                 try:
@@ -163,7 +342,14 @@ def _explain_jsonl(path: Path, string_columns: tuple[str, ...]) -> str | None:
                 for c in string_columns:
                     if c in record and record[c] is not None and not isinstance(record[c], str):
                         return f"{path}: line {number}: column {c!r} must be a string, got {record[c]!r}"
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+                for key, value in record.items():
+                    if value is None:
+                        continue
+                    kind = _JSON_KINDS.get(type(value), "a value")
+                    seen = kinds.setdefault(key, (kind, number))
+                    if seen[0] != kind:
+                        return f"{path}: line {number}: column {key!r} holds {kind} here but {seen[0]} on line {seen[1]}"
+    except (OSError, EOFError) as e:
         return f"{path}: unreadable ({_first_line(e)})"
     return None
 
@@ -174,6 +360,7 @@ def _csv_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
         raise InputError(f"{path}: empty CSV file")
     has_header = "title" in header
     if has_header:
+        _check_unique(path, header)
         names = header
     elif len(header) == len(HEADERLESS_CSV_COLUMNS):
         names = list(HEADERLESS_CSV_COLUMNS)
@@ -193,14 +380,19 @@ def _csv_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
             for batch in reader:
                 yield from _split(batch, batch_size)
     except (pa.ArrowException, OSError, EOFError) as e:
+        if "invalid UTF8" in str(e) and (line := _first_undecodable_line(path)):
+            raise InputError(f"{path}: line {line}: invalid UTF-8") from e
         raise InputError(f"{path}: malformed CSV ({_first_line(e)})") from e
 
 
 def _csv_header(path: Path) -> list[str] | None:
+    """The first row, without the byte-order mark Excel writes ("CSV UTF-8")."""
     try:
-        with open_text(path, newline="") as f:
+        with open_text(path, newline="", encoding="utf-8-sig") as f:
             return next(csv.reader(f), None)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:  # the text reader decodes ahead: find the line
+        raise InputError(f"{path}: line {_first_undecodable_line(path) or 1}: invalid UTF-8") from e
+    except (OSError, EOFError, csv.Error) as e:
         raise InputError(f"{path}: unreadable CSV ({_first_line(e)})") from e
 
 
@@ -228,7 +420,13 @@ class AtomicWriter:
             raise OutputError(f"{self.target}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise OutputError(f"{self.target}: folder {folder} is not writable")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=folder)
+        limit = check_name_length(self.target)
+        # the temporary name adds 14 characters (".", ".", 8 random, ".tmp"): shorten its stem
+        stem = self.target.name.encode()[: max(1, limit - 14)].decode("utf-8", "ignore")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot create a file beside it ({e.strerror or e})") from e
         os.close(fd)
         self.path = Path(tmp)
         self.committed = False
@@ -237,8 +435,11 @@ class AtomicWriter:
         # mkstemp makes the file private (0600); give it the mode any new file would get
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(self.path, 0o666 & ~umask)
-        os.replace(self.path, self.target)
+        try:
+            os.chmod(self.path, 0o666 & ~umask)
+            os.replace(self.path, self.target)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from e
         self.committed = True
 
     def discard(self) -> None:
@@ -252,14 +453,29 @@ class AtomicWriter:
         self.discard()
 
 
+def check_name_length(path: Path) -> int:
+    """Refuse a file name longer than its folder's file system allows; returns that limit."""
+    try:
+        limit = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(path.name.encode())
+    if size > limit:
+        raise OutputError(f"{path}: file name too long ({size} bytes; this file system allows {limit})")
+    return limit
+
+
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
     with AtomicWriter(target) as w:
-        w.path.write_bytes(data)
+        try:
+            w.path.write_bytes(data)
+        except OSError as e:
+            raise OutputError(f"{w.target}: cannot write ({e.strerror or e})") from e
         w.commit()
 
 
-def open_text(path: Path, newline: str | None = None) -> io.TextIOBase:
+def open_text(path: Path, newline: str | None = None, encoding: str = "utf-8") -> io.TextIOBase:
     """A text file, transparently gunzipped."""
     if _compression(path):
-        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
-    return open(path, encoding="utf-8", newline=newline)
+        return gzip.open(path, "rt", encoding=encoding, newline=newline)
+    return open(path, encoding=encoding, newline=newline)

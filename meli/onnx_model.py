@@ -92,7 +92,7 @@ class ModelCard:
                 matmuls=model.get("matmuls", "fp32"),
             )
         except (ValueError, KeyError, TypeError) as e:
-            raise ModelFileError(f"{source}: unreadable model metadata ({e})") from e
+            raise ModelFileError(f"{source}: unreadable model metadata ({str(e).splitlines()[0][:200]})") from e
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -170,9 +170,34 @@ def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto
         raise MeliError(f"--provider cuda: onnxruntime could not start CUDA (fell back to {used}); "
                         "check the CUDA/cuDNN libraries (pip install 'onnxruntime-gpu[cuda,cudnn]')")
     card = ModelCard.from_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-        raise ModelFileError(f"{source}: expected one input named {INPUT_NAME!r}")
-    sha = file_sha256(model) if not isinstance(model, bytes) else hashlib.sha256(model).hexdigest()
+    loaded = OnnxModel(session=session, card=card, provider=used, source=source)
+    check_model(loaded)
+    loaded.sha256 = file_sha256(model) if not isinstance(model, bytes) else hashlib.sha256(model).hexdigest()
     log.info("model %s on %s", source, used)
-    return OnnxModel(session=session, card=card, provider=used, source=source, sha256=sha)
+    return loaded
+
+
+def check_model(m: OnnxModel) -> None:
+    """The graph and its card agree, checked once at load: one int64 ``[batch, sequence]``
+    input and a ``probabilities`` output; as many labels as the graph has outputs (a label
+    list one longer would shift every category silently); every id the card's tokenizer can
+    produce is a row the graph holds (a probe run on the largest one)."""
+    source = m.source
+    inputs, outputs = m.session.get_inputs(), m.session.get_outputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].type != "tensor(int64)" or len(inputs[0].shape) != 2:
+        raise ModelFileError(f"{source}: expected one int64 input named {INPUT_NAME!r} shaped [batch, sequence]")
+    if OUTPUT_NAME not in [o.name for o in outputs]:
+        raise ModelFileError(f"{source}: the graph has no output named {OUTPUT_NAME!r}")
+    try:
+        tokenizer = m.card.tokenizer()
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"{source}: unusable tokenizer settings ({e})") from e
+    n_ids = tokenizer.n_compact_ids if m.card.compact else tokenizer.n_ids
+    try:
+        width = m.predict(np.array([[n_ids - 1]], dtype=np.int64)).shape[1]
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own error types
+        raise ModelFileError(f"{source}: the tokenizer's ids reach {n_ids - 1:,} but the graph cannot read them "
+                             f"(its vocabulary and graph do not belong together: {str(e).splitlines()[0][:160]})") from e
+    if width != len(m.card.labels):
+        raise ModelFileError(f"{source}: the model file lists {len(m.card.labels):,} labels but the graph outputs "
+                             f"{width:,} probabilities")

@@ -103,7 +103,7 @@ class TokenizerConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown tokenizer settings: {sorted(unknown)}")
+            raise ValueError(f"unknown tokenizer setting(s) {', '.join(sorted(unknown))}")
         d = dict(d)
         if "stopwords" in d:
             d["stopwords"] = tuple(d["stopwords"])

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from meli.errors import MeliError, ModelFileError
 
@@ -21,6 +23,36 @@ FINGERPRINT_TAG = "meli.data_fingerprint"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def require_existing_store(what: str) -> None:
+    """Reading from the default store needs it to exist: opening a missing SQLite file would
+    create an empty ``mlflow.db`` in the current folder (a side effect, and a confusing
+    "no runs" later). Stores named by ``MLFLOW_TRACKING_URI`` are the user's to manage."""
+    if "MLFLOW_TRACKING_URI" not in os.environ and not (Path.cwd() / DEFAULT_DB).is_file():
+        raise MeliError(f"{what}: no MLflow store here (no {DEFAULT_DB} in {Path.cwd()}); run from the folder "
+                        "that holds it, or set MLFLOW_TRACKING_URI")
+
+
+def check_store(timeout_s: float = 5.0) -> None:
+    """Refuse a store that cannot work, before any work starts: an http(s) tracking server
+    that does not answer (the MLflow client would retry with back-off for minutes), or a
+    SQLite path that is a folder or sits in a folder that cannot be written."""
+    uri = tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout_s).close()
+        except OSError as e:
+            raise MeliError(f"MLflow tracking server {uri}: unreachable ({e.strerror or e})") from e
+    elif parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and ":memory:" not in uri:
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        folder = next((f for f in [db.parent, *db.parent.parents] if f.exists()), Path("/"))
+        if db.exists() and not db.is_file():
+            raise MeliError(f"MLflow store {uri}: {db} is not a file")
+        if (db.exists() and not os.access(db, os.W_OK)) or not os.access(folder, os.W_OK):
+            raise MeliError(f"MLflow store {uri}: not writable")
 
 
 def mlflow_client():
@@ -63,6 +95,8 @@ def resolve_model_uri(model: str) -> Path:
         return Path(model)
     import mlflow
 
+    require_existing_store(model)
+    check_store()
     mlflow_client()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))

@@ -22,7 +22,7 @@ from meli.command import reports_errors, setup_logging
               help="onnxruntime provider; auto takes CUDA when it really works, else the CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for onnxruntime and Arrow (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or logs; the summary line still goes to stderr.")
-@reports_errors
+@reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was")
 def main(input_path, output_path, model, title_column, keep_columns, top_k, batch_size, provider, threads, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
 

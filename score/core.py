@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from meli.errors import InputError
+from meli.formats import as_plain_strings, is_text
 from meli.onnx_model import OnnxModel, load_onnx_model
 from meli.tokenizer import N_SPECIAL, Encoded
 
@@ -74,16 +75,34 @@ class Scorer:
     def _kept(self, schema: pa.Schema) -> list[tuple[str, str]]:
         """(input name, output name) of the columns passed through."""
         title = self.options.title_column
+        twice = _first_repeat(schema.names)
+        if twice is not None:
+            raise InputError(f"the input's column {twice!r} appears twice")
         if title not in schema.names:
             raise InputError(f"no title column {title!r}; the input has: {', '.join(schema.names)} (use --title-column)")
         if self.options.keep_columns is None:
             names = [n for n in schema.names if n != title]
         else:
+            twice = _first_repeat(self.options.keep_columns)
+            if twice is not None:
+                raise InputError(f"--keep-columns names {twice!r} twice")
             missing = [c for c in self.options.keep_columns if c not in schema.names]
             if missing:
                 raise InputError(f"--keep-columns: no column(s) {', '.join(missing)}; the input has: {', '.join(schema.names)}")
             names = list(self.options.keep_columns)
-        return [(n, RENAMED_PREFIX + n if n in OUTPUT_COLUMNS else n) for n in names]
+        # an input column named like an output column gets the prefix, as often as it takes to
+        # be unique (an input may already have an "input_category")
+        taken = set(OUTPUT_COLUMNS) | {n for n in names if n not in OUTPUT_COLUMNS}
+        kept = []
+        for n in names:
+            out = n
+            if n in OUTPUT_COLUMNS:
+                out = RENAMED_PREFIX + n
+                while out in taken:
+                    out = RENAMED_PREFIX + out
+                taken.add(out)
+            kept.append((n, out))
+        return kept
 
     def output_schema(self, schema: pa.Schema, kept: list[tuple[str, str]] | None = None) -> pa.Schema:
         kept = self._kept(schema) if kept is None else kept
@@ -108,9 +127,15 @@ class Scorer:
         """The first half of `score_batch`: check the batch, encode its titles (releases the
         GIL, so it can run in another thread while onnxruntime scores the batch before)."""
         kept = self._kept(batch.schema)
-        titles = batch.column(self.options.title_column)
-        if not (pa.types.is_string(titles.type) or pa.types.is_large_string(titles.type) or pa.types.is_null(titles.type)):
-            raise InputError(f"title column {self.options.title_column!r} holds {titles.type}, not strings")
+        name = self.options.title_column
+        titles = batch.column(name)
+        if not (is_text(titles.type) or pa.types.is_null(titles.type)):
+            raise InputError(f"title column {name!r} holds {titles.type}, not strings")
+        titles = as_plain_strings(titles)
+        try:  # the readers check this already; a batch from elsewhere (Spark) may not be
+            titles.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise InputError(f"title column {name!r}: invalid UTF-8 ({e})") from e
         return Tokenized(batch, kept, self.tokenizer.encode_batch(titles, compact=self.model.card.compact))
 
     def predict(self, tokenized: Tokenized) -> pa.RecordBatch:
@@ -155,6 +180,15 @@ class Scorer:
     def score_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             yield self.score_batch(batch)
+
+
+def _first_repeat(names) -> str | None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            return n
+        seen.add(n)
+    return None
 
 
 def length_runs(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:

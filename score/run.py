@@ -9,6 +9,10 @@ beside the target, renamed at the end: an error or a kill leaves any previous ou
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import decimal
+import gzip
 import json
 import logging
 import os
@@ -20,11 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from meli.errors import InputError, OutputError
-from meli.formats import AtomicWriter, detect_format, iter_batches, parquet_parts
+from meli.formats import AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
 from score.core import Scorer, ScoreOptions
@@ -109,24 +114,30 @@ def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.
 
 
 class _OutputFile:
-    """Parquet, or JSON Lines when the output name says so, written in a background thread."""
+    """Parquet, or JSON Lines (gzipped when the name ends in .gz) when the output name says
+    so, written in a background thread to `path`; errors name `target`, the user's file."""
 
-    def __init__(self, path: Path, schema: pa.Schema, fmt: str):
-        self.format = fmt
+    def __init__(self, path: Path, schema: pa.Schema, target: Path):
+        self.format = detect_format(target)
         self.path = path
+        self.target = target
         self.schema = schema
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.worker = _Background(self._drain)
 
     def _drain(self) -> None:
-        if self.format == "parquet":
-            with pq.ParquetWriter(self.path, self.schema, compression="zstd") as w:
-                while (b := self.queue.get()) is not _DONE:
-                    w.write_batch(b)
-        else:
-            with open(self.path, "w", encoding="utf-8") as f:
-                while (b := self.queue.get()) is not _DONE:
-                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in b.to_pylist())
+        try:
+            if self.format == "parquet":
+                with pq.ParquetWriter(self.path, self.schema, compression="zstd") as w:
+                    while (b := self.queue.get()) is not _DONE:
+                        w.write_batch(b)
+            else:
+                opener = gzip.open if self.target.name.lower().endswith(".gz") else open
+                with opener(self.path, "wt", encoding="utf-8") as f:
+                    while (b := self.queue.get()) is not _DONE:
+                        f.writelines(json_lines(b))
+        except (OSError, pa.ArrowException) as e:
+            raise OutputError(f"{self.target}: cannot write ({_reason(e)})") from e
 
     def put(self, batch: pa.RecordBatch) -> None:
         while True:
@@ -154,6 +165,38 @@ class _OutputFile:
         self._stop()
 
 
+def json_lines(batch: pa.RecordBatch) -> Iterator[str]:
+    """One JSON object per row. Values JSON has no type for are written as text: timestamps,
+    dates and times in ISO 8601, decimals exactly as their digits, bytes in base64; NaN and
+    infinities (not JSON) as null."""
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_floating(column.type):
+            column = pc.if_else(pc.is_finite(column), column, pa.scalar(None, column.type))
+        columns.append(column)
+    rows = pa.RecordBatch.from_arrays(columns, schema=batch.schema).to_pylist()
+    return (json.dumps(row, ensure_ascii=False, default=_json_value) + "\n" for row in rows)
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"a {type(value).__name__} value has no JSON form")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def _count_rows(path: Path) -> int | None:
     if detect_format(path) != "parquet":
         return None
@@ -175,6 +218,7 @@ def score_file(
     quiet: bool = False,
 ) -> ScoreSummary:
     inp, out = Path(input_path), Path(output_path)
+    check_name_length(out)
     if not inp.exists():
         raise InputError(f"{inp}: no such file or directory")
     if out.exists() and inp.resolve() == out.resolve():
@@ -194,13 +238,14 @@ def score_file(
         batches = _prefetch(iter_batches(inp, batch_size=batch_size, string_columns=(options.title_column,)))
         tokenized = _prefetch(scorer.tokenize(b) for b in batches)
         writer: _OutputFile | None = None
-        bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=quiet, smoothing=0.1)
+        # a bar only on a terminal (None): a job's log file gets the summary line, not bar updates
+        bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=True if quiet else None, smoothing=0.1)
         try:
             for item in tokenized:
                 batch = item.batch
                 scored = scorer.predict(item)
                 if writer is None:
-                    writer = _OutputFile(target.path, scored.schema, detect_format(out))
+                    writer = _OutputFile(target.path, scored.schema, out)
                 writer.put(scored)
                 bar.update(batch.num_rows)
             if writer is None:  # an input with no rows still gets a (empty) output

@@ -188,7 +188,11 @@ def _touch(path: Path) -> Path:
 # ---------------------------------------------------------------- bad input: export
 
 
-def test_export_errors(tmp_path):
+def test_export_errors(tmp_path, monkeypatch):
+    result = invoke(export_main, ["--quiet"])
+    assert result.exit_code == 1 and "meli-export: no MLflow store here (no mlflow.db in" in result.output
+    assert not (tmp_path / "mlflow.db").exists()  # looking for runs creates no store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
     result = invoke(export_main, ["--quiet"])
     assert result.exit_code == 1 and "no MLflow runs found" in result.output
     corrupt = tmp_path / "c.pt"

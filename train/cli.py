@@ -29,7 +29,7 @@ from meli.dataset import DataFilter
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts/checkpoints"),
               show_default=True, help="Where the best checkpoint is written (also logged to MLflow).")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
-@reports_errors
+@reports_errors(interrupted=lambda kw: "no checkpoint written; the MLflow run is marked FAILED")
 def main(config_path, data, train_path, validation_path, model, epochs, device, seed, members, languages, label_qualities,
          experiment, checkpoint_dir, quiet):
     """Train a title classifier and log the run to MLflow.

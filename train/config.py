@@ -7,7 +7,10 @@ below, and an unknown key is an error (a typo must not be silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +36,9 @@ class TokenizerSettings:
     char_ngram_max: int = 5
     char_buckets: int = 2**18
     max_length: int = 256
+
+    def __post_init__(self) -> None:
+        self.resolve()  # a bad language or n-gram range is an error when the config is read, not mid-run
 
     def resolve(self) -> TokenizerConfig:
         fields = dataclasses.asdict(self)
@@ -83,6 +89,10 @@ class TrainConfig:
         section = self.mlp if self.model == "mlp" else self.cnn
         return dataclasses.replace(section, n_ids=n_ids, n_labels=n_labels)
 
+    def to_dict(self) -> dict:
+        """Every setting, sections as tables: what ``config.json`` in each MLflow run holds."""
+        return dataclasses.asdict(self)
+
     def flat(self) -> dict[str, object]:
         """Every setting as ``section.key: value``, for MLflow params."""
         out: dict[str, object] = {}
@@ -99,20 +109,111 @@ class TrainConfig:
         return out
 
 
-def _build(cls: type, values: dict, where: str):
-    """`cls(**values)`, recursing into the sections (tables) of `TrainConfig`."""
+# The range of every number a config may set, by (section, key); section "" is the top level.
+# (low, high, low_open): high None = no upper bound; low_open: the value must be > low.
+_RANGES: dict[tuple[str, str], tuple[float, float | None, bool]] = {
+    ("", "epochs"): (1, None, False),
+    ("", "batch_size"): (1, None, False),
+    ("", "lr"): (0, None, True),
+    ("", "embedding_lr"): (0, None, True),
+    ("", "weight_decay"): (0, None, False),
+    ("", "label_smoothing"): (0, 1, False),
+    ("", "patience"): (1, None, False),
+    ("", "seed"): (0, None, False),
+    ("", "validation_fraction"): (0, 1, True),
+    ("", "members"): (1, None, False),
+    ("tokenizer", "min_token_length"): (1, None, False),
+    ("tokenizer", "head_words"): (0, None, False),
+    ("tokenizer", "head_repeat"): (1, None, False),
+    ("tokenizer", "char_ngram_min"): (1, None, False),
+    ("tokenizer", "char_ngram_max"): (0, None, False),
+    ("tokenizer", "char_buckets"): (1, None, False),
+    ("tokenizer", "max_length"): (1, None, False),
+    ("vocabulary", "min_count"): (1, None, False),
+    ("vocabulary", "max_size"): (0, None, False),
+    ("vocabulary", "bigram_min_count"): (1, None, False),
+    ("embeddings", "epochs"): (1, None, False),
+    ("embeddings", "window"): (1, None, False),
+    ("embeddings", "min_count"): (1, None, False),
+    ("distill", "recombined"): (0, None, False),
+    ("distill", "teacher_weight"): (0, 1, False),
+    ("distill", "epochs"): (0, None, False),
+    ("mlp", "embedding_dim"): (1, None, False),
+    ("mlp", "hidden"): (1, None, False),
+    ("mlp", "dropout"): (0, 1, False),
+    ("mlp", "embedding_dropout"): (0, 1, False),
+    ("mlp", "embedding_init_std"): (0, None, False),
+    ("cnn", "embedding_dim"): (1, None, False),
+    ("cnn", "filters"): (1, None, False),
+    ("cnn", "kernel_sizes"): (1, None, False),
+    ("cnn", "hidden"): (1, None, False),
+    ("cnn", "dropout"): (0, 1, False),
+    ("cnn", "embedding_dropout"): (0, 1, False),
+    ("cnn", "embedding_init_std"): (0, None, False),
+}
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("nothing" if a is type(None) else _type_name(a) for a in args)
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check(section: str, name: str, value, hint, where: str) -> None:
+    """A setting's type (the field's annotation) and range (`_RANGES`), with the allowed values in the error."""
+    if not _fits(value, hint):
+        raise MeliError(f"{where}: {name} = {value!r}: must be {_type_name(hint)}")
+    bounds = _RANGES.get((section, name))
+    if bounds is None or value is None:
+        return
+    low, high, low_open = bounds
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if (v <= low if low_open else v < low) or (high is not None and v > high):
+            limit = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
+            raise MeliError(f"{where}: {name} = {value!r}: must be {limit}")
+
+
+def _build(cls: type, values: dict, where: str, section: str = ""):
+    """`cls(**values)`, recursing into the sections (tables) of `TrainConfig`; every value
+    type- and range-checked first."""
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise MeliError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         if isinstance(value, dict):
-            section = type(getattr(TrainConfig(), name, None))
-            if cls is not TrainConfig or not dataclasses.is_dataclass(section):
+            section_cls = type(getattr(TrainConfig(), name, None))
+            if cls is not TrainConfig or not dataclasses.is_dataclass(section_cls):
                 raise MeliError(f"{where}: {name!r} is a setting, not a section")
-            kwargs[name] = _build(section, value, f"{where} [{name}]")
+            kwargs[name] = _build(section_cls, value, f"{where} [{name}]", name)
         else:
+            if cls is TrainConfig and dataclasses.is_dataclass(type(getattr(TrainConfig(), name, None))):
+                raise MeliError(f"{where}: {name!r} is a section ([{name}]), not a setting")
+            _check(section, name, value, hints[name], where)
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     if cls in (MLPConfig, CNNConfig):  # sizes come from the data, not the config
         kwargs.update(n_ids=0, n_labels=0)
@@ -133,5 +234,8 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
             values = tomllib.loads(p.read_text("utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise MeliError(f"{p}: invalid TOML ({e})") from e
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(TrainConfig, values, str(path or "config"))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in given.items():  # command-line overrides, named as the user typed them
+        _check("", name, value, hints[name], f"--{name.replace('_', '-')}")
+    return _build(TrainConfig, {**values, **given}, str(path or "config"))

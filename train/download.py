@@ -35,7 +35,7 @@ def download(url: str, dest: Path, quiet: bool = False) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, AtomicWriter(dest) as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with open(out.path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=quiet) as bar:
+            with open(out.path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=True if quiet else None) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))

@@ -14,9 +14,9 @@ from meli import __version__
 from meli.checkpoint import save_checkpoint
 from meli.dataset import DataFilter, LabelledSplit, fingerprint, load_labelled, split_holdout
 from meli.demo_catalog import DEMO_DIR
-from meli.errors import InputError
+from meli.errors import InputError, MeliError, OutputError
 from meli.formats import detect_format
-from meli.tracking import FINGERPRINT_TAG, experiment_for, mlflow_client, tracking_uri
+from meli.tracking import FINGERPRINT_TAG, check_store, experiment_for, mlflow_client, tracking_uri
 from train.config import TrainConfig
 from train.report import category_report, plot_curves, plot_worst_categories, write_category_csv, write_confusions_csv
 from train.trainer import EpochMetrics, TrainResult, train_and_refit
@@ -96,24 +96,34 @@ def run_training(
 ) -> RunOutcome:
     import mlflow
 
+    check_store()  # before reading the data: an unreachable server fails in seconds
     train, validation = load_splits(source, config, data_filter)
     fp = fingerprint(train, validation)
     experiment = experiment or source.name
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
-    experiment_id = experiment_for(experiment, fp)
+    experiment_id = _recording(lambda: experiment_for(experiment, fp))
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
+    except OSError as e:
+        raise OutputError(f"--checkpoint-dir {checkpoint_dir}: cannot create ({e.strerror or e})") from e
     mlflow_client()  # sets the tracking URI for the fluent API below
-    with mlflow.start_run(experiment_id=experiment_id) as run:
+    run = _recording(lambda: mlflow.start_run(experiment_id=experiment_id))
+    with run:
         run_id = run.info.run_id
-        mlflow.set_tags({
-            FINGERPRINT_TAG: fp,
-            "meli.model": config.model,
-            "meli.train_source": str(source.train),
-            "meli.validation_source": str(source.validation or f"{source.train} (held out)"),
-        })
-        mlflow.log_params({k: str(v) for k, v in config.flat().items()})
-        mlflow.log_params({"data.train_rows": len(train), "data.validation_rows": len(validation),
-                           "data.languages": ",".join(data_filter.languages) or "all",
-                           "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
+
+        def record_start() -> None:  # the store and its artifact location take writes, or nothing is trained
+            mlflow.set_tags({
+                FINGERPRINT_TAG: fp,
+                "meli.model": config.model,
+                "meli.train_source": str(source.train),
+                "meli.validation_source": str(source.validation or f"{source.train} (held out)"),
+            })
+            mlflow.log_params({k: str(v) for k, v in config.flat().items()})
+            mlflow.log_params({"data.train_rows": len(train), "data.validation_rows": len(validation),
+                               "data.languages": ",".join(data_filter.languages) or "all",
+                               "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
+            mlflow.log_dict(config.to_dict(), "config.json")
+
+        _recording(record_start)
 
         def prefix(m: EpochMetrics) -> str:  # an ensemble's members each get their own curves
             return f"{m.model_name}_" if config.members > 1 else ""
@@ -164,3 +174,18 @@ def run_training(
         )
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking_uri())
     return RunOutcome(run_id, experiment, checkpoint_path, result)
+
+
+def _recording(step):
+    """`step()`, with a failing MLflow store (unreachable, read-only, full) as one clear error."""
+    try:
+        return step()
+    except MeliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow and its stores raise many kinds
+        raise MeliError(f"MLflow store {tracking_uri()}: cannot record the run ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

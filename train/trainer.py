@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -226,7 +227,7 @@ def train_model(
         order = rng.permutation(len(targets))
         total, seen = 0.0, 0
         bar = tqdm(_batches(len(targets), config.batch_size, order), desc=f"epoch {epoch}/{config.epochs}",
-                   unit="batch", leave=False, disable=quiet)
+                   unit="batch", leave=False, disable=True if quiet else None)  # None: bars only on a terminal
         for rows in bar:
             logits = model(_to_tensor(x_train, rows, len_train, device))
             target = torch.from_numpy(targets[rows]).to(device)
@@ -251,7 +252,8 @@ def train_model(
         if not quiet:
             tqdm.write(
                 f"epoch {epoch:>3}  train loss {metrics.train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val balanced acc {metrics.val_balanced_accuracy:.4f}  ({metrics.seconds:.1f}s)"
+                f"val balanced acc {metrics.val_balanced_accuracy:.4f}  ({metrics.seconds:.1f}s)",
+                file=sys.stderr,  # logs go to stderr; stdout holds the command's result
             )
         if on_epoch is not None:
             on_epoch(metrics)

@@ -1,0 +1,577 @@
+"""Failure modes: what meli-score, meli-export and meli-train do with bad or unusual input.
+
+Grouped as the README's "Failure modes" section is, so the two read side by side. Every case
+ends one of two ways: the right output, or exit code 1 with exactly one ``Error: ...`` line
+naming the file, row, column or key at fault, no traceback, no output created, an existing
+output byte-for-byte unchanged and no temporary file left behind (`expect_error`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT, write_jsonl
+from meli.errors import ModelFileError
+from meli.onnx_model import load_onnx_model
+from score.cli import main as score_main
+from score.core import Scorer
+from test_score import TITLES, direct_predictions
+
+YESTERDAY = b"yesterday's scores"
+
+
+def score_cli(*args):
+    return CliRunner().invoke(score_main, [str(a) for a in args] + ["--quiet"])
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+def expect_error(args: list, message: str, output: Path, *, previous: bytes | None = YESTERDAY) -> str:
+    """meli-score fails cleanly: one ``Error:`` line holding `message`, exit 1, the output as
+    it was before (absent, or `previous` byte for byte) and no temporary file."""
+    if previous is not None:
+        output.write_bytes(previous)
+    elif output.exists():
+        output.unlink()
+    result = score_cli(*args)
+    assert result.exit_code == 1, (message, result.output, result.exception)
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    assert message in result.output, result.output
+    if previous is None:
+        assert not output.exists()
+    else:
+        assert output.read_bytes() == previous
+    assert temporaries(output.parent) == []
+    return result.output
+
+
+def expect_scored(args: list, output: Path) -> pa.Table:
+    result = score_cli(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return read_output(output)
+
+
+def read_output(path: Path) -> pa.Table:
+    name = path.name
+    if ".jsonl" in name:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return pa.Table.from_pylist([json.loads(line) for line in f])
+    return pq.read_table(path)
+
+
+@pytest.fixture()
+def model(exported) -> Path:
+    return exported["mlp"]
+
+
+# ================================================================ encodings
+
+
+def test_excel_csv_with_a_byte_order_mark_keeps_its_header(model, tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the header must still be a header."""
+    rows = [("7", "Taladro Percutor Bosch 650w"), ("8", "Casco Moto Hawk Rebatible")]
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfid,title\r\n" + b"".join(f"{i},{t}\r\n".encode() for i, t in rows))
+    out = tmp_path / "out.parquet"
+    table = expect_scored([path, out, "--model", model], out)
+    assert table.column_names == ["id", "category", "probability"]
+    assert table["id"].to_pylist() == ["7", "8"]
+    assert table["category"].to_pylist() == direct_predictions(model, [t for _, t in rows])[0]
+    # the same with the title first (the case where the header was scored as a row)
+    path.write_bytes(b"\xef\xbb\xbftitle,id\n" + b"".join(f"{t},{i}\n".encode() for i, t in rows))
+    table = expect_scored([path, out, "--model", model], out)
+    assert table.num_rows == 2 and table.column_names == ["id", "category", "probability"]
+
+
+def test_headerless_csv_with_a_byte_order_mark(model, tmp_path):
+    path = tmp_path / "train-sample.csv"
+    path.write_bytes(b"\xef\xbb\xbfTaladro Percutor Bosch,DRILLS\nCasco Moto,HELMETS\n")
+    out = tmp_path / "out.parquet"
+    table = expect_scored([path, out, "--model", model, "--keep-columns", "category"], out)
+    assert table.num_rows == 2 and table["input_category"].to_pylist() == ["DRILLS", "HELMETS"]
+    assert table["category"].to_pylist() == direct_predictions(model, ["Taladro Percutor Bosch", "Casco Moto"])[0]
+
+
+def test_jsonl_with_a_byte_order_mark(model, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1, "title": "Casco Moto"}\n{"id": 2, "title": "Taladro"}\n')
+    out = tmp_path / "out.parquet"
+    table = expect_scored([path, out, "--model", model], out)
+    assert table.column_names == ["id", "category", "probability"] and table["id"].to_pylist() == [1, 2]
+
+
+def test_invalid_utf8_in_a_jsonl_title_names_the_line(model, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"title": "Casco"}\n{"title": "Ca\xf1a de pescar"}\n')
+    expect_error([path, tmp_path / "out.parquet", "--model", model], "latin1.jsonl: line 2: invalid UTF-8",
+                 tmp_path / "out.parquet")
+
+
+def test_invalid_utf8_in_another_jsonl_field_is_not_copied_through(model, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"title": "Casco", "seller": "ok"}\n{"title": "Casco", "seller": "Pe\xf1a"}\n')
+    for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        expect_error([path, out, "--model", model], "latin1.jsonl: line 2: invalid UTF-8", out, previous=None)
+
+
+def invalid_utf8_column(values: list[bytes]) -> pa.Array:
+    """A string column holding bytes that are not UTF-8 (what a careless writer produces)."""
+    data = b"".join(values)
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+
+
+def test_invalid_utf8_in_a_parquet_title_names_the_row(model, tmp_path):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"title": invalid_utf8_column([b"Casco", b"Taladro", b"Ca\xf1a"])}), path)
+    expect_error([path, tmp_path / "out.parquet", "--model", model], "bad.parquet: row 3: column 'title': invalid UTF-8",
+                 tmp_path / "out.parquet")
+
+
+def test_invalid_utf8_in_a_csv_is_named(model, tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"id,title\n1,Casco\n2,Ca\xf1a de pescar\n")
+    expect_error([path, tmp_path / "out.parquet", "--model", model], "latin1.csv: line 3: invalid UTF-8",
+                 tmp_path / "out.parquet")
+
+
+def test_a_corrupt_gzip_is_named(model, tmp_path):
+    path = tmp_path / "in.jsonl.gz"
+    data = gzip.compress("".join(json.dumps({"title": f"Casco {i}"}) + "\n" for i in range(20_000)).encode())
+    path.write_bytes(data[: len(data) // 2])
+    expect_error([path, tmp_path / "out.parquet", "--model", model], "in.jsonl.gz", tmp_path / "out.parquet")
+
+
+# ================================================================ types
+
+
+def test_dictionary_encoded_titles_score_like_plain_ones(model, tmp_path):
+    titles = pa.array(TITLES * 3)
+    expected = direct_predictions(model, TITLES * 3)[0]
+    path = tmp_path / "dict.parquet"
+    out = tmp_path / "out.parquet"
+    # as Spark and pandas categoricals write them: the Arrow schema asks for the dictionary back
+    pq.write_table(pa.table({"title": titles.dictionary_encode()}), path, store_schema=True)
+    assert pq.ParquetFile(path).schema_arrow.field("title").type == pa.dictionary(pa.int32(), pa.string())
+    assert expect_scored([path, out, "--model", model], out)["category"].to_pylist() == expected
+    pq.write_table(pa.table({"title": titles.dictionary_encode()}), path, store_schema=False)
+    assert expect_scored([path, out, "--model", model], out)["category"].to_pylist() == expected
+
+
+@pytest.mark.parametrize("title_type", [pa.string(), pa.large_string(), pa.string_view(),
+                                        pa.dictionary(pa.int8(), pa.string())])
+def test_every_arrow_string_type_is_a_title(model, title_type):
+    scorer = Scorer(load_onnx_model(model, "cpu"))
+    titles = pa.array(TITLES).cast(title_type) if not pa.types.is_dictionary(title_type) else \
+        pa.array(TITLES).dictionary_encode().cast(title_type)
+    out = scorer.score_batch(pa.record_batch({"id": pa.array(range(len(TITLES))), "title": titles}))
+    assert out.column("category").to_pylist() == direct_predictions(model, TITLES)[0]
+
+
+def test_a_title_column_of_numbers_is_refused(model, tmp_path):
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"title": [1, 2]}), path)
+    expect_error([path, tmp_path / "out.parquet", "--model", model], "column 'title' holds int64, not strings",
+                 tmp_path / "out.parquet")
+
+
+def test_timestamps_decimals_dates_and_bytes_are_kept_into_jsonl(model, tmp_path):
+    table = pa.table({
+        "title": ["Casco Moto", "Taladro"],
+        "seen": pa.array([dt.datetime(2026, 11, 26, 13, 5), None], pa.timestamp("ms")),
+        "day": pa.array([dt.date(2026, 11, 26), dt.date(2019, 1, 1)]),
+        "price": pa.array([decimal.Decimal("1999.90"), decimal.Decimal("0.01")], pa.decimal128(10, 2)),
+        "raw": pa.array([b"\x00\xff", b""]),
+        "tags": pa.array([["a", "b"], []]),
+        "meta": pa.array([{"k": 1}, {"k": 2}]),
+        "ratio": pa.array([float("nan"), 0.5]),
+    })
+    path = tmp_path / "typed.parquet"
+    pq.write_table(table, path)
+    for out in (tmp_path / "out.jsonl", tmp_path / "out.parquet"):
+        got = expect_scored([path, out, "--model", model], out)
+        assert got.num_rows == 2 and got.column_names[:7] == ["seen", "day", "price", "raw", "tags", "meta", "ratio"]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows[0]["seen"] == "2026-11-26T13:05:00" and rows[1]["seen"] is None
+    assert rows[0]["day"] == "2026-11-26" and rows[0]["price"] == "1999.90"
+    assert rows[0]["raw"] == "AP8=" and rows[0]["tags"] == ["a", "b"] and rows[0]["meta"] == {"k": 1}
+    assert rows[0]["ratio"] is None and rows[1]["ratio"] == 0.5  # JSON has no NaN
+    assert pq.read_table(tmp_path / "out.parquet").schema.field("price").type == pa.decimal128(10, 2)
+
+
+def test_a_jsonl_field_null_for_megabytes_then_a_string(model, tmp_path):
+    """Arrow types a column from the first block; a field that is null all through it is
+    still a string field (this was refused, and the error named a row of the block)."""
+    n = 40_000  # > 2 MB of rows before the first non-null value
+    rows = [{"id": i, "title": "Casco Moto Hawk", "note": None} for i in range(n)]
+    rows.append({"id": n, "title": "Taladro", "note": "late"})
+    path = write_jsonl(tmp_path / "late.jsonl", rows)
+    assert path.stat().st_size > 2 << 20
+    out = tmp_path / "out.parquet"
+    table = expect_scored([path, out, "--model", model], out)
+    assert table.num_rows == n + 1 and table["note"].to_pylist()[-1] == "late" and table["id"].to_pylist()[-1] == n
+
+
+def test_a_jsonl_field_that_changes_type_names_the_line(model, tmp_path):
+    rows = [{"title": "Casco", "sku": f"A{i}"} for i in range(30_000)] + [{"title": "Taladro", "sku": 7}]
+    path = write_jsonl(tmp_path / "drift.jsonl", rows)
+    expect_error([path, tmp_path / "out.parquet", "--model", model],
+                 "drift.jsonl: line 30001: column 'sku' holds a number here but a string on line 1", tmp_path / "out.parquet")
+
+
+def test_a_jsonl_title_that_is_not_a_string_names_the_line(model, tmp_path):
+    path = write_jsonl(tmp_path / "num.jsonl", [{"title": "Casco"}] * 5 + [{"title": 12}])
+    expect_error([path, tmp_path / "out.parquet", "--model", model], "num.jsonl: line 6: column 'title' must be a string",
+                 tmp_path / "out.parquet")
+
+
+# ================================================================ schemas
+
+
+def test_part_files_with_string_and_large_string_titles_score(model, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": pa.array([1, 2], pa.int32()), "title": pa.array(TITLES[:2], pa.string())}),
+                   folder / "part-0.parquet")
+    pq.write_table(pa.table({"id": pa.array([3, 4], pa.int64()), "title": pa.array(TITLES[3:5], pa.large_string())}),
+                   folder / "part-1.parquet")
+    out = tmp_path / "out.parquet"
+    table = expect_scored([folder, out, "--model", model], out)
+    assert table["id"].to_pylist() == [1, 2, 3, 4]
+    assert table["category"].to_pylist() == direct_predictions(model, TITLES[:2] + TITLES[3:5])[0]
+
+
+def test_part_files_whose_columns_drift_are_named(model, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": [1], "title": ["Casco"]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"id": [2], "title": ["Taladro"], "price": [3.5]}), folder / "part-1.parquet")
+    out = tmp_path / "out.parquet"
+    expect_error([folder, out, "--model", model], "part-1.parquet: columns differ from part-0.parquet's (extra: price)", out)
+    pq.write_table(pa.table({"id": ["two"], "title": ["Taladro"]}), folder / "part-1.parquet")
+    expect_error([folder, out, "--model", model], "part-1.parquet: column 'id' is string here, int64 in part-0.parquet", out)
+
+
+def test_duplicate_input_columns_are_refused(model, tmp_path):
+    csv_path = tmp_path / "dup.csv"
+    csv_path.write_text("id,title,id\n1,Casco,2\n")
+    expect_error([csv_path, tmp_path / "out.parquet", "--model", model], "dup.csv: column 'id' appears twice",
+                 tmp_path / "out.parquet")
+    pq_path = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["Casco"]), pa.array([1]), pa.array([2])], names=["title", "id", "id"]),
+                   pq_path)
+    expect_error([pq_path, tmp_path / "out.parquet", "--model", model], "dup.parquet: column 'id' appears twice",
+                 tmp_path / "out.parquet")
+
+
+def test_output_column_names_never_collide(model, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco", "category": "A", "input_category": "B", "probability": 1}])
+    out = tmp_path / "out.parquet"
+    table = expect_scored([path, out, "--model", model], out)
+    assert table.column_names == ["input_input_category", "input_category", "input_probability", "category", "probability"]
+    row = table.to_pylist()[0]
+    assert row["input_input_category"] == "A" and row["input_category"] == "B" and row["input_probability"] == 1
+    expect_error([path, out, "--model", model, "--keep-columns", "category,category"], "--keep-columns names 'category' twice",
+                 out)
+
+
+# ================================================================ names and paths
+
+
+def test_a_gz_jsonl_output_is_gzipped(model, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": t} for t in TITLES])
+    out = tmp_path / "out.jsonl.gz"
+    expect_scored([path, out, "--model", model], out)
+    assert out.read_bytes()[:2] == b"\x1f\x8b"
+    assert read_output(out)["category"].to_pylist() == direct_predictions(model, TITLES)[0]
+
+
+def test_a_gz_parquet_name_is_refused(model, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
+    expect_error([path, tmp_path / "out.parquet.gz", "--model", model], "out.parquet.gz: Parquet is compressed inside",
+                 tmp_path / "out.parquet.gz")
+    gz_in = tmp_path / "in.parquet.gz"
+    gz_in.write_bytes(gzip.compress(b"PAR1"))
+    expect_error([gz_in, tmp_path / "out.parquet", "--model", model], "in.parquet.gz: Parquet is compressed inside",
+                 tmp_path / "out.parquet")
+
+
+def test_an_output_name_at_the_file_system_limit(model, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
+    longest = tmp_path / ("s" * (255 - len(".parquet")) + ".parquet")
+    assert len(longest.name) == 255
+    expect_scored([path, longest, "--model", model], longest)
+    too_long = tmp_path / ("s" * 256 + ".parquet")
+    result = score_cli(path, too_long, "--model", model)
+    assert result.exit_code == 1 and result.output == f"Error: {too_long}: file name too long (264 bytes; " \
+        "this file system allows 255)\n", result.output
+    assert temporaries(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", longest.name]
+
+
+def test_output_paths_that_cannot_be_written(model, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
+    (tmp_path / "adir").mkdir()
+    expect_error([path, tmp_path / "adir", "--model", model], "is a directory", tmp_path / "nothing.parquet", previous=None)
+    expect_error([path, tmp_path / "nowhere" / "out.parquet", "--model", model], "does not exist",
+                 tmp_path / "nowhere.parquet", previous=None)
+    expect_error([path, path, "--model", model], "would overwrite the input", tmp_path / "nothing.parquet", previous=None)
+
+
+# ================================================================ disk, signals, logs
+
+
+def score_process(args: list, **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    return subprocess.Popen([sys.executable, "-m", "score", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(model, tmp_path):
+    """A file-size limit makes writes fail the way a full disk does (EFBIG instead of ENOSPC)."""
+    import resource
+
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"id": np.arange(200_000), "title": TITLES * 25_000}), big)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(YESTERDAY)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = score_process([big, out, "--model", model, "--quiet"], preexec_fn=limit)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.startswith("Error: ") and err.count("\n") == 1 and f"{out}: cannot write" in err, err
+    assert out.read_bytes() == YESTERDAY and temporaries(tmp_path) == []
+
+
+def start_and_wait_for_writing(model: Path, tmp_path: Path, copies: int) -> tuple[subprocess.Popen, Path]:
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"title": TITLES * copies}), big, row_group_size=10_000)
+    out = tmp_path / "out.parquet"
+    out.write_bytes(YESTERDAY)
+    proc = score_process([big, out, "--model", model, "--batch-size", "5000", "--quiet"])
+    deadline = time.time() + 60
+    while time.time() < deadline and not temporaries(tmp_path):
+        time.sleep(0.02)
+    assert temporaries(tmp_path), "the run never started writing"
+    return proc, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_stop_cleanly(sig, model, tmp_path):
+    proc, out = start_and_wait_for_writing(model, tmp_path, 100_000)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err == f"Error: interrupted by {signal.Signals(sig).name}; {out} left as it was\n", err
+    assert out.read_bytes() == YESTERDAY and temporaries(tmp_path) == []
+
+
+def test_sigkill_leaves_the_previous_output_intact(model, tmp_path):
+    proc, out = start_and_wait_for_writing(model, tmp_path, 50_000)
+    proc.kill()
+    proc.communicate()
+    assert out.read_bytes() == YESTERDAY
+
+
+def test_progress_bars_only_on_a_terminal(model, tmp_path):
+    """A nightly job's log (stderr to a file) gets log lines, not carriage-return updates."""
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"title": TITLES * 20_000}), big, row_group_size=10_000)
+    proc = score_process([big, tmp_path / "out.parquet", "--model", model, "--batch-size", "5000"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "\r" not in err and "scored 160,000 rows" in err and len(err.splitlines()) < 10, err
+
+
+# ================================================================ model files
+
+
+def tampered(model: Path, tmp_path: Path, name: str, change) -> Path:
+    proto = onnx.load(model)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    change(meta)
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    path = tmp_path / name
+    onnx.save(proto, path)
+    return path
+
+
+def test_a_model_whose_labels_do_not_match_its_output_width(model, tmp_path):
+    def longer(meta):
+        meta["meli.labels"] = json.dumps(["AAA_FIRST"] + json.loads(meta["meli.labels"]))
+
+    def shorter(meta):
+        meta["meli.labels"] = json.dumps(json.loads(meta["meli.labels"])[:-1])
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
+    for name, change in (("longer.onnx", longer), ("shorter.onnx", shorter)):
+        bad = tampered(model, tmp_path, name, change)
+        with pytest.raises(ModelFileError, match=rf"{name}: .* labels but the graph outputs"):
+            load_onnx_model(bad, "cpu")
+        expect_error([path, tmp_path / "out.parquet", "--model", bad], f"{name}: ", tmp_path / "out.parquet")
+
+
+def test_a_model_whose_vocabulary_outgrows_its_embedding(model, tmp_path):
+    def more_words(meta):
+        meta["meli.vocabulary"] = json.dumps(json.loads(meta["meli.vocabulary"]) + [f"w{i}" for i in range(5000)])
+
+    bad = tampered(model, tmp_path, "vocab.onnx", more_words)
+    with pytest.raises(ModelFileError, match="vocab.onnx: the tokenizer's ids reach .* the graph"):
+        load_onnx_model(bad, "cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("meli.tokenizer"), "model metadata incomplete (missing meli.tokenizer)"),
+    (lambda m: m.update({"meli.tokenizer": json.dumps({**json.loads(m["meli.tokenizer"]), "lowercase": False})}),
+     "unknown tokenizer setting(s) lowercase"),
+    (lambda m: m.update({"meli.tokenizer": "{not json"}), "unreadable model metadata"),
+    (lambda m: m.update({"meli.model": json.dumps({**json.loads(m["meli.model"]), "encoding": "bytes"})}),
+     "unknown token encoding 'bytes'"),
+])
+def test_model_metadata_is_checked_at_load(change, message, model, tmp_path):
+    bad = tampered(model, tmp_path, "bad.onnx", change)
+    with pytest.raises(ModelFileError) as info:
+        load_onnx_model(bad, "cpu")
+    assert str(info.value).startswith(f"{bad}: ") and message in str(info.value), str(info.value)
+
+
+def test_a_graph_with_other_inputs_or_an_unknown_opset(model, tmp_path):
+    proto = onnx.load(model)
+    proto.graph.input[0].name = "ids"
+    for node in proto.graph.node:
+        node.input[:] = ["ids" if i == "token_ids" else i for i in node.input]
+    onnx.save(proto, tmp_path / "renamed.onnx")
+    with pytest.raises(ModelFileError, match="renamed.onnx: expected one int64 input named 'token_ids'"):
+        load_onnx_model(tmp_path / "renamed.onnx", "cpu")
+    proto = onnx.load(model)
+    proto.opset_import[0].version = 99
+    onnx.save(proto, tmp_path / "future.onnx")
+    with pytest.raises(ModelFileError, match="future.onnx: not a loadable ONNX model"):
+        load_onnx_model(tmp_path / "future.onnx", "cpu")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="truncated.onnx: not a loadable ONNX model"):
+        load_onnx_model(truncated, "cpu")
+
+
+# ================================================================ registry URIs
+
+
+def test_a_registry_uri_without_a_store_creates_nothing(model, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
+    expect_error([path, tmp_path / "out.parquet", "--model", "models:/meli-categorizer/1"],
+                 "models:/meli-categorizer/1: no MLflow store here (no mlflow.db in", tmp_path / "out.parquet")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_registry_uri_on_an_unreachable_server(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
+    started = time.time()
+    expect_error([path, tmp_path / "out.parquet", "--model", "models:/meli-categorizer/1"],
+                 "MLflow tracking server http://127.0.0.1:9: unreachable", tmp_path / "out.parquet")
+    assert time.time() - started < 30
+
+
+def test_a_registry_uri_that_names_no_model(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
+    expect_error([path, tmp_path / "out.parquet", "--model", "models:/no-such-model/1"],
+                 "models:/no-such-model/1: cannot resolve in the MLflow registry", tmp_path / "out.parquet")
+
+
+# ================================================================ training config and store
+
+
+@pytest.mark.parametrize("text, message", [
+    ('optimizer = "adamw "', "optimizer = 'adamw ': must be one of 'adamw', 'adam', 'sgd'"),
+    ('model = "MLP"', "model = 'MLP': must be one of 'mlp', 'cnn'"),
+    ("epochs = 0", "epochs = 0: must be at least 1"),
+    ("epochs = 2.5", "epochs = 2.5: must be a whole number"),
+    ("batch_size = -8", "batch_size = -8: must be at least 1"),
+    ("lr = 0", "lr = 0: must be above 0"),
+    ("lr = nan", "lr = nan: must be a number"),
+    ('refit = "yes"', "refit = 'yes': must be true or false"),
+    ("label_smoothing = 1.5", "label_smoothing = 1.5: must be at least 0 and at most 1"),
+    ("tokenizer = 3", "'tokenizer' is a section ([tokenizer]), not a setting"),
+    ("[mlp]\nhidden = [512, 0]", "[mlp]: hidden = [512, 0]: must be at least 1"),
+    ('[mlp]\nhidden = "512"', "[mlp]: hidden = '512': must be a list of a whole number"),
+    ('[mlp]\npooling = "max"', "[mlp]: pooling = 'max': must be one of 'mean', 'attention'"),
+    ('[tokenizer]\nstopword_languages = ["klingon"]', "[tokenizer]: no stopword list for 'klingon'"),
+    ("[tokenizer]\nchar_ngram_min = 6", "[tokenizer]: need 1 <= char_ngram_min <= char_ngram_max"),
+    ("[distill]\nteacher_weight = 2", "[distill]: teacher_weight = 2: must be at least 0 and at most 1"),
+    ("[vocabulary]\nmin_count = 0", "[vocabulary]: min_count = 0: must be at least 1"),
+    ('[embeddings]\ninit = "glove"', "[embeddings]: init = 'glove': must be one of"),
+])
+def test_every_config_value_is_checked_before_any_work(text, message, tmp_path):
+    from train.cli import main as train_main
+
+    config = tmp_path / "bad.toml"
+    config.write_text(text + "\n")
+    result = CliRunner().invoke(train_main, ["--config", str(config), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {config}") and message in result.output, result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--epochs", "0"], "--epochs: epochs = 0: must be at least 1"),
+    (["--epochs", "-3"], "--epochs: epochs = -3: must be at least 1"),
+    (["--seed", "-1"], "--seed: seed = -1: must be at least 0"),
+])
+def test_command_line_overrides_are_checked_too(option, message, tmp_path):
+    from train.cli import main as train_main
+
+    result = CliRunner().invoke(train_main, option + ["--quiet"])
+    assert result.exit_code == 1 and result.output == f"Error: {message}\n", result.output
+
+
+def test_an_unreachable_tracking_server_is_refused_before_training(tmp_path, monkeypatch):
+    from train.cli import main as train_main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    started = time.time()
+    result = CliRunner().invoke(train_main, ["--epochs", "1", "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert result.output == "Error: MLflow tracking server http://127.0.0.1:9: unreachable (Connection refused)\n"
+    assert time.time() - started < 30 and not (tmp_path / "artifacts").exists()
+
+
+def test_an_unusable_tracking_store_is_refused_before_training(tmp_path, monkeypatch):
+    from train.cli import main as train_main
+
+    store = tmp_path / "store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    store.mkdir()  # a folder where the SQLite file should be
+    result = CliRunner().invoke(train_main, ["--epochs", "1", "--quiet"])
+    assert result.exit_code == 1 and result.output == f"Error: MLflow store sqlite:///{store}: {store} is not a file\n", \
+        result.output
+    store.rmdir()
+    store.write_bytes(b"not a database" * 100)  # a file that is no SQLite database
+    result = CliRunner().invoke(train_main, ["--epochs", "1", "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: MLflow store sqlite:///{store}: cannot record the run ("), result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "artifacts").exists()
