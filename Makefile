@@ -21,11 +21,12 @@ BENCH_ROWS ?= 2000000
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test bench bench-accuracy data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
 	@echo "make test            run the test suite (what CI runs)"
+	@echo "make test-slow       the catalog-sized test at 10,000,000 rows"
 	@echo "make train           train (MODEL=mlp|cnn, CONFIG=..., DATA=folder, EXPERIMENT=name, TRAIN_ARGS=...)"
 	@echo "make export          best run -> $(OUTPUT), with the parity check"
 	@echo "make parity          re-check parity of $(OUTPUT) against its checkpoint"
@@ -63,6 +64,9 @@ score: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: venv
+	MELI_SLOW_ROWS=10000000 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
