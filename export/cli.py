@@ -43,7 +43,7 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
         meli-export --no-quantize --output artifacts/model-fp32.onnx   # float matrix products
     """
     setup_logging(quiet)
-    from export.pipeline import choose_checkpoint, export_model, recheck
+    from export.pipeline import calibration_summary, choose_checkpoint, export_model, recheck
     from export.parity import require_parity
 
     if check:
@@ -56,5 +56,6 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
                            register_as=None if no_register else register_name, precision=table_precision,
                            quantize=quantize)
     click.echo(f"wrote {outcome.output} (run {outcome.run_id or '-'}); {outcome.report.summary()}")
+    click.echo(calibration_summary(chosen.checkpoint))
     if outcome.registered:
         click.echo(f"registered as models:/{outcome.registered}")

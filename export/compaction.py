@@ -65,18 +65,27 @@ class PooledTable(nn.Module):
 
 
 class CompactMLP(nn.Module):
-    """`PooledTable` + each member's head; the mean of the members' probabilities."""
+    """`PooledTable` + each member's head; the mean of the members' probabilities, calibrated
+    as `meli.models.Calibrated` does it: ``softmax(scores / temperature)``, the scores being
+    one model's logits or an ensemble's log mean probability."""
 
-    def __init__(self, pooled: PooledTable, heads: list[nn.Module], width: int):
+    def __init__(self, pooled: PooledTable, heads: list[nn.Module], width: int, temperature: float = 1.0):
         super().__init__()
         self.pooled = pooled
         self.heads = nn.ModuleList(heads)
         self.width = width  # embedding width of one member
+        self.temperature = float(temperature)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         x = self.pooled(token_ids)  # (B, members * width)
-        probs = [torch.softmax(h(x[:, i * self.width : (i + 1) * self.width]), dim=-1) for i, h in enumerate(self.heads)]
-        return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)  # (B, n_labels)
+        logits = [h(x[:, i * self.width : (i + 1) * self.width]) for i, h in enumerate(self.heads)]
+        if len(logits) == 1:
+            scores = logits[0]
+        else:
+            scores = torch.log(torch.stack([torch.softmax(z, dim=-1) for z in logits]).mean(0).clamp(min=1e-30))
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        return torch.softmax(scores, dim=-1)  # (B, n_labels)
 
 
 def compactable(model: nn.Module) -> bool:
@@ -102,7 +111,8 @@ def fused_groups(tokenizer: Tokenizer) -> tuple[list[int], list[list[int]]]:
     return fused, groups
 
 
-def compact_mlp(model: nn.Module, tokenizer: Tokenizer, precision: Precision = "fp16") -> tuple[CompactMLP, CompactionStats]:
+def compact_mlp(model: nn.Module, tokenizer: Tokenizer, precision: Precision = "fp16",
+                temperature: float = 1.0) -> tuple[CompactMLP, CompactionStats]:
     """The scoring model of a trained mean-pooling MLP (or ensemble of them)."""
     members = list(model.members) if isinstance(model, Ensemble) else [model]
     weight = torch.cat([m.embedding.weight.detach().to(torch.float64) for m in members], dim=1)  # (n_ids, M*E)
@@ -132,7 +142,7 @@ def compact_mlp(model: nn.Module, tokenizer: Tokenizer, precision: Precision = "
     pooled = PooledTable(remap, table.to(PRECISIONS[precision]), count)
     heads = [m.head for m in members]
     stats = CompactionStats(n_ids, len(table), len(fused_ids), precision)
-    return CompactMLP(pooled, heads, members[0].config.embedding_dim).eval(), stats
+    return CompactMLP(pooled, heads, members[0].config.embedding_dim, temperature).eval(), stats
 
 
 # ----------------------------------------------------------------------------- full ids (CNN)

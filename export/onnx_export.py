@@ -26,22 +26,12 @@ from torch import nn
 from export.compaction import Precision, compact_mlp, compactable, drop_unused_rows
 from meli import __version__
 from meli.checkpoint import Checkpoint
+from meli.models import Calibrated
 from meli.onnx_model import INPUT_NAME, OUTPUT_NAME, ModelCard
 
 log = logging.getLogger(__name__)
 
 OPSET = 20
-
-
-class WithSoftmax(nn.Module):
-    """The classifier with its logits turned into probabilities, as scoring wants them."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(token_ids), dim=-1)  # (B, n_labels)
 
 
 def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding: str = "full", precision: str = "fp32",
@@ -71,6 +61,7 @@ def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding:
         encoding=encoding,
         precision=precision,
         matmuls=matmuls,
+        temperature=ckpt.temperature,
     )
 
 
@@ -79,11 +70,11 @@ def scoring_module(ckpt: Checkpoint, precision: Precision = "fp16") -> tuple[nn.
     its table precision. The parity check runs this same module against onnxruntime."""
     model = ckpt.build_model()
     if compactable(model):
-        module, stats = compact_mlp(model, ckpt.tokenizer(), precision)
+        module, stats = compact_mlp(model, ckpt.tokenizer(), precision, ckpt.temperature)
         log.info("%s", stats.summary())
         return module, "compact", precision
     log.info("%s", drop_unused_rows(model).summary())
-    return WithSoftmax(model).eval(), "full", "fp32"
+    return Calibrated(model, ckpt.temperature).eval(), "full", "fp32"
 
 
 def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: Precision = "fp16",

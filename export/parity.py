@@ -92,7 +92,7 @@ def check_parity(
 
     if len(titles) == 0:
         raise MeliError("parity check needs at least one title")
-    trained = ckpt.build_model()
+    trained = ckpt.probability_model()  # the trained weights, calibrated like the graph
     card = onnx_model.card
     graph, _, _ = scoring_module(ckpt, card.precision)
     tokenizer = ckpt.tokenizer()
@@ -107,7 +107,7 @@ def check_parity(
             lengths.append(enc.lengths)
             ids = np.ascontiguousarray(enc.ids)
             expected = graph(torch.from_numpy(ids)).numpy()
-            reference = torch.softmax(trained(torch.from_numpy(np.ascontiguousarray(full.ids))), dim=-1).numpy()
+            reference = trained(torch.from_numpy(np.ascontiguousarray(full.ids))).numpy()
             got = onnx_model.predict(ids)
             diff = np.abs(expected.astype(np.float64) - got.astype(np.float64))
             max_diff = max(max_diff, float(diff.max()))

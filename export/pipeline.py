@@ -15,6 +15,7 @@ from meli.demo_catalog import DEMO_DIR
 from meli.errors import MeliError, ModelFileError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
+from meli.calibration import coverage_table
 from meli.tracking import check_store, mlflow_client, require_existing_store
 from export.compaction import Precision
 from export.onnx_export import signature, to_onnx
@@ -145,8 +146,20 @@ def export_model(
         writer.commit()
     registered = None
     if chosen.run_id is not None and register_as:
-        registered = log_export(chosen.run_id, output, report, signature(proto), register_as)
+        registered = log_export(chosen.run_id, output, report, signature(proto), register_as, chosen.checkpoint.temperature)
     return ExportOutcome(output, report, chosen.run_id, registered)
+
+
+def calibration_summary(ckpt: Checkpoint) -> str:
+    """What `meli-export` prints about the baked-in temperature and the coverage it gives."""
+    m = ckpt.metrics
+    table = coverage_table(m)
+    if not table:
+        return f"temperature {ckpt.temperature:.3f} (no calibration report in this checkpoint)"
+    return (f"calibration: temperature {ckpt.temperature:.3f} in the graph, fitted on validation by the train-only fit; "
+            f"expected calibration error {m['calibration_ece_before']:.4f} -> {m['calibration_ece_after']:.4f}; "
+            f"{m['calibration_coverage_at_99_after']:.1%} of validation titles at 99% accuracy\n"
+            f"coverage on validation (train-only fit), calibrated:\n{table}")
 
 
 def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_data=None, parity_rows=None, provider="cpu") -> ParityReport:
@@ -161,7 +174,7 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
     return report
 
 
-def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str) -> str | None:
+def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str, temperature: float = 1.0) -> str | None:
     """Log the ONNX file, parity report and signature to the checkpoint's run; register the model."""
     client = mlflow_client()
     try:
@@ -177,7 +190,8 @@ def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name:
             client.log_artifact(run_id, str(t / f), artifact_path="export")
     client.log_artifact(run_id, str(output), artifact_path="export")
     for key, value in (("parity_max_abs_diff", report.max_abs_diff), ("parity_top1_agreement", report.top1_agreement),
-                       ("parity_checkpoint_top1_agreement", report.checkpoint_top1_agreement)):
+                       ("parity_checkpoint_top1_agreement", report.checkpoint_top1_agreement),
+                       ("export_temperature", temperature)):
         client.log_metric(run_id, key, value)
     # register the very file just written (one file, weights inside) as a model version
     source = f"{client.get_run(run_id).info.artifact_uri}/export"

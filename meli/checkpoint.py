@@ -18,7 +18,7 @@ from torch import nn
 
 from meli.errors import ModelFileError
 from meli.formats import atomic_write_bytes
-from meli.models import ModelConfig, ModelKind, build_model, config_from_dict
+from meli.models import Calibrated, ModelConfig, ModelKind, build_model, config_from_dict
 from meli.tokenizer import Tokenizer, TokenizerConfig
 
 FORMAT = "meli-checkpoint"
@@ -36,15 +36,21 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
     provenance: dict[str, str] = field(default_factory=dict)  # run id, data fingerprint, versions…
     members: int = 1  # > 1: an ensemble of that many models of this kind and config (`meli.models.Ensemble`)
+    temperature: float = 1.0  # probabilities = softmax(model(x) / temperature) (`meli.calibration`)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_config, self.vocabulary)
 
     def build_model(self) -> nn.Module:
-        """The model in eval mode, weights loaded, on the CPU."""
+        """The model in eval mode, weights loaded, on the CPU: it returns scores (logits; an
+        ensemble's log mean probability), not calibrated."""
         model = build_model(self.model_kind, self.model_config, self.members)
         model.load_state_dict(self.state_dict)
         return model.eval()
+
+    def probability_model(self) -> nn.Module:
+        """`build_model` with the calibrated softmax on top: what the exported graph computes."""
+        return Calibrated(self.build_model(), self.temperature).eval()
 
     def to_payload(self) -> dict:
         return {
@@ -53,6 +59,7 @@ class Checkpoint:
             "model_kind": self.model_kind,
             "model_config": self.model_config.to_dict(),
             "members": int(self.members),
+            "temperature": float(self.temperature),
             "tokenizer_config": self.tokenizer_config.to_dict(),
             "vocabulary": list(self.vocabulary),
             "labels": list(self.labels),
@@ -94,6 +101,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             metrics=dict(payload.get("metrics", {})),
             provenance=dict(payload.get("provenance", {})),
             members=int(payload.get("members", 1)),
+            temperature=float(payload.get("temperature", 1.0)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{p}: incomplete checkpoint ({e})") from e

@@ -153,6 +153,24 @@ class Ensemble(nn.Module):
         return torch.log(probs.clamp(min=1e-30))
 
 
+class Calibrated(nn.Module):
+    """Probabilities from a model's scores: ``softmax(model(x) / temperature)``. One positive
+    divisor keeps each title's ranking of the categories (`meli.calibration`)."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.model = model
+        self.temperature = float(temperature)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        scores = self.model(token_ids)
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        return torch.softmax(scores, dim=-1)  # (B, n_labels)
+
+
 def config_from_dict(kind: ModelKind, d: dict) -> ModelConfig:
     cls = {"mlp": MLPConfig, "cnn": CNNConfig}.get(kind)
     if cls is None:

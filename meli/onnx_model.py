@@ -46,6 +46,7 @@ class ModelCard:
     encoding: str = "full"  # which token ids the graph reads: "full" or "compact" (meli.tokenizer)
     precision: str = "fp32"  # how the graph stores its embedding table: "fp32" or "fp16"
     matmuls: str = "fp32"  # "int8": onnxruntime's dynamic quantization of the matrix products
+    temperature: float = 1.0  # baked into the graph: probabilities = softmax(scores / temperature)
 
     def __post_init__(self) -> None:
         if self.encoding not in ("full", "compact"):
@@ -66,7 +67,7 @@ class ModelCard:
             "meli.labels": json.dumps(list(self.labels), ensure_ascii=False),
             "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config, "members": self.members,
                                       "encoding": self.encoding, "precision": self.precision,
-                                      "matmuls": self.matmuls}),
+                                      "matmuls": self.matmuls, "temperature": self.temperature}),
             "meli.provenance": json.dumps(self.provenance, ensure_ascii=False),
         }
 
@@ -90,6 +91,7 @@ class ModelCard:
                 encoding=model.get("encoding", "full"),
                 precision=model.get("precision", "fp32"),
                 matmuls=model.get("matmuls", "fp32"),
+                temperature=float(model.get("temperature", 1.0)),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{source}: unreadable model metadata ({str(e).splitlines()[0][:200]})") from e

@@ -16,14 +16,22 @@ from meli.command import reports_errors, setup_logging
 @click.option("--keep-columns", default=None, help="Comma-separated input columns to pass through (default: all but the title).")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also write the K best categories and their probabilities as lists.")
+@click.option("--min-probability", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Below this probability, write a null category (the probability is kept): the rows a team "
+                   "reviews. Pick it from the coverage table meli-export prints.")
+@click.option("--route-low", type=click.Path(dir_okay=False), default=None,
+              help="Write the rows below --min-probability (and those without a category) to this second file "
+                   "instead, with the model's category as a suggestion.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16_384, show_default=True,
               help="Rows read, tokenized and written at a time; peak memory grows with it.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="onnxruntime provider; auto takes CUDA when it really works, else the CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for onnxruntime and Arrow (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or logs; the summary line still goes to stderr.")
-@reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was")
-def main(input_path, output_path, model, title_column, keep_columns, top_k, batch_size, provider, threads, quiet):
+@reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was"
+                + (f", {kw['route_low']} too" if kw.get("route_low") else ""))
+def main(input_path, output_path, model, title_column, keep_columns, top_k, min_probability, route_low, batch_size,
+         provider, threads, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
 
     INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
@@ -40,7 +48,7 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, batc
     from score.run import score_file
 
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
-    options = ScoreOptions(title_column=title_column, keep_columns=keep, top_k=top_k)
-    summary = score_file(input_path, output_path, model, options, batch_size=batch_size, provider=provider,
-                         threads=threads, quiet=quiet)
+    options = ScoreOptions(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
+    summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
+                         provider=provider, threads=threads, quiet=quiet)
     click.echo(summary.line(), err=True)

@@ -7,7 +7,9 @@ so the same code runs in ``meli-score`` and inside Spark's ``mapInArrow`` (see
 `score_arrow_batches`).
 
 Rows whose title is null, empty, or yields no known token (nothing for the model to go on)
-get a null ``category`` and ``probability``: marked, counted, never a crash.
+get a null ``category`` and ``probability``: marked, counted, never a crash. With
+``min_probability``, rows scored below it keep their ``probability`` and get a null
+``category`` (left for people or a rule to decide), also counted.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class ScoreOptions:
     title_column: str = "title"
     keep_columns: tuple[str, ...] | None = None  # None: every input column except the title
     top_k: int = 0
+    min_probability: float = 0.0  # below it, ``category`` is null (``probability`` is kept): left for review
     inference_ids: int = 32_768  # ids (rows x padded length) per onnxruntime call: bounds its memory (and runs fastest here)
 
 
@@ -43,10 +46,12 @@ class ScoreOptions:
 class ScoreStats:
     rows: int = 0
     unscored: int = 0  # null/empty titles and titles with no known token
+    below: int = 0  # scored rows whose probability is under ``min_probability``
 
     def add(self, other: "ScoreStats") -> None:
         self.rows += other.rows
         self.unscored += other.unscored
+        self.below += other.below
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class Scorer:
         n = len(self.labels)
         if not 0 <= self.options.top_k <= n:
             raise InputError(f"--top-k must be between 0 and the number of categories ({n})")
+        if not 0.0 <= self.options.min_probability <= 1.0:
+            raise InputError(f"--min-probability must be between 0 and 1, got {self.options.min_probability}")
         self.stats = ScoreStats()
 
     # ---------------------------------------------------------------- schema
@@ -163,7 +170,9 @@ class Scorer:
             top_idx[chunk] = best
             top_p[chunk] = np.take_along_axis(probs, best, axis=1)
         missing = pa.array(~scorable)
-        category = pc.if_else(missing, pa.scalar(None, pa.string()), self.labels.take(pa.array(top_idx[:, 0])))
+        below = scorable & (top_p[:, 0] < self.options.min_probability)
+        no_category = pa.array(~scorable | below)
+        category = pc.if_else(no_category, pa.scalar(None, pa.string()), self.labels.take(pa.array(top_idx[:, 0])))
         probability = pc.if_else(missing, pa.scalar(None, pa.float32()), pa.array(top_p[:, 0]))
         columns = [batch.column(name) for name, _ in kept] + [category, probability]
         if self.options.top_k:
@@ -171,7 +180,7 @@ class Scorer:
             names = pa.ListArray.from_arrays(offsets, self.labels.take(pa.array(top_idx.ravel())), mask=missing)
             values = pa.ListArray.from_arrays(offsets, pa.array(top_p.ravel()), mask=missing)
             columns += [names, values]
-        self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum())))
+        self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum()), below=int(below.sum())))
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -10,6 +10,8 @@ beside the target, renamed at the end: an error or a kill leaves any previous ou
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import datetime as dt
 import decimal
 import gzip
@@ -47,15 +49,22 @@ class ScoreSummary:
     provider: str
     model: str
     output: Path
+    below: int = 0  # scored rows under min_probability
+    min_probability: float = 0.0
+    routed_to: Path | None = None
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else float("inf")
 
     def line(self) -> str:
+        low = ""
+        if self.min_probability > 0:
+            where = f"routed to {self.routed_to} with the rows without a category" if self.routed_to else "category left null"
+            low = f"{self.below:,} below probability {self.min_probability:g} ({where}); "
         return (
             f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows_per_second:,.0f} rows/s); "
-            f"{self.unscored:,} without a category (null/empty title or no known token); "
+            f"{self.unscored:,} without a category (null/empty title or no known token); {low}"
             f"provider {self.provider}; model {self.model}; wrote {self.output}"
         )
 
@@ -206,57 +215,85 @@ def _count_rows(path: Path) -> int | None:
         return None  # the reader will report it with the file's name
 
 
+def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
+    check_name_length(out)
+    if out.exists() and inp.exists() and inp.resolve() == out.resolve():
+        raise OutputError(f"{out}: {what} would overwrite the input")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; name an output file")
+    if detect_format(out) == "csv":
+        raise OutputError(f"{out}: CSV output is not supported; use .parquet or .jsonl")
+
+
 def score_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     model: str = "artifacts/model.onnx",
     options: ScoreOptions = ScoreOptions(),
     *,
+    route_low: str | os.PathLike | None = None,
     batch_size: int = 16_384,
     provider: str = "auto",
     threads: int | None = None,
     quiet: bool = False,
 ) -> ScoreSummary:
+    """Score INPUT into OUTPUT. With `route_low`, the rows under ``options.min_probability``
+    (and those with no category at all) go to that second file instead, with the model's
+    category as a suggestion; both files are written atomically, in input order."""
     inp, out = Path(input_path), Path(output_path)
-    check_name_length(out)
+    low = Path(route_low) if route_low is not None else None
+    _check_output(out, inp)
     if not inp.exists():
         raise InputError(f"{inp}: no such file or directory")
-    if out.exists() and inp.resolve() == out.resolve():
-        raise OutputError(f"{out}: the output would overwrite the input")
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory; name an output file")
     detect_format(inp)
-    if detect_format(out) == "csv":
-        raise OutputError(f"{out}: CSV output is not supported; use .parquet or .jsonl")
+    if low is not None:
+        if not options.min_probability > 0:
+            raise InputError("--route-low needs --min-probability: the probability under which rows are routed")
+        _check_output(low, inp, "--route-low")
+        if low.resolve() == out.resolve():
+            raise OutputError(f"{low}: --route-low names the output file itself")
     if threads:
         pa.set_cpu_count(threads)
     onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)
-    scorer = Scorer(onnx_model, options)
+    # routing: the scorer keeps every category; the split below decides where each row goes
+    scorer = Scorer(onnx_model, dataclasses.replace(options, min_probability=0.0) if low is not None else options)
     started = time.perf_counter()
     total = _count_rows(inp)
-    with AtomicWriter(out) as target:
+    routed = 0
+    with contextlib.ExitStack() as stack:
+        targets = [stack.enter_context(AtomicWriter(path)) for path in ([out] if low is None else [out, low])]
         batches = _prefetch(iter_batches(inp, batch_size=batch_size, string_columns=(options.title_column,)))
         tokenized = _prefetch(scorer.tokenize(b) for b in batches)
-        writer: _OutputFile | None = None
+        writers: list[_OutputFile] = []
         # a bar only on a terminal (None): a job's log file gets the summary line, not bar updates
         bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=True if quiet else None, smoothing=0.1)
         try:
             for item in tokenized:
-                batch = item.batch
                 scored = scorer.predict(item)
-                if writer is None:
-                    writer = _OutputFile(target.path, scored.schema, out)
-                writer.put(scored)
-                bar.update(batch.num_rows)
-            if writer is None:  # an input with no rows still gets a (empty) output
+                if not writers:
+                    writers = [_OutputFile(t.path, scored.schema, t.target) for t in targets]
+                if low is None:
+                    writers[0].put(scored)
+                else:
+                    probability = scored.column("probability")
+                    is_low = pc.fill_null(pc.less(probability, options.min_probability), True)
+                    writers[0].put(scored.filter(pc.invert(is_low)))
+                    writers[1].put(scored.filter(is_low))
+                    routed += pc.sum(is_low.cast(pa.int64())).as_py() or 0
+                bar.update(item.batch.num_rows)
+            if not writers:  # an input with no rows still gets a (empty) output
                 raise InputError(f"{inp}: no rows to score")
-            writer.close()
+            for w in writers:
+                w.close()
         except BaseException:
-            if writer is not None:
-                writer.abort()
+            for w in writers:
+                w.abort()
             raise
         finally:
             bar.close()
-        target.commit()
+        for t in targets:
+            t.commit()
     stats = scorer.stats
-    return ScoreSummary(stats.rows, stats.unscored, time.perf_counter() - started, onnx_model.provider, onnx_model.source, out)
+    below = stats.below if low is None else routed - stats.unscored
+    return ScoreSummary(stats.rows, stats.unscored, time.perf_counter() - started, onnx_model.provider, onnx_model.source,
+                        out, below=below, min_probability=options.min_probability, routed_to=low)

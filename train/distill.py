@@ -65,17 +65,23 @@ def recombine_titles(titles: pa.Array, labels: np.ndarray, n: int, seed: int) ->
     return pa.array(out, pa.string())
 
 
-def teacher_probabilities(teacher: nn.Module, encoded: Encoded, device: torch.device, batch_size: int = 2048) -> np.ndarray:
-    """The teacher's probabilities for encoded titles: ``(N, n_labels)`` float32. Each batch
-    is padded on its own (no padded copy of all titles)."""
-    teacher = teacher.to(device).eval()
+def model_scores(model: nn.Module, encoded: Encoded, device: torch.device, batch_size: int = 2048) -> np.ndarray:
+    """What `model` returns (logits; an ensemble's log mean probability) for encoded titles:
+    ``(N, n_labels)`` float32. Each batch is padded on its own (no padded copy of all titles)."""
+    model = model.to(device).eval()
     n = len(encoded.lengths)
     out = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
             x = torch.from_numpy(encoded.rows(np.arange(start, min(n, start + batch_size)))).to(device)
-            out.append(torch.softmax(teacher(x), dim=-1).cpu().numpy())
+            out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def teacher_probabilities(teacher: nn.Module, encoded: Encoded, device: torch.device, batch_size: int = 2048) -> np.ndarray:
+    """The teacher's (uncalibrated) probabilities for encoded titles: ``(N, n_labels)`` float32."""
+    scores = torch.from_numpy(model_scores(teacher, encoded, device, batch_size))
+    return torch.softmax(scores, dim=-1).numpy() if len(scores) else scores.numpy()
 
 
 def soft_targets(probs: np.ndarray, labels: np.ndarray, unseen: np.ndarray, teacher_weight: float,

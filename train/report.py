@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from meli.calibration import Calibration  # noqa: E402
 from meli.metrics import CategoryRow, confused_pairs, per_category  # noqa: E402
 from train.trainer import TrainResult  # noqa: E402
 
@@ -69,3 +70,43 @@ def plot_worst_categories(rows: list[CategoryRow], path: Path, n: int = 30) -> P
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_calibration(calibration: Calibration, path: Path) -> Path:
+    """Reliability diagram (accuracy against mean probability, by bin of the top probability)
+    and coverage-accuracy curve (share of titles kept against their accuracy, by threshold),
+    before and after the temperature."""
+    fig, (ax_rel, ax_cov) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_rel.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    for bins, name in ((calibration.bins_before, f"before (ECE {calibration.ece_before:.3f})"),
+                       (calibration.bins, f"T = {calibration.temperature:.2f} (ECE {calibration.ece_after:.3f})")):
+        used = [b for b in bins if b.count]
+        ax_rel.plot([b.confidence for b in used], [b.accuracy for b in used], marker="o", label=name)
+    ax_rel.set(title="reliability (validation)", xlabel="mean top probability in bin", ylabel="accuracy",
+               xlim=(0, 1), ylim=(0, 1))
+    ax_rel.legend()
+    for rows, name in ((calibration.coverage_before, "before"), (calibration.coverage, "calibrated")):
+        ax_cov.plot([r.share for r in rows], [r.accuracy for r in rows], marker="o", label=name)
+        if name == "calibrated":
+            for r in rows:
+                ax_cov.annotate(f"{r.threshold:g}", (r.share, r.accuracy), textcoords="offset points", xytext=(3, 3),
+                                fontsize=7)
+    ax_cov.set(title="coverage vs accuracy, by probability threshold", xlabel="share of titles at or above",
+               ylabel="their accuracy")
+    ax_cov.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def coverage_rows(calibration: Calibration) -> dict[str, list]:
+    """The coverage table, before and after, as MLflow table columns."""
+    before = {r.threshold: r for r in calibration.coverage_before}
+    return {
+        "threshold": [r.threshold for r in calibration.coverage],
+        "share": [r.share for r in calibration.coverage],
+        "accuracy": [r.accuracy for r in calibration.coverage],
+        "share_uncalibrated": [before[r.threshold].share for r in calibration.coverage],
+        "accuracy_uncalibrated": [before[r.threshold].accuracy for r in calibration.coverage],
+    }

@@ -18,7 +18,9 @@ from meli.errors import InputError, MeliError, OutputError
 from meli.formats import detect_format
 from meli.tracking import FINGERPRINT_TAG, check_store, experiment_for, mlflow_client, tracking_uri
 from train.config import TrainConfig
-from train.report import category_report, plot_curves, plot_worst_categories, write_category_csv, write_confusions_csv
+from meli.metrics import confused_pairs
+from train.report import (category_report, coverage_rows, plot_calibration, plot_curves, plot_worst_categories,
+                          write_category_csv, write_confusions_csv)
 from train.trainer import EpochMetrics, TrainResult, train_and_refit
 
 log = logging.getLogger(__name__)
@@ -165,8 +167,15 @@ def run_training(
                 write_category_csv(rows, t / "per_category.csv"),
                 write_confusions_csv(result, t / "confused_pairs.csv"),
                 plot_worst_categories(rows, t / "worst_categories.png"),
+                *([plot_calibration(result.calibration, t / "calibration.png")] if result.calibration else []),
             ):
                 mlflow.log_artifact(str(f), artifact_path="report")
+        if result.calibration is not None:
+            mlflow.log_table(coverage_rows(result.calibration), artifact_file="report/coverage.json")
+            mlflow.log_param("calibration.temperature", f"{result.calibration.temperature:.4f}")
+        pairs = confused_pairs(result.val_true, result.val_pred, result.checkpoint.labels, top=50)
+        mlflow.log_table({"true_category": [p[0] for p in pairs], "predicted_category": [p[1] for p in pairs],
+                          "count": [p[2] for p in pairs]}, artifact_file="report/confused_pairs.json")
         mlflow.log_table(
             {"category": [r.category for r in rows], "precision": [r.precision for r in rows],
              "recall": [r.recall for r in rows], "f1": [r.f1 for r in rows], "support": [r.support for r in rows]},
