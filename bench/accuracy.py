@@ -3,7 +3,7 @@
 Trains on ``DATA/train.*`` and measures balanced accuracy on ``DATA/validation.*`` (every
 system trains on the same titles and is judged on titles none of them saw, so the project's
 model runs without its refit on train + validation) for:
-the project's model (``--config``, default ``configs/mlp.toml``, exported to ONNX and scored
+the project's model (``--config``, default ``train/configs/mlp.toml``, exported to ONNX and scored
 through the same path ``meli-score`` uses), fastText supervised (word bigrams, dim 100,
 25 epochs), fastText with character n-grams 3–5, and TF-IDF word 1–2 + char_wb 2–5 n-grams
 with a LinearSVC. Prints a Markdown table with the date and the machine.
@@ -110,7 +110,7 @@ def _bacc(validation, pred) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "mlp.toml")
+    ap.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "mlp.toml")
     ap.add_argument("--skip", nargs="*", default=[], help="systems to leave out: project fasttext fasttext-char svm")
     args = ap.parse_args()
     source = resolve_data(args.data)

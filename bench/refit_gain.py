@@ -29,7 +29,7 @@ from train.trainer import label_indices, train_and_refit  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "mlp.toml")
+    ap.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "mlp.toml")
     ap.add_argument("--split-seed", type=int, default=0, help="which 15%% of train becomes val'")
     args = ap.parse_args()
     source = resolve_data(args.data)

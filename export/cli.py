@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from meli import __version__
 from meli.command import reports_errors, setup_logging
 
 
 @click.command()
+@click.version_option(__version__, prog_name="meli-export", message="%(prog)s %(version)s")
 @click.option("--experiment", default=None, help="MLflow experiment to take the best run from; default: that of the most recent run.")
 @click.option("--run-id", default=None, help="Export this MLflow run's checkpoint instead of the best one.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Export this checkpoint file instead.")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
+from meli import __version__
 from meli.command import reports_errors, setup_logging
 
 
 @click.command()
+@click.version_option(__version__, prog_name="meli-score", message="%(prog)s %(version)s")
 @click.argument("input_path", metavar="INPUT", type=click.Path())
 @click.argument("output_path", metavar="OUTPUT", type=click.Path())
 @click.option("--model", default="artifacts/model.onnx", show_default=True,

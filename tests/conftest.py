@@ -36,7 +36,7 @@ def shared_data() -> Path:
 
 def small_config(model: str = "mlp", **overrides) -> TrainConfig:
     """The committed config, shrunk so that a test trains in seconds."""
-    config = load_config(ROOT / "configs" / f"{model}.toml")
+    config = load_config(model)  # the shipped train/configs/<model>.toml
     tokenizer = dataclasses.replace(config.tokenizer, char_buckets=4096) if model == "mlp" else config.tokenizer
     config = dataclasses.replace(
         config,

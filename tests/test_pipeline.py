@@ -235,3 +235,11 @@ def test_every_command_has_help_with_an_example():
     for command, name in ((train_main, "meli-train"), (export_main, "meli-export"), (score_main, "meli-score")):
         result = CliRunner().invoke(command, ["--help"])
         assert result.exit_code == 0 and "Example:" in result.output and name in result.output
+
+
+@pytest.mark.parametrize("command, name", [(train_main, "meli-train"), (export_main, "meli-export"), (score_main, "meli-score")])
+def test_every_command_says_its_version(command, name):
+    from meli import __version__
+
+    result = CliRunner().invoke(command, ["--version"])
+    assert result.exit_code == 0 and result.output == f"{name} {__version__}\n"

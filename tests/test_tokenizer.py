@@ -11,22 +11,12 @@ import pyarrow as pa
 import pytest
 
 from meli.dataset import load_labelled
+from meli.golden import HOSTILE_TITLES, build_golden, load_golden
 from meli.demo_catalog import DEMO_DIR
 from meli.tokenizer import PAD, UNK, Tokenizer, TokenizerConfig, fnv1a_32, load_stopwords, normalize_title
 from meli.vocabulary import VocabularyConfig, build_vocabulary
 
-EDGE_CASES = [
-    "", None, "   ", "®", "😀🔥", "Pañal 1/2 12V® 😀", "Bolso Maternal Moderno Con Cambiador Y Correa",
-    "ÁÉÍÓÚ áéíóú ÑñÇç ü", "Kit 2x1 - 100% Original!!!", "İstanbul ẞ straße ﬁ ½ ²", "a", "de la para con",
-    "Xc3s400-4pqg208c Xilinx Ic Chips. Qfp208. . 1piezas", "tab\tnew\nline", "x" * 400,
-    # code points whose folding is not one ASCII letter: combining marks alone and after a
-    # letter, fullwidth and mathematical letters, a ligature of 18 letters (U+FDFA), letters
-    # that NFKD turns into capitals (which the spec then drops: it lowercases first)
-    "cafe\u0301 \u0301abc", "ＡＢＣ１２３ ｶﾀｶﾅ", "𝐀𝐁𝐂 𝟏𝟐", "\ufdfa", "ℂℍ ℌ Ǆ ǅungla", "Σίσυφος Привет 한국어",
-    "a\u200db\u00a0c\x00d", "👍🏽 ok", "Ⅻ ⑳ ㎏ ℡",
-    # long titles: truncated full ids, so the compact encoding keeps them as they are
-    " ".join(["funda iphone cargador"] * 30), "Bolso " * 60,
-]
+EDGE_CASES = list(HOSTILE_TITLES)  # the golden vectors' hostile strings (meli/golden.py)
 
 
 def assert_agree(tok: Tokenizer, titles: list) -> None:
@@ -162,3 +152,26 @@ def test_compact_ids_fuse_words_and_head_words():
     # a title the full encoding truncates keeps its full ids
     short = Tokenizer(dataclasses.replace(config, max_length=4), tok.vocabulary)
     assert short.encode_compact_reference("Bolso Maternal") == short.encode_reference("Bolso Maternal") == [2, UNK, 3, 3]
+
+
+def test_the_shipped_golden_vectors_hold():
+    """docs/tokenizer.md's proof: every shipped case, full and compact, by the reference and
+    by the compiled path. A change that moves any id changes every trained model's input."""
+    golden = load_golden()
+    tok = golden.tokenizer
+    assert len(golden.cases) >= 300 and any(c.title is None for c in golden.cases)
+    titles = pa.array([c.title for c in golden.cases], pa.string())
+    for compact in (False, True):
+        enc = tok.encode_batch(titles, compact=compact)
+        for i, case in enumerate(golden.cases):
+            expected = case.compact_ids if compact else case.ids
+            assert enc.ids[i, : enc.lengths[i]].tolist() == expected, (compact, case.title)
+            reference = tok.encode_compact_reference if compact else tok.encode_reference
+            assert reference(case.title) == expected
+
+
+def test_the_golden_vectors_are_what_the_generator_writes():
+    fresh, shipped = build_golden(), load_golden()
+    assert fresh.tokenizer.vocabulary == shipped.tokenizer.vocabulary
+    assert fresh.tokenizer.config == shipped.tokenizer.config
+    assert fresh.cases == shipped.cases

@@ -118,8 +118,9 @@ def test_pretrained_word2vec_text_file(demo_splits, tmp_path):
 def test_config_files_load_and_reject_typos(tmp_path):
     from conftest import ROOT
 
-    assert load_config(ROOT / "configs" / "mlp.toml").model == "mlp"
-    assert load_config(ROOT / "configs" / "cnn.toml").cnn.kernel_sizes == (1, 2, 3)
+    assert load_config(ROOT / "train" / "configs" / "mlp.toml").model == "mlp"
+    assert load_config("cnn").cnn.kernel_sizes == (1, 2, 3)
+    assert load_config(None) == load_config("mlp") == load_config(ROOT / "train" / "configs" / "mlp.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[mlp]\nhiden = [64]\n")
     with pytest.raises(MeliError, match=r"\[mlp\]: unknown setting\(s\) hiden"):

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import click
 
+from meli import __version__
 from meli.command import reports_errors, setup_logging
 from meli.dataset import DataFilter
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML settings (configs/mlp.toml, configs/cnn.toml); default: built-in MLP settings.")
+@click.version_option(__version__, prog_name="meli-train", message="%(prog)s %(version)s")
+@click.option("--config", "config_path", default=None,
+              help="TOML settings: a file, or the name of a shipped one (mlp, cnn: train/configs/*.toml). "
+                   "Default: mlp, the default model.")
 @click.option("--data", default=None, help="Folder with train.* and validation.* files, or one labelled file "
               "(part is held out). Default: the embedded demo dataset.")
 @click.option("--train", "train_path", default=None, help="Labelled training file (instead of --data).")
@@ -36,7 +39,7 @@ def main(config_path, data, train_path, validation_path, model, epochs, device, 
 
     \b
     Example:
-        meli-train --config configs/mlp.toml --data ../shared/data/meli-es
+        meli-train --config mlp --data ../shared/data/meli-es
     """
     setup_logging(quiet)
     from train.config import load_config

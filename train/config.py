@@ -1,7 +1,9 @@
 """Training settings as one typed object, read from a committed TOML file.
 
-``configs/mlp.toml`` and ``configs/cnn.toml`` are complete examples; every key is a field
-below, and an unknown key is an error (a typo must not be silently ignored).
+The shipped ``train/configs/mlp.toml`` (the default model: what ``meli-train`` trains without
+``--config``) and ``train/configs/cnn.toml`` are complete examples and travel inside the
+package; every key is a field below (a key a file leaves out takes the default written
+here), and an unknown key is an error (a typo must not be silently ignored).
 """
 
 from __future__ import annotations
@@ -223,19 +225,33 @@ def _build(cls: type, values: dict, where: str, section: str = ""):
         raise MeliError(f"{where}: {e}") from e
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = "mlp"
+
+
+def config_path(name_or_path: str | Path | None) -> Path:
+    """A config file: a path, or the name of a shipped one (``mlp``, ``cnn``); None: the default model's."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_CONFIG
+    shipped = SHIPPED_CONFIGS / f"{name_or_path}.toml"
+    if isinstance(name_or_path, str) and "/" not in name_or_path and not name_or_path.endswith(".toml") and shipped.is_file():
+        return shipped
+    return Path(name_or_path)
+
+
 def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
-    """Read a TOML config (or the defaults), then apply top-level `overrides` (None = keep)."""
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise MeliError(f"{p}: no such config file")
-        try:
-            values = tomllib.loads(p.read_text("utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise MeliError(f"{p}: invalid TOML ({e})") from e
+    """Read a TOML config (a path or a shipped name; None: the default model's ``mlp``), then
+    apply top-level `overrides` (None = keep)."""
+    p = config_path(path)
+    if not p.is_file():
+        shipped = ", ".join(sorted(f.stem for f in SHIPPED_CONFIGS.glob("*.toml")))
+        raise MeliError(f"{p}: no such config file (shipped ones, by name: {shipped})")
+    try:
+        values = tomllib.loads(p.read_text("utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise MeliError(f"{p}: invalid TOML ({e})") from e
     given = {k: v for k, v in overrides.items() if v is not None}
     hints = typing.get_type_hints(TrainConfig)
     for name, value in given.items():  # command-line overrides, named as the user typed them
         _check("", name, value, hints[name], f"--{name.replace('_', '-')}")
-    return _build(TrainConfig, {**values, **given}, str(path or "config"))
+    return _build(TrainConfig, {**values, **given}, str(p))
