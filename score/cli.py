@@ -38,8 +38,9 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
 
     INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
     (with a header naming a title column, like the challenge's id,title,language).
-    OUTPUT is Parquet, or JSON Lines when its name ends in .jsonl: one row per input row,
-    in input order, with the input's other columns, category and probability.
+    OUTPUT is Parquet, or JSON Lines when its name ends in .jsonl (.jsonl.gz: gzipped): one
+    row per input row, in input order, with the input's other columns, category and
+    probability. "-" as INPUT reads JSON Lines from stdin; as OUTPUT writes them to stdout.
 
     \b
     Example:

@@ -19,6 +19,9 @@ import json
 import logging
 import os
 import queue
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -127,7 +130,7 @@ class _OutputFile:
     so, written in a background thread to `path`; errors name `target`, the user's file."""
 
     def __init__(self, path: Path, schema: pa.Schema, target: Path):
-        self.format = detect_format(target)
+        self.format = "jsonl" if target == STDIO else detect_format(target)
         self.path = path
         self.target = target
         self.schema = schema
@@ -136,7 +139,11 @@ class _OutputFile:
 
     def _drain(self) -> None:
         try:
-            if self.format == "parquet":
+            if self.target == STDIO:  # JSON Lines on stdout, flushed batch by batch
+                while (b := self.queue.get()) is not _DONE:
+                    sys.stdout.writelines(json_lines(b))
+                    sys.stdout.flush()
+            elif self.format == "parquet":
                 with pq.ParquetWriter(self.path, self.schema, compression="zstd") as w:
                     while (b := self.queue.get()) is not _DONE:
                         w.write_batch(b)
@@ -215,7 +222,32 @@ def _count_rows(path: Path) -> int | None:
         return None  # the reader will report it with the file's name
 
 
+STDIO = Path("-")  # INPUT or OUTPUT "-": JSON Lines on stdin / stdout
+
+
+class _Stdout:
+    """The `AtomicWriter` stand-in for OUTPUT "-": a stream has nothing to rename."""
+
+    target = path = STDIO
+
+    def commit(self) -> None:
+        sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _spooled_stdin() -> Iterator[Path]:
+    """stdin copied to a temporary .jsonl file: the JSON Lines reader reads a file more than
+    once (to type late columns, to name a bad line), which a pipe cannot be."""
+    with tempfile.TemporaryDirectory(prefix="meli-stdin-") as tmp:
+        path = Path(tmp) / "stdin.jsonl"
+        with open(path, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        yield path
+
+
 def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
+    if out == STDIO:
+        return
     check_name_length(out)
     if out.exists() and inp.exists() and inp.resolve() == out.resolve():
         raise OutputError(f"{out}: {what} would overwrite the input")
@@ -243,25 +275,29 @@ def score_file(
     inp, out = Path(input_path), Path(output_path)
     low = Path(route_low) if route_low is not None else None
     _check_output(out, inp)
-    if not inp.exists():
-        raise InputError(f"{inp}: no such file or directory")
-    detect_format(inp)
+    if inp != STDIO:
+        if not inp.exists():
+            raise InputError(f"{inp}: no such file or directory")
+        detect_format(inp)
     if low is not None:
         if not options.min_probability > 0:
             raise InputError("--route-low needs --min-probability: the probability under which rows are routed")
         _check_output(low, inp, "--route-low")
-        if low.resolve() == out.resolve():
-            raise OutputError(f"{low}: --route-low names the output file itself")
+        if low == STDIO or low.resolve() == out.resolve():
+            raise OutputError(f"{low}: --route-low must name a file other than the output")
     if threads:
         pa.set_cpu_count(threads)
     onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)
     # routing: the scorer keeps every category; the split below decides where each row goes
     scorer = Scorer(onnx_model, dataclasses.replace(options, min_probability=0.0) if low is not None else options)
     started = time.perf_counter()
-    total = _count_rows(inp)
     routed = 0
     with contextlib.ExitStack() as stack:
-        targets = [stack.enter_context(AtomicWriter(path)) for path in ([out] if low is None else [out, low])]
+        if inp == STDIO:
+            inp = stack.enter_context(_spooled_stdin())
+        total = _count_rows(inp)
+        targets = [_Stdout() if path == STDIO else stack.enter_context(AtomicWriter(path))
+                   for path in ([out] if low is None else [out, low])]
         batches = _prefetch(iter_batches(inp, batch_size=batch_size, string_columns=(options.title_column,)))
         tokenized = _prefetch(scorer.tokenize(b) for b in batches)
         writers: list[_OutputFile] = []
@@ -281,8 +317,8 @@ def score_file(
                     writers[1].put(scored.filter(is_low))
                     routed += pc.sum(is_low.cast(pa.int64())).as_py() or 0
                 bar.update(item.batch.num_rows)
-            if not writers:  # an input with no rows still gets a (empty) output
-                raise InputError(f"{inp}: no rows to score")
+            if not writers:  # no rows: no output at all (an empty file would pass for a scored one)
+                raise InputError(f"{input_path}: no rows to score")
             for w in writers:
                 w.close()
         except BaseException:

@@ -575,3 +575,15 @@ def test_an_unusable_tracking_store_is_refused_before_training(tmp_path, monkeyp
     assert result.exit_code == 1, result.output
     assert result.output.startswith(f"Error: MLflow store sqlite:///{store}: cannot record the run ("), result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "artifacts").exists()
+
+
+def test_stdin_to_stdout_as_json_lines(model, tmp_path):
+    rows = [{"id": i, "title": t} for i, t in enumerate(TITLES)]
+    data = "".join(json.dumps(r) + "\n" for r in rows)
+    done = subprocess.run([sys.executable, "-m", "score", "-", "-", "--model", str(model), "--quiet"], cwd=ROOT,
+                          input=data, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["id"] for r in out] == list(range(len(TITLES)))
+    assert [r["category"] for r in out] == direct_predictions(model, TITLES)[0]
+    assert done.stderr.startswith("scored 8 rows") and temporaries(ROOT) == []
