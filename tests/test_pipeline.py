@@ -65,6 +65,7 @@ def test_train_logs_everything_to_a_local_mlflow_store(trained_run, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.params["model"] == "mlp" and run.data.params["tokenizer.char_buckets"] == "4096"
+    assert "mlp.hidden" in run.data.params and not any(k.startswith("cnn.") for k in run.data.params)
     assert run.data.tags["meli.data_fingerprint"] and run.data.tags["meli.device"] == "cpu"
     assert len(client.get_metric_history(run_id, "val_balanced_accuracy")) == 3
     artifacts = {a.path for folder in ("checkpoint", "report") for a in client.list_artifacts(run_id, folder)}

@@ -311,25 +311,6 @@ def test_a_failure_mid_file_leaves_the_previous_output_untouched(exported, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "parts"]
 
 
-def test_a_killed_run_leaves_the_previous_output_untouched(exported, tmp_path):
-    """SIGKILL mid-run: the temporary file may stay, the previous output is intact."""
-    big = tmp_path / "big.parquet"
-    pq.write_table(pa.table({"title": TITLES * 50_000}), big, row_group_size=10_000)
-    out = tmp_path / "out.parquet"
-    out.write_bytes(b"yesterday's scores")
-    proc = subprocess.Popen([sys.executable, "-m", "score", str(big), str(out), "--model", str(exported["mlp"]),
-                             "--batch-size", "5000", "--quiet"], cwd=ROOT)
-    # wait until it has started writing, then kill it hard
-    import time
-
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(tmp_path.glob(".out.parquet.*.tmp")):
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    assert out.read_bytes() == b"yesterday's scores"
-
-
 def test_bad_model_file_is_named(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00\x01 not onnx")

@@ -99,9 +99,13 @@ class TrainConfig:
         """Every setting as ``section.key: value``, for MLflow params."""
         out: dict[str, object] = {}
 
+        other = "cnn" if self.model == "mlp" else "mlp"  # the other architecture's settings say nothing of this run
+
         def walk(prefix: str, obj: object) -> None:
             for f in dataclasses.fields(obj):
                 value = getattr(obj, f.name)
+                if not prefix and f.name == other:
+                    continue
                 if dataclasses.is_dataclass(value):
                     walk(f"{prefix}{f.name}.", value)
                 elif f.name not in ("n_ids", "n_labels"):
