@@ -31,11 +31,13 @@ from meli.command import reports_errors, setup_logging
               help="int8 matrix products (onnxruntime dynamic quantization): 1.6x meli-score's speed on 2 CPU "
                    "cores; probabilities move by up to ~0.02, the parity check measures how many categories change "
                    "(none of 6,371 validation titles for the default model). --no-quantize: float32, within 1e-4.")
+@click.option("--force", is_flag=True, help="Move the serving alias @champion to this export even if its validation "
+              "balanced accuracy is below the current champion's.")
 @click.option("--check", is_flag=True, help="Only check parity of an existing --output against its checkpoint.")
 @click.option("--quiet", is_flag=True, help="Only errors and the final line.")
 @reports_errors(interrupted=lambda kw: f"{kw['output']} left as it was")
 def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provider, register_name, no_register,
-         table_precision, quantize, check, quiet):
+         table_precision, quantize, force, check, quiet):
     """Export the best checkpoint to one ONNX file and prove torch/onnxruntime parity.
 
     \b
@@ -56,8 +58,9 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
     chosen = choose_checkpoint(experiment, run_id, checkpoint)
     outcome = export_model(chosen, output, parity_data=parity_data, parity_rows=parity_rows, provider=provider,
                            register_as=None if no_register else register_name, precision=table_precision,
-                           quantize=quantize)
+                           quantize=quantize, force=force)
     click.echo(f"wrote {outcome.output} (run {outcome.run_id or '-'}); {outcome.report.summary()}")
     click.echo(calibration_summary(chosen.checkpoint))
     if outcome.registered:
-        click.echo(f"registered as models:/{outcome.registered}")
+        click.echo(f"registered as models:/{outcome.registered.version} (an MLflow pyfunc model); "
+                   f"{outcome.registered.reason}")

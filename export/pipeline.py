@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OUTPUT = Path("artifacts/model.onnx")
 DEFAULT_REGISTERED_NAME = "meli-categorizer"
 BEST_METRIC = "best_val_balanced_accuracy"
+LATEST_ALIAS = "latest-export"  # always the newest export
+SERVING_ALIAS = "champion"  # the one to serve: moves only to an export at least as accurate (or --force)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class ExportOutcome:
     output: Path
     report: ParityReport
     run_id: str | None
-    registered: str | None  # "name/version"
+    registered: Registration | None
 
 
 def export_model(
@@ -131,6 +133,7 @@ def export_model(
     register_as: str | None = DEFAULT_REGISTERED_NAME,
     precision: Precision = "fp16",
     quantize: bool = True,
+    force: bool = False,
 ) -> ExportOutcome:
     output = Path(output)
     writer = AtomicWriter(output)  # fails now, before any work, on a missing or read-only folder
@@ -146,7 +149,8 @@ def export_model(
         writer.commit()
     registered = None
     if chosen.run_id is not None and register_as:
-        registered = log_export(chosen.run_id, output, report, signature(proto), register_as, chosen.checkpoint.temperature)
+        registered = log_export(chosen.run_id, output, report, signature(proto), register_as, chosen.checkpoint.temperature,
+                                force)
     return ExportOutcome(output, report, chosen.run_id, registered)
 
 
@@ -174,11 +178,26 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
     return report
 
 
-def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str, temperature: float = 1.0) -> str | None:
-    """Log the ONNX file, parity report and signature to the checkpoint's run; register the model."""
+@dataclass(frozen=True)
+class Registration:
+    version: str  # "name/version"
+    serving: bool  # whether the serving alias now points at this version
+    reason: str  # why it moved or stayed
+
+
+def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str, temperature: float = 1.0,
+               force: bool = False) -> Registration | None:
+    """Log the export to the checkpoint's run (parity report, signature, and the model as an
+    MLflow pyfunc model: `score.mlflow_model`), register that model as a new version of
+    `name`, point ``@latest-export`` at it, and move the serving alias ``@champion`` to it
+    only if its validation balanced accuracy is not below the current champion's (or `force`)."""
+    import mlflow
+
+    from score.mlflow_model import log_pyfunc_model
+
     client = mlflow_client()
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except Exception:  # noqa: BLE001
         log.warning("run %s is not in this MLflow store: the export is not logged or registered", run_id)
         return None
@@ -188,18 +207,42 @@ def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name:
         (t / "signature.json").write_text(json.dumps(sig, indent=2), encoding="utf-8")
         for f in ("parity_report.json", "signature.json"):
             client.log_artifact(run_id, str(t / f), artifact_path="export")
-    client.log_artifact(run_id, str(output), artifact_path="export")
     for key, value in (("parity_max_abs_diff", report.max_abs_diff), ("parity_top1_agreement", report.top1_agreement),
                        ("parity_checkpoint_top1_agreement", report.checkpoint_top1_agreement),
                        ("export_temperature", temperature)):
         client.log_metric(run_id, key, value)
-    # register the very file just written (one file, weights inside) as a model version
-    source = f"{client.get_run(run_id).info.artifact_uri}/export"
-    version = client.create_model_version(name=_ensure_registered(client, name), source=source,
-                                          run_id=run_id, description=report.summary())
-    client.set_registered_model_alias(name, "latest-export", version.version)
-    log.info("registered %s version %s (alias latest-export)", name, version.version)
-    return f"{name}/{version.version}"
+    with mlflow.start_run(run_id=run_id):
+        info = log_pyfunc_model(output)
+    _ensure_registered(client, name)
+    version = mlflow.register_model(info.model_uri, name).version
+    client.update_model_version(name, version, description=report.summary())
+    client.set_registered_model_alias(name, LATEST_ALIAS, version)
+    serving, reason = _serving_decision(client, name, run, force)
+    if serving:
+        client.set_registered_model_alias(name, SERVING_ALIAS, version)
+    log.info("registered %s version %s (alias %s); %s", name, version, LATEST_ALIAS, reason)
+    return Registration(f"{name}/{version}", serving, reason)
+
+
+def _serving_decision(client, name: str, run, force: bool) -> tuple[bool, str]:
+    """The quality gate on the serving alias: (move it?, why)."""
+    new = run.data.metrics.get(BEST_METRIC)
+    try:
+        current = client.get_model_version_by_alias(name, SERVING_ALIAS)
+    except Exception:  # noqa: BLE001 - no version holds the alias yet
+        return True, f"@{SERVING_ALIAS} set: no version held it"
+    held = client.get_run(current.run_id).data.metrics.get(BEST_METRIC) if current.run_id else None
+    if force:
+        return True, f"@{SERVING_ALIAS} moved from version {current.version} (--force)"
+    if held is None or (new is not None and new >= held):
+        return True, (f"@{SERVING_ALIAS} moved from version {current.version}: validation balanced accuracy "
+                      f"{_fmt(new)} >= {_fmt(held)}")
+    return False, (f"@{SERVING_ALIAS} stays on version {current.version}: its validation balanced accuracy {_fmt(held)} "
+                   f"is above this export's {_fmt(new)} (--force moves it anyway)")
+
+
+def _fmt(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.4f}"
 
 
 def _ensure_registered(client, name: str) -> str:

@@ -7,9 +7,11 @@ fresh ``mlflow.db`` there, exactly as on a new user's machine.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -104,7 +106,7 @@ def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     report = {a.path for a in client.list_artifacts(best_id, "export")}
-    assert {"export/model.onnx", "export/parity_report.json", "export/signature.json"} <= report
+    assert {"export/parity_report.json", "export/signature.json"} <= report
     metrics = client.get_run(best_id).data.metrics
     # the default export has int8 matrix products: its categories must agree with the checkpoint's
     assert metrics["parity_checkpoint_top1_agreement"] >= MIN_QUANTIZED_AGREEMENT
@@ -244,3 +246,40 @@ def test_every_command_says_its_version(command, name):
 
     result = CliRunner().invoke(command, ["--version"])
     assert result.exit_code == 0 and result.output == f"{name} {__version__}\n"
+
+
+def test_the_export_is_an_mlflow_pyfunc_model_and_the_serving_alias_is_gated(trained_run, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    result = invoke(export_main, ["--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "@champion set: no version held it" in result.output
+    catalog = ROOT / "meli" / "resources" / "demo" / "catalog.jsonl.gz"
+    scored = invoke(score_main, [catalog, tmp_path / "scored.parquet", "--quiet"])
+    assert scored.exit_code == 0, scored.output
+    expected = pq.read_table(tmp_path / "scored.parquet")
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/meli-categorizer@champion")
+    titles = [json.loads(line)["title"] for line in gzip.open(catalog, "rt")]
+    got = model.predict(pd.DataFrame({"title": titles}))
+    assert list(got.columns) == ["category", "probability"]
+    assert [c if isinstance(c, str) else None for c in got["category"]] == expected["category"].to_pylist()
+    assert np.allclose(got["probability"].fillna(-1).to_numpy(), np.nan_to_num(expected["probability"].to_numpy(
+        zero_copy_only=False).astype(float), nan=-1), atol=1e-6)
+    assert model.metadata.get_input_schema().input_names() == ["title"]
+
+    # a worse run's export is registered but does not take the serving alias ...
+    worse = invoke(train_main, ["--config", write_config(tmp_path), "--quiet", "--epochs", "1", "--seed", "5"])
+    worse_id = worse.stdout.split()[1]
+    result = invoke(export_main, ["--quiet", "--run-id", worse_id, "--output", tmp_path / "worse.onnx"])
+    assert result.exit_code == 0, result.output
+    assert "models:/meli-categorizer/2" in result.output and "@champion stays on version 1" in result.output
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("meli-categorizer", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("meli-categorizer", "latest-export").version) == "2"
+    # ... unless forced
+    result = invoke(export_main, ["--quiet", "--run-id", worse_id, "--output", tmp_path / "worse.onnx", "--force"])
+    assert "@champion moved from version 1 (--force)" in result.output
+    assert str(client.get_model_version_by_alias("meli-categorizer", "champion").version) == "3"

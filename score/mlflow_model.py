@@ -1,0 +1,83 @@
+"""The exported model as an MLflow pyfunc model: ``model.onnx`` plus the scoring code.
+
+`meli-export` logs it to the training run and registers it, so a team finds it where it
+finds its other models and loads it the MLflow way::
+
+    model = mlflow.pyfunc.load_model("models:/meli-categorizer@champion")
+    model.predict(pd.DataFrame({"title": ["Casco Moto Hawk Rebatible"]}))
+    #              category  probability
+    # 0  MOTORCYCLE_HELMETS        0.98
+
+``mlflow models predict`` and ``mlflow.pyfunc.spark_udf`` work on it too. The logged model
+carries ``model.onnx`` as an artifact and the ``meli`` and ``score`` packages as code (no
+torch, no training code), and its requirements are the scoring ones only. Predictions go
+through the same function over Arrow record batches as `meli-score` and Spark
+(`score.core.Scorer.score_batches`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+
+ARTIFACT = "model"  # the key of model.onnx among the logged model's artifacts
+EXAMPLE_TITLES = ["Bolso Maternal Moderno Con Cambiador Y Correa", "Taladro Percutor Bosch 650w"]
+
+
+class MeliPyfuncModel(mlflow.pyfunc.PythonModel):
+    """pandas frame with a ``title`` column (or a list of titles) → ``category``, ``probability``."""
+
+    def load_context(self, context) -> None:
+        from meli.onnx_model import load_onnx_model
+        from score.core import ScoreOptions, Scorer
+
+        self.scorer = Scorer(load_onnx_model(context.artifacts[ARTIFACT], provider="auto"), ScoreOptions(keep_columns=()))
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import pyarrow as pa
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"title": list(model_input)})
+        if "title" not in frame.columns:
+            raise ValueError(f"expected a 'title' column; got {', '.join(map(str, frame.columns))}")
+        titles = pa.array([t if isinstance(t, str) else None for t in frame["title"]], pa.string())
+        batch = pa.record_batch({"title": titles})
+        out = pa.Table.from_batches(list(self.scorer.score_batches([batch])))
+        return out.to_pandas()
+
+
+def scoring_requirements() -> list[str]:
+    """What loading and predicting needs, pinned to what this export ran with: no torch."""
+    import numba
+    import numpy
+    import onnxruntime
+    import pandas
+    import pyarrow
+
+    return [f"onnxruntime=={onnxruntime.__version__}", f"pyarrow=={pyarrow.__version__}", f"numpy=={numpy.__version__}",
+            f"numba=={numba.__version__}", f"pandas=={pandas.__version__}", f"mlflow=={mlflow.__version__}"]
+
+
+def log_pyfunc_model(onnx_path: Path, name: str = "model"):
+    """Log `onnx_path` as a pyfunc model to the active run; returns MLflow's ModelInfo."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    import meli
+    import score
+
+    example = pd.DataFrame({"title": EXAMPLE_TITLES})
+    probe = MeliPyfuncModel()  # loaded here only to infer the output schema; a fresh one is logged
+    context = mlflow.pyfunc.PythonModelContext(artifacts={ARTIFACT: str(onnx_path)}, model_config={})
+    probe.load_context(context)
+    signature = infer_signature(example, probe.predict(context, example))
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=MeliPyfuncModel(),
+        artifacts={ARTIFACT: str(onnx_path)},
+        code_paths=[str(Path(meli.__file__).parent), str(Path(score.__file__).parent)],
+        pip_requirements=scoring_requirements(),
+        signature=signature,
+        input_example=example,
+    )
