@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; on a GPU machine install a CUDA build of torch into the venv first
 # (see README) and this pin is then already satisfied.
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,spark
 MODEL ?= mlp
 CONFIG ?= $(MODEL)
 DATA ?=

@@ -29,11 +29,16 @@ from meli.command import reports_errors, setup_logging
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="onnxruntime provider; auto takes CUDA when it really works, else the CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for onnxruntime and Arrow (default: all cores).")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+              help="local: this machine's cores. spark: Spark's mapInArrow over a Parquet dataset (pip install "
+                   "'meli-categorizer[spark]'); OUTPUT is then a folder of Parquet part files.")
+@click.option("--spark-master", default=None, help="With --engine spark: the master URL (default: spark-submit's, "
+              "else local[*]).")
 @click.option("--quiet", is_flag=True, help="No progress bar or logs; the summary line still goes to stderr.")
 @reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was"
                 + (f", {kw['route_low']} too" if kw.get("route_low") else ""))
 def main(input_path, output_path, model, title_column, keep_columns, top_k, min_probability, route_low, batch_size,
-         provider, threads, quiet):
+         provider, threads, engine, spark_master, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
 
     INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
@@ -52,6 +57,16 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
 
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
     options = ScoreOptions(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
+    if engine == "spark":
+        if route_low is not None:
+            raise click.UsageError("--route-low is not available with --engine spark (filter the output on probability)")
+        from score.spark import score_with_spark
+        from meli.tracking import resolve_model_uri
+
+        summary = score_with_spark(input_path, output_path, resolve_model_uri(model), options, master=spark_master,
+                                   provider=provider, batch_size=batch_size)
+        click.echo(summary.line(), err=True)
+        return
     summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
                          provider=provider, threads=threads, quiet=quiet)
     click.echo(summary.line(), err=True)

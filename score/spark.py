@@ -1,0 +1,164 @@
+"""`meli-score --engine spark`: the scoring core inside Spark, for catalogs beyond one machine.
+
+The same function over Arrow record batches as `meli-score` (`score.core.Scorer`) runs in
+``DataFrame.mapInArrow``: ``model.onnx`` is shipped to the executors once
+(``SparkContext.addFile``; ``spark-submit --files`` on a cluster), each Python worker opens
+one onnxruntime session and keeps it for every batch and task it runs, the input's other
+columns pass through, and the output is a folder of Parquet part files. What can be checked
+before a task runs is: the model loads and agrees with itself, the title column exists and
+holds strings, the output can be written; those fail with one line, like the local engine.
+
+On a cluster (the extras ``meli-categorizer[cpu]`` or ``[gpu]`` installed on the executors)::
+
+    spark-submit --files model.onnx "$(python -c 'import score.spark as s; print(s.__file__)')" \\
+        s3://lake/catalog/ s3://lake/scored/ --model model.onnx
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from meli.errors import InputError, MeliError, OutputError
+from meli.onnx_model import load_onnx_model
+from score.core import Scorer, ScoreOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SparkSummary:
+    rows: int
+    seconds: float
+    output: str
+    master: str
+
+    def line(self) -> str:
+        return (f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows / max(self.seconds, 1e-9):,.0f} rows/s) "
+                f"on Spark {self.master}; wrote {self.output}")
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_scorer(model_path: str, options: ScoreOptions, provider: str) -> Scorer:
+    """One scorer (one onnxruntime session) per Python worker and model, kept for every
+    batch and every task the worker runs."""
+    return Scorer(load_onnx_model(model_path, provider=provider), options)
+
+
+def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreOptions, provider: str,
+                     schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    from pyspark import SparkFiles
+
+    scorer = _worker_scorer(SparkFiles.get(model_name), options, provider)
+    for batch in batches:
+        out = scorer.score_batch(batch)
+        yield pa.RecordBatch.from_arrays(out.columns, schema=schema)
+
+
+def spark_session(master: str | None = None):
+    """The active session (spark-submit's), or a local one on all cores."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError as e:
+        raise MeliError("--engine spark needs pyspark: pip install 'meli-categorizer[spark]'") from e
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    # local mode: the workers must run this Python, which has onnxruntime and this package
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("meli-score")
+    from pyspark import SparkConf
+
+    if master is not None or not SparkConf().contains("spark.master"):
+        builder = builder.master(master or "local[*]")
+    session = builder.config("spark.ui.enabled", "false").getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+def score_with_spark(
+    input_path: str,
+    output_path: str,
+    model: str | os.PathLike,
+    options: ScoreOptions = ScoreOptions(),
+    *,
+    master: str | None = None,
+    provider: str = "auto",
+    batch_size: int = 16_384,
+) -> SparkSummary:
+    """Score a Parquet dataset (a file or a folder of part files, local or on a lake's file
+    system) into a folder of Parquet part files at `output_path`, replacing any previous one
+    only once the new one is complete."""
+    started = time.perf_counter()
+    model_path = Path(model)
+    scorer = Scorer(load_onnx_model(model_path, provider="cpu"), options)  # fails here, before any task
+    spark = spark_session(master)
+    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+    try:
+        df = spark.read.parquet(str(input_path))
+    except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and Java errors
+        raise InputError(f"{input_path}: not a readable Parquet dataset ({str(e).splitlines()[0][:200]})") from e
+    in_schema = to_arrow_schema(df.schema)
+    title = options.title_column
+    if title not in in_schema.names:
+        raise InputError(f"no title column {title!r}; the input has: {', '.join(in_schema.names)} (use --title-column)")
+    out_schema = scorer.output_schema(in_schema).remove_metadata()  # checks --keep-columns and names too
+    spark.sparkContext.addFile(str(model_path.resolve()))
+    name, opts = model_path.name, options
+    scored = df.mapInArrow(lambda it: _score_partition(it, name, opts, provider, out_schema), from_arrow_schema(out_schema))
+    rows = _write_replacing(scored, str(output_path))
+    return SparkSummary(rows, time.perf_counter() - started, str(output_path), spark.sparkContext.master)
+
+
+def _write_replacing(df, output: str) -> int:
+    """Write to a sibling folder, then swap it in: a failed job leaves the previous output.
+    (Local paths; on object stores Spark's own committer is what makes a job's output whole.)"""
+    local = "://" not in output or output.startswith("file://")
+    if not local:
+        df.write.mode("overwrite").parquet(output)
+        return df.sparkSession.read.parquet(output).count()
+    target = Path(output.removeprefix("file://"))
+    if not target.parent.is_dir():
+        raise OutputError(f"{target}: folder {target.parent} does not exist")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is a file; --engine spark writes a folder of Parquet parts")
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        df.write.parquet(str(staging))
+        rows = sum(_parquet_rows(p) for p in sorted(staging.glob("*.parquet")))
+        if target.exists():
+            old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+        return rows
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+if __name__ == "__main__":  # spark-submit .../score/spark.py INPUT OUTPUT --model model.onnx
+    from score.cli import main
+
+    main(sys.argv[1:] + ["--engine", "spark"])

@@ -1,0 +1,72 @@
+"""meli-score --engine spark: Spark's mapInArrow over the same scoring core, in local[2]."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from score.cli import main as score_main
+from test_score import TITLES
+
+pytest.importorskip("pyspark", reason="pip install 'meli-categorizer[spark]'")
+pytestmark = pytest.mark.spark
+
+
+def run(*args):
+    return CliRunner().invoke(score_main, [str(a) for a in args] + ["--quiet"])
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory):
+    """A multi-file Parquet dataset with null and empty titles."""
+    folder = tmp_path_factory.mktemp("lake") / "catalog"
+    folder.mkdir()
+    titles = TITLES * 250
+    for part in range(4):
+        rows = range(part * 500, (part + 1) * 500)
+        pq.write_table(pa.table({"id": pa.array(list(rows), pa.int64()), "title": [titles[i] for i in rows],
+                                 "seller": [f"s{i % 7}" for i in rows]}), folder / f"part-{part:05d}.parquet")
+    return folder
+
+
+def test_spark_scores_every_row_as_the_local_engine_does(lake, exported, tmp_path):
+    model = exported["ensemble"]
+    local, spark = tmp_path / "local.parquet", tmp_path / "spark"
+    assert run(lake, local, "--model", model).exit_code == 0
+    result = run(lake, spark, "--model", model, "--engine", "spark", "--spark-master", "local[2]", "--batch-size", "300")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "scored 2,000 rows" in result.output and "on Spark local[2]" in result.output
+    expected = pq.read_table(local).sort_by("id")
+    got = pq.read_table(spark).sort_by("id")
+    assert got.column_names == ["id", "seller", "category", "probability"]
+    assert got["id"].to_pylist() == expected["id"].to_pylist() == list(range(2000))
+    assert got["seller"].to_pylist() == expected["seller"].to_pylist()
+    assert got["category"].to_pylist() == expected["category"].to_pylist()
+    assert got["category"].null_count == expected["category"].null_count > 0  # null and empty titles
+    a = got["probability"].to_numpy(zero_copy_only=False).astype(float)
+    b = expected["probability"].to_numpy(zero_copy_only=False).astype(float)
+    assert np.allclose(a, b, atol=1e-6, equal_nan=True)
+    # a second run replaces the folder only once it is complete
+    assert run(lake, spark, "--model", model, "--engine", "spark", "--spark-master", "local[2]").exit_code == 0
+    assert pq.read_table(spark).num_rows == 2000 and not list(tmp_path.glob(".spark.*"))
+
+
+def test_spark_fails_before_any_task_with_one_line(lake, exported, tmp_path):
+    no_title = tmp_path / "nt"
+    no_title.mkdir()
+    pq.write_table(pa.table({"id": [1], "name": ["Casco"]}), no_title / "part-0.parquet")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    cases = [
+        ([no_title, tmp_path / "o1", "--model", exported["mlp"]], "no title column 'title'; the input has: id, name"),
+        ([lake, tmp_path / "o2", "--model", junk], "junk.onnx: not a loadable ONNX model"),
+        ([lake, tmp_path / "o3", "--model", exported["mlp"], "--keep-columns", "nope"], "--keep-columns: no column(s) nope"),
+    ]
+    for args, message in cases:
+        result = run(*args, "--engine", "spark", "--spark-master", "local[2]")
+        assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output
+        assert result.output.count("\n") == 1
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
