@@ -44,7 +44,10 @@ class MeliPyfuncModel(mlflow.pyfunc.PythonModel):
         titles = pa.array([t if isinstance(t, str) else None for t in frame["title"]], pa.string())
         batch = pa.record_batch({"title": titles})
         out = pa.Table.from_batches(list(self.scorer.score_batches([batch])))
-        return out.to_pandas()
+        # object dtype keeps a missing category None (a pandas string column would make it
+        # NaN, which Spark's UDF bridge turns into the text "nan")
+        return pd.DataFrame({"category": pd.Series(out.column("category").to_pylist(), dtype=object),
+                             "probability": out.column("probability").to_numpy(zero_copy_only=False).astype("float32")})
 
 
 def scoring_requirements() -> list[str]:

@@ -269,6 +269,21 @@ def test_the_export_is_an_mlflow_pyfunc_model_and_the_serving_alias_is_gated(tra
     assert np.allclose(got["probability"].fillna(-1).to_numpy(), np.nan_to_num(expected["probability"].to_numpy(
         zero_copy_only=False).astype(float), nan=-1), atol=1e-6)
     assert model.metadata.get_input_schema().input_names() == ["title"]
+    # `mlflow models predict` scores a file with it (in this environment: --env-manager local)
+    import os
+    import subprocess
+    import sys
+
+    sample = [(t, c) for t, c in zip(titles, expected["category"].to_pylist()) if t and '"' not in t][:20]
+    (tmp_path / "titles.csv").write_text("title\n" + "\n".join(f'"{t}"' for t, _ in sample) + "\n")
+    done = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "models", "predict", "-m",
+                           "models:/meli-categorizer@champion", "-i", str(tmp_path / "titles.csv"), "-t", "csv",
+                           "--env-manager", "local", "-o", str(tmp_path / "predicted.json")],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    predicted = json.loads((tmp_path / "predicted.json").read_text())["predictions"]
+    assert [r["category"] for r in predicted] == [c for _, c in sample]
 
     # a worse run's export is registered but does not take the serving alias ...
     worse = invoke(train_main, ["--config", write_config(tmp_path), "--quiet", "--epochs", "1", "--seed", "5"])
