@@ -74,7 +74,8 @@ def test_train_logs_everything_to_a_local_mlflow_store(trained_run, tmp_path):
     assert f"checkpoint/{run_id}.pt" in artifacts
     assert {"report/training_curves.png", "report/per_category.csv", "report/confused_pairs.csv",
             "report/worst_categories.png", "report/vocabulary.txt", "report/labels.txt", "report/per_category.json"} <= artifacts
-    assert (tmp_path / "artifacts" / "checkpoints" / f"{run_id}.pt").is_file()
+    stored = list(tmp_path.rglob(f"{run_id}.pt"))  # once: in the run's artifacts, nowhere else
+    assert len(stored) == 1 and "mlruns" in stored[0].parts and f"checkpoint: {stored[0]}" in trained_run.output
 
 
 def test_tracking_uri_is_overridable(tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_train_bad_input_is_one_line_and_writes_no_checkpoint(setup, message, tm
     result = invoke(train_main, ["--config", write_config(tmp_path), "--quiet", *setup(tmp_path)])
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1 and message in result.output, result.output
-    assert not list(tmp_path.glob("artifacts/checkpoints/*"))
+    assert not list(tmp_path.rglob("*.pt"))
 
 
 def _touch(path: Path) -> Path:

@@ -29,8 +29,9 @@ from meli.dataset import DataFilter
 @click.option("--language", "languages", multiple=True, help="Keep only rows of this language (repeatable).")
 @click.option("--label-quality", "label_qualities", multiple=True, help="Keep only rows of this label_quality (repeatable).")
 @click.option("--experiment", default=None, help="MLflow experiment; default: named after the data (meli-demo, meli-<folder>).")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts/checkpoints"),
-              show_default=True, help="Where the best checkpoint is written (also logged to MLflow).")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the checkpoint into this folder (it is always stored in the MLflow run, which "
+                   "meli-export reads).")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @reports_errors(interrupted=lambda kw: "no checkpoint written; the MLflow run is marked FAILED")
 def main(config_path, data, train_path, validation_path, model, epochs, device, seed, members, languages, label_qualities,

@@ -83,7 +83,7 @@ def load_splits(source: DataSource, config: TrainConfig, data_filter: DataFilter
 class RunOutcome:
     run_id: str
     experiment: str
-    checkpoint_path: Path
+    checkpoint_path: Path | str  # in the run's artifacts (a path for a local store), or the --checkpoint-dir copy
     result: TrainResult
 
 
@@ -93,7 +93,7 @@ def run_training(
     *,
     data_filter: DataFilter = DataFilter(),
     experiment: str | None = None,
-    checkpoint_dir: Path = Path("artifacts/checkpoints"),
+    checkpoint_dir: Path | None = None,
     quiet: bool = False,
 ) -> RunOutcome:
     import mlflow
@@ -103,10 +103,11 @@ def run_training(
     fp = fingerprint(train, validation)
     experiment = experiment or source.name
     experiment_id = _recording(lambda: experiment_for(experiment, fp))
-    try:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
-    except OSError as e:
-        raise OutputError(f"--checkpoint-dir {checkpoint_dir}: cannot create ({e.strerror or e})") from e
+    if checkpoint_dir is not None:
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
+        except OSError as e:
+            raise OutputError(f"{checkpoint_dir}: cannot create the checkpoint folder ({e.strerror or e})") from e
     mlflow_client()  # sets the tracking URI for the fluent API below
     run = _recording(lambda: mlflow.start_run(experiment_id=experiment_id))
     with run:
@@ -153,8 +154,12 @@ def run_training(
         best = result.checkpoint.metrics
         mlflow.log_metrics({f"best_{k}": v for k, v in best.items()})
         mlflow.log_metrics(result.timings)
-        checkpoint_path = save_checkpoint(result.checkpoint, checkpoint_dir / f"{run_id}.pt")
-        mlflow.log_artifact(str(checkpoint_path), artifact_path="checkpoint")
+        # stored once, in the run (what meli-export reads); a folder copy only when asked for
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(save_checkpoint(result.checkpoint, Path(tmp) / f"{run_id}.pt")), artifact_path="checkpoint")
+        checkpoint_path = _artifact_location(mlflow.get_artifact_uri(f"checkpoint/{run_id}.pt"))
+        if checkpoint_dir is not None:
+            checkpoint_path = save_checkpoint(result.checkpoint, checkpoint_dir / f"{run_id}.pt")
         rows = category_report(result)
         with tempfile.TemporaryDirectory() as tmp:
             t = Path(tmp)
@@ -183,6 +188,14 @@ def run_training(
         )
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking_uri())
     return RunOutcome(run_id, experiment, checkpoint_path, result)
+
+
+def _artifact_location(uri: str) -> Path | str:
+    """A local path for a file-store artifact, else its URI."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else uri
 
 
 def _recording(step):
