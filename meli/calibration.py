@@ -2,8 +2,12 @@
 
 A model's ``probability`` is calibrated when, of the titles it gives 0.9, about 90% are
 right. Label smoothing and distillation from averaged teachers make ours under-confident,
-so one temperature ``T`` is fitted on validation titles (the negative log-likelihood of
-``softmax(scores / T)``, minimised over ``T``) and baked into the exported graph. Dividing
+so one temperature ``T`` is fitted on validation titles and baked into the exported graph.
+The fit minimises the log loss of the *top* probability as a forecast of "the predicted
+category is right" (`top_label_log_loss`): that is the number a team thresholds, and the
+loss is a proper scoring rule for it, smooth in ``T``. (The usual full negative
+log-likelihood calibrates all 632 probabilities at once and leaves the top one slightly less
+calibrated: on the default model's validation titles ECE 0.0202 against 0.0194.) Dividing
 by one positive number keeps every title's ranking of the categories, so the predicted
 category never changes. ``scores`` are a model's logits (an ensemble's: the log of its mean
 probability, `meli.models.Ensemble`).
@@ -40,24 +44,39 @@ def nll(scores: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(np.mean(log_norm - z[np.arange(len(y)), y]))
 
 
-def fit_temperature(scores: np.ndarray, y: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
-    """The temperature minimising the validation NLL (golden-section search over log T;
-    the NLL is convex in 1/T, so unimodal in log T)."""
+def top_label_log_loss(scores: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Log loss of the top probability as the chance that the top category is right."""
+    z = scores.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    top = 1.0 / np.exp(z).sum(axis=1)  # the top score is 0 after the shift
+    top = np.clip(top, 1e-12, 1 - 1e-12)
+    right = scores.argmax(axis=1) == y
+    return float(-np.mean(np.where(right, np.log(top), np.log1p(-top))))
+
+
+def fit_temperature(scores: np.ndarray, y: np.ndarray, low: float = 0.05, high: float = 20.0,
+                    loss=top_label_log_loss) -> float:
+    """The temperature minimising `loss` on validation: a coarse scan of log T (the loss is
+    unimodal in practice, but the scan does not rely on it), then a golden-section search
+    around the best point."""
     if len(y) == 0:
         return 1.0
-    a, b = math.log(low), math.log(high)
+    grid = np.linspace(math.log(low), math.log(high), 41)
+    values = [loss(scores, y, math.exp(g)) for g in grid]
+    i = int(np.argmin(values))
+    a, b = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = nll(scores, y, math.exp(c)), nll(scores, y, math.exp(d))
-    for _ in range(60):
+    fc, fd = loss(scores, y, math.exp(c)), loss(scores, y, math.exp(d))
+    for _ in range(40):
         if fc < fd:
             b, d, fd = d, c, fc
             c = b - ratio * (b - a)
-            fc = nll(scores, y, math.exp(c))
+            fc = loss(scores, y, math.exp(c))
         else:
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
-            fd = nll(scores, y, math.exp(d))
+            fd = loss(scores, y, math.exp(d))
     return float(math.exp((a + b) / 2))
 
 
