@@ -77,7 +77,7 @@ bench-accuracy: venv
 	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es)
 
 data: venv
-	$(BIN)/python -m train.download --dest data $(if $(SBW),--sbw)
+	$(BIN)/python -m meli.train.download --dest data $(if $(SBW),--sbw)
 
 clean:
 	rm -rf artifacts mlruns mlflow.db .pytest_cache

@@ -31,17 +31,17 @@ sys.path.insert(0, str(ROOT))
 
 from meli.dataset import load_labelled  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.run import resolve_data  # noqa: E402
+from meli.train.config import load_config  # noqa: E402
+from meli.train.run import resolve_data  # noqa: E402
 
 
 def project_model(config_path: Path, train, validation) -> list[tuple[str, float, float]]:
     """(name, balanced accuracy, training seconds) of the exported model, and of the same
     checkpoint exported with int8 matrix products (``meli-export --quantize``)."""
-    from export.onnx_export import to_onnx
+    from meli.export.onnx_export import to_onnx
     from meli.onnx_model import load_onnx_model
-    from score.core import Scorer
-    from train.trainer import train_and_refit
+    from meli.score.core import Scorer
+    from meli.train.trainer import train_and_refit
 
     t = time.perf_counter()
     # refit off: the refit would train on the validation titles this benchmark judges on

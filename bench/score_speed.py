@@ -2,7 +2,7 @@
 
 Builds a Parquet catalog of N rows (``id``, ``title``) of real titles recombined into new
 ones (the first half of one title's words + the second half of another's, as
-`train.distill.recombine_titles` does) from ``../shared/data/meli-es`` when it is there, else
+`meli.train.distill.recombine_titles` does) from ``../shared/data/meli-es`` when it is there, else
 from the embedded demo data. Then runs each stage in a child process of its own, as a
 nightly job would run it, polling the child's peak RSS, and prints one Markdown table:
 
@@ -55,7 +55,7 @@ def labelled_sources() -> list[Path]:
 
 def make_catalog(path: Path, rows: int, seed: int = 0) -> str:
     from meli.dataset import load_labelled
-    from train.distill import recombine_titles
+    from meli.train.distill import recombine_titles
 
     splits = [load_labelled(p) for p in labelled_sources()]
     titles = pa.concat_arrays([s.titles for s in splits])
@@ -98,7 +98,7 @@ def stage_model(args) -> int:
     """onnxruntime alone: the first `model_rows` titles encoded and cut into the length-sorted
     runs meli-score feeds it (untimed), then scored."""
     from meli.onnx_model import load_onnx_model
-    from score.core import ScoreOptions, length_runs
+    from meli.score.core import ScoreOptions, length_runs
 
     model = load_onnx_model(args.model, provider=args.provider, threads=args.threads)
     tokenizer = model.card.tokenizer()
@@ -243,14 +243,14 @@ def main() -> None:
               f"{min(args.rows, args.model_rows):,} pre-encoded titles in meli-score's length-sorted runs",
               "--model-rows", str(args.model_rows))
         scored = Path(tmp) / "scored.parquet"
-        out, seconds, peak = run_measured([sys.executable, "-m", "score", str(catalog), str(scored), "--model", args.model,
+        out, seconds, peak = run_measured([sys.executable, "-m", "meli.score", str(catalog), str(scored), "--model", args.model,
                                            "--threads", str(args.threads), "--provider", args.provider, "--quiet"])
         ours = args.rows / seconds
         rows.append(("**meli-score end to end**", ours, peak, f"model file {size_mb:.1f} MB; start-up and model load included"))
         print(f"meli-score: {ours:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
         if args.previous:
             prev_out = Path(tmp) / "previous.parquet"
-            cmd = [sys.executable, "-m", "score", str(catalog), str(prev_out), "--model", str(args.previous_model.resolve()),
+            cmd = [sys.executable, "-m", "meli.score", str(catalog), str(prev_out), "--model", str(args.previous_model.resolve()),
                    "--threads", str(args.threads), "--provider", args.provider, "--quiet"]
             t = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=args.previous, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -47,14 +47,16 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
         meli-export --no-quantize --output artifacts/model-fp32.onnx   # float matrix products
     """
     setup_logging(quiet)
-    from export.pipeline import calibration_summary, choose_checkpoint, export_model, recheck
-    from export.parity import require_parity
+    from meli.export.pipeline import DEFAULT_OUTPUT, calibration_summary, choose_checkpoint, export_model, recheck
+    from meli.export.parity import require_parity
 
     if check:
         report = recheck(output, checkpoint=checkpoint, parity_data=parity_data, parity_rows=parity_rows, provider=provider)
         click.echo(report.summary())
         require_parity(report)
         return
+    if output == DEFAULT_OUTPUT:  # the project's own artifacts/ folder may not exist yet; a named folder must
+        output.parent.mkdir(parents=True, exist_ok=True)
     chosen = choose_checkpoint(experiment, run_id, checkpoint)
     outcome = export_model(chosen, output, parity_data=parity_data, parity_rows=parity_rows, provider=provider,
                            register_as=None if no_register else register_name, precision=table_precision,

@@ -4,7 +4,7 @@ The graph: ``token_ids`` int64 ``[batch, sequence]`` (both axes dynamic) → sof
 ``probabilities`` float32 ``[batch, n_labels]``. Weights are embedded (no ``.onnx.data``
 side file) and the card (tokenizer, vocabulary, labels, provenance, and which id encoding
 the graph reads) goes in ``metadata_props``. A mean-pooling MLP is exported as its scoring
-model over *compact* ids (`export.compaction`: fused rows for words and head words, unused
+model over *compact* ids (`meli.export.compaction`: fused rows for words and head words, unused
 rows dropped, a float16 table by default); other models read the full ids, with unused rows
 dropped. Any sequence length from 1 up runs; titles longer than the tokenizer's
 ``max_length`` are truncated by the tokenizer before they reach the graph, so the graph
@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.compaction import Precision, compact_mlp, compactable, drop_unused_rows
+from meli.export.compaction import Precision, compact_mlp, compactable, drop_unused_rows
 from meli import __version__
 from meli.checkpoint import Checkpoint
 from meli.models import Calibrated

@@ -2,7 +2,7 @@
 
 Two comparisons, every figure reported before the verdict:
 
-- **graph**: the torch module the graph was exported from (`export.onnx_export.scoring_module`)
+- **graph**: the torch module the graph was exported from (`meli.export.onnx_export.scoring_module`)
   and onnxruntime, on the same token ids (the encoding the graph reads), in batches padded
   to each batch's longest title so that lengths mix. Passes when the largest absolute
   difference of any probability is within `atol` (1e-5, Hugging Face Optimum's norm for
@@ -88,7 +88,7 @@ class ParityReport:
 def check_parity(
     ckpt: Checkpoint, onnx_model: OnnxModel, titles: pa.Array, *, atol: float = ATOL, batch_size: int = 256
 ) -> ParityReport:
-    from export.onnx_export import scoring_module
+    from meli.export.onnx_export import scoring_module
 
     if len(titles) == 0:
         raise MeliError("parity check needs at least one title")

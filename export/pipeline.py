@@ -17,9 +17,9 @@ from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
 from meli.calibration import coverage_table
 from meli.tracking import check_store, mlflow_client, require_existing_store
-from export.compaction import Precision
-from export.onnx_export import signature, to_onnx
-from export.parity import ParityReport, check_parity, require_parity
+from meli.export.compaction import Precision
+from meli.export.onnx_export import signature, to_onnx
+from meli.export.parity import ParityReport, check_parity, require_parity
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,12 @@ class Registration:
 def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str, temperature: float = 1.0,
                force: bool = False) -> Registration | None:
     """Log the export to the checkpoint's run (parity report, signature, and the model as an
-    MLflow pyfunc model: `score.mlflow_model`), register that model as a new version of
+    MLflow pyfunc model: `meli.score.mlflow_model`), register that model as a new version of
     `name`, point ``@latest-export`` at it, and move the serving alias ``@champion`` to it
     only if its validation balanced accuracy is not below the current champion's (or `force`)."""
     import mlflow
 
-    from score.mlflow_model import log_pyfunc_model
+    from meli.score.mlflow_model import log_pyfunc_model
 
     client = mlflow_client()
     try:

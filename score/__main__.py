@@ -1,5 +1,5 @@
-"""`python -m score` runs meli-score."""
+"""`python -m meli.score` runs meli-score."""
 
-from score.cli import main
+from meli.score.cli import main
 
 main()

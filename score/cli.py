@@ -52,15 +52,15 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
         meli-score catalog.parquet scored.parquet --model artifacts/model.onnx --keep-columns id --top-k 3
     """
     setup_logging(quiet)
-    from score.core import ScoreOptions
-    from score.run import score_file
+    from meli.score.core import ScoreOptions
+    from meli.score.run import score_file
 
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
     options = ScoreOptions(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
     if engine == "spark":
         if route_low is not None:
             raise click.UsageError("--route-low is not available with --engine spark (filter the output on probability)")
-        from score.spark import score_with_spark
+        from meli.score.spark import score_with_spark
         from meli.tracking import resolve_model_uri
 
         summary = score_with_spark(input_path, output_path, resolve_model_uri(model), options, master=spark_master,

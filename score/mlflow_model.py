@@ -9,14 +9,16 @@ finds its other models and loads it the MLflow way::
     # 0  MOTORCYCLE_HELMETS        0.98
 
 ``mlflow models predict`` and ``mlflow.pyfunc.spark_udf`` work on it too. The logged model
-carries ``model.onnx`` as an artifact and the ``meli`` and ``score`` packages as code (no
+carries ``model.onnx`` as an artifact and the ``meli`` core with ``meli.score`` as code (no
 torch, no training code), and its requirements are the scoring ones only. Predictions go
 through the same function over Arrow record batches as `meli-score` and Spark
-(`score.core.Scorer.score_batches`).
+(`meli.score.core.Scorer.score_batches`).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -30,7 +32,7 @@ class MeliPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from meli.onnx_model import load_onnx_model
-        from score.core import ScoreOptions, Scorer
+        from meli.score.core import ScoreOptions, Scorer
 
         self.scorer = Scorer(load_onnx_model(context.artifacts[ARTIFACT], provider="auto"), ScoreOptions(keep_columns=()))
 
@@ -62,25 +64,36 @@ def scoring_requirements() -> list[str]:
             f"numba=={numba.__version__}", f"pandas=={pandas.__version__}", f"mlflow=={mlflow.__version__}"]
 
 
+def _scoring_code(folder: Path) -> Path:
+    """A ``meli`` package holding what scoring imports: the core modules and ``meli.score``
+    (not the training or export code, which need torch)."""
+    import meli
+    import meli.score
+
+    target = folder / "meli"
+    skip = shutil.ignore_patterns("__pycache__", "demo", "train", "export", "score")
+    shutil.copytree(Path(meli.__file__).parent, target, ignore=skip)
+    shutil.copytree(Path(meli.score.__file__).parent, target / "score", ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
 def log_pyfunc_model(onnx_path: Path, name: str = "model"):
     """Log `onnx_path` as a pyfunc model to the active run; returns MLflow's ModelInfo."""
     import pandas as pd
     from mlflow.models import infer_signature
-
-    import meli
-    import score
 
     example = pd.DataFrame({"title": EXAMPLE_TITLES})
     probe = MeliPyfuncModel()  # loaded here only to infer the output schema; a fresh one is logged
     context = mlflow.pyfunc.PythonModelContext(artifacts={ARTIFACT: str(onnx_path)}, model_config={})
     probe.load_context(context)
     signature = infer_signature(example, probe.predict(context, example))
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=MeliPyfuncModel(),
-        artifacts={ARTIFACT: str(onnx_path)},
-        code_paths=[str(Path(meli.__file__).parent), str(Path(score.__file__).parent)],
-        pip_requirements=scoring_requirements(),
-        signature=signature,
-        input_example=example,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=MeliPyfuncModel(),
+            artifacts={ARTIFACT: str(onnx_path)},
+            code_paths=[str(_scoring_code(Path(tmp)))],
+            pip_requirements=scoring_requirements(),
+            signature=signature,
+            input_example=example,
+        )

@@ -37,7 +37,7 @@ from meli.errors import InputError, OutputError
 from meli.formats import AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
-from score.core import Scorer, ScoreOptions
+from meli.score.core import Scorer, ScoreOptions
 
 log = logging.getLogger(__name__)
 

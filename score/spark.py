@@ -1,6 +1,6 @@
 """`meli-score --engine spark`: the scoring core inside Spark, for catalogs beyond one machine.
 
-The same function over Arrow record batches as `meli-score` (`score.core.Scorer`) runs in
+The same function over Arrow record batches as `meli-score` (`meli.score.core.Scorer`) runs in
 ``DataFrame.mapInArrow``: ``model.onnx`` is shipped to the executors once
 (``SparkContext.addFile``; ``spark-submit --files`` on a cluster), each Python worker opens
 one onnxruntime session and keeps it for every batch and task it runs, the input's other
@@ -10,7 +10,7 @@ holds strings, the output can be written; those fail with one line, like the loc
 
 On a cluster (the extras ``meli-categorizer[cpu]`` or ``[gpu]`` installed on the executors)::
 
-    spark-submit --files model.onnx "$(python -c 'import score.spark as s; print(s.__file__)')" \\
+    spark-submit --files model.onnx "$(python -c 'import meli.score.spark as s; print(s.__file__)')" \\
         s3://lake/catalog/ s3://lake/scored/ --model model.onnx
 """
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from meli.errors import InputError, MeliError, OutputError
 from meli.onnx_model import load_onnx_model
-from score.core import Scorer, ScoreOptions
+from meli.score.core import Scorer, ScoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,6 @@ def _parquet_rows(path: Path) -> int:
 
 
 if __name__ == "__main__":  # spark-submit .../score/spark.py INPUT OUTPUT --model model.onnx
-    from score.cli import main
+    from meli.score.cli import main
 
     main(sys.argv[1:] + ["--engine", "spark"])

@@ -14,7 +14,7 @@ import pytest
 
 from meli.dataset import load_labelled
 from meli.demo_catalog import DEMO_DIR
-from train.config import TrainConfig, load_config
+from meli.train.config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -59,7 +59,7 @@ def demo_splits():
 @pytest.fixture(scope="session")
 def trained(demo_splits):
     """A small MLP, CNN and two-MLP ensemble trained on the demo data, once for the whole session."""
-    from train.trainer import train_and_refit, train_model
+    from meli.train.trainer import train_and_refit, train_model
 
     train, validation = demo_splits
     models = {
@@ -74,7 +74,7 @@ def trained(demo_splits):
 @pytest.fixture(scope="session")
 def exported(trained, tmp_path_factory):
     """Each trained model exported to model.onnx (no MLflow involved)."""
-    from export.onnx_export import to_onnx
+    from meli.export.onnx_export import to_onnx
 
     folder = tmp_path_factory.mktemp("onnx")
     paths = {}

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_jsonl
-from export.onnx_export import scoring_module, to_onnx
+from meli.export.onnx_export import scoring_module, to_onnx
 from meli.calibration import (
     calibrate,
     coverage,
@@ -23,8 +23,8 @@ from meli.calibration import (
     softmax,
 )
 from meli.onnx_model import load_onnx_model
-from score.cli import main as score_main
-from score.core import ScoreOptions, Scorer
+from meli.score.cli import main as score_main
+from meli.score.core import ScoreOptions, Scorer
 from test_score import TITLES
 
 
@@ -78,7 +78,7 @@ def test_training_fits_a_temperature_and_the_refit_carries_it(trained, demo_spli
 
 def test_the_refit_model_takes_the_selection_fits_temperature(demo_splits):
     from conftest import small_config
-    from train.trainer import train_and_refit
+    from meli.train.trainer import train_and_refit
 
     train, validation = demo_splits
     result = train_and_refit(small_config("mlp", refit=True, epochs=2), train, validation, quiet=True)

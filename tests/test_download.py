@@ -11,7 +11,7 @@ import pytest
 
 from meli.dataset import load_labelled
 from meli.errors import InputError, MeliError
-from train.download import fetch_course_data, main
+from meli.train.download import fetch_course_data, main
 
 
 def course_archive(path):

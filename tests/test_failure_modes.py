@@ -29,8 +29,8 @@ from click.testing import CliRunner
 from conftest import ROOT, write_jsonl
 from meli.errors import ModelFileError
 from meli.onnx_model import load_onnx_model
-from score.cli import main as score_main
-from score.core import Scorer
+from meli.score.cli import main as score_main
+from meli.score.core import Scorer
 from test_score import TITLES, direct_predictions
 
 YESTERDAY = b"yesterday's scores"
@@ -341,7 +341,7 @@ def test_output_paths_that_cannot_be_written(model, tmp_path):
 
 def score_process(args: list, **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    return subprocess.Popen([sys.executable, "-m", "score", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "meli.score", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -527,7 +527,7 @@ def test_a_registry_uri_that_names_no_model(model, tmp_path, monkeypatch):
     ('[embeddings]\ninit = "glove"', "[embeddings]: init = 'glove': must be one of"),
 ])
 def test_every_config_value_is_checked_before_any_work(text, message, tmp_path):
-    from train.cli import main as train_main
+    from meli.train.cli import main as train_main
 
     config = tmp_path / "bad.toml"
     config.write_text(text + "\n")
@@ -543,14 +543,14 @@ def test_every_config_value_is_checked_before_any_work(text, message, tmp_path):
     (["--seed", "-1"], "--seed: seed = -1: must be at least 0"),
 ])
 def test_command_line_overrides_are_checked_too(option, message, tmp_path):
-    from train.cli import main as train_main
+    from meli.train.cli import main as train_main
 
     result = CliRunner().invoke(train_main, option + ["--quiet"])
     assert result.exit_code == 1 and result.output == f"Error: {message}\n", result.output
 
 
 def test_an_unreachable_tracking_server_is_refused_before_training(tmp_path, monkeypatch):
-    from train.cli import main as train_main
+    from meli.train.cli import main as train_main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     started = time.time()
@@ -561,7 +561,7 @@ def test_an_unreachable_tracking_server_is_refused_before_training(tmp_path, mon
 
 
 def test_an_unusable_tracking_store_is_refused_before_training(tmp_path, monkeypatch):
-    from train.cli import main as train_main
+    from meli.train.cli import main as train_main
 
     store = tmp_path / "store.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
@@ -580,7 +580,7 @@ def test_an_unusable_tracking_store_is_refused_before_training(tmp_path, monkeyp
 def test_stdin_to_stdout_as_json_lines(model, tmp_path):
     rows = [{"id": i, "title": t} for i, t in enumerate(TITLES)]
     data = "".join(json.dumps(r) + "\n" for r in rows)
-    done = subprocess.run([sys.executable, "-m", "score", "-", "-", "--model", str(model), "--quiet"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "meli.score", "-", "-", "--model", str(model), "--quiet"], cwd=ROOT,
                           input=data, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = [json.loads(line) for line in done.stdout.splitlines()]

@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT, write_jsonl
-from export.cli import main as export_main
-from export.parity import MIN_QUANTIZED_AGREEMENT
+from meli.export.cli import main as export_main
+from meli.export.parity import MIN_QUANTIZED_AGREEMENT
 from meli.onnx_model import load_onnx_model
-from score.cli import main as score_main
-from train.cli import main as train_main
+from meli.score.cli import main as score_main
+from meli.train.cli import main as train_main
 
 SMALL_TOML = """
 model = "{model}"

@@ -17,13 +17,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ROOT, write_jsonl
-from export.onnx_export import scoring_module, signature
-from export.parity import MIN_QUANTIZED_AGREEMENT, MIN_ROUNDED_AGREEMENT, ParityError, check_parity, require_parity
+from meli.export.onnx_export import scoring_module, signature
+from meli.export.parity import MIN_QUANTIZED_AGREEMENT, MIN_ROUNDED_AGREEMENT, ParityError, check_parity, require_parity
 from meli.errors import InputError, MeliError, ModelFileError
 from meli.onnx_model import load_onnx_model
-from score.cli import main as score_main
-from score.core import ScoreOptions, Scorer, score_arrow_batches
-from score.run import score_file
+from meli.score.cli import main as score_main
+from meli.score.core import ScoreOptions, Scorer, score_arrow_batches
+from meli.score.run import score_file
 
 TITLES = ["Taladro Percutor Bosch 650w", "", None, "Casco Moto Hawk Rebatible", "®®®", "Funda iPhone 11 silicona",
           "Pañales Pampers Talle G", "zzqx"]
@@ -106,7 +106,7 @@ def test_parity_on_mixed_length_titles(kind, exported, trained, demo_splits):
 
 def test_quantized_export_reports_what_it_costs(trained, demo_splits):
     """int8 matrix products are opt-in; parity then measures agreement with the checkpoint."""
-    from export.onnx_export import to_onnx
+    from meli.export.onnx_export import to_onnx
 
     ckpt = trained["mlp"].checkpoint
     proto = to_onnx(ckpt, quantize=True)

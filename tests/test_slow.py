@@ -38,7 +38,7 @@ def test_a_catalog_scores_in_bounded_memory_with_every_row_in_order(exported, tm
     # a wrapper process whose only child is meli-score: its children's peak RSS is the run's
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
-    done = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "score", str(big), str(out),
+    done = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "meli.score", str(big), str(out),
                            "--model", str(exported["mlp"]), "--quiet"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from score.cli import main as score_main
+from meli.score.cli import main as score_main
 from test_score import TITLES
 
 pytest.importorskip("pyspark", reason="pip install 'meli-categorizer[spark]'")
@@ -75,8 +75,8 @@ def test_spark_fails_before_any_task_with_one_line(lake, exported, tmp_path):
 def test_the_mlflow_model_works_as_a_spark_udf(lake, exported, tmp_path, monkeypatch):
     import mlflow
 
-    from score.mlflow_model import log_pyfunc_model
-    from score.spark import spark_session
+    from meli.score.mlflow_model import log_pyfunc_model
+    from meli.score.spark import spark_session
 
     model = exported["ensemble"]
     assert run(lake, tmp_path / "local.parquet", "--model", model).exit_code == 0

@@ -14,8 +14,8 @@ from meli.checkpoint import load_checkpoint, save_checkpoint
 from meli.errors import InputError, MeliError, ModelFileError
 from meli.models import CNN, MLP, CNNConfig, MLPConfig, build_model
 from meli.vocabulary import build_vocabulary
-from train.config import EmbeddingSettings, load_config
-from train.trainer import pick_device, train_model
+from meli.train.config import EmbeddingSettings, load_config
+from meli.train.trainer import pick_device, train_model
 
 
 @pytest.mark.parametrize("model", [MLP(MLPConfig(50, 7, embedding_dim=8, hidden=(16,))),
@@ -136,7 +136,7 @@ def test_device_choice():
 
 
 def test_refit_trains_on_train_and_validation_for_the_best_epoch_count(demo_splits):
-    from train.trainer import train_and_refit
+    from meli.train.trainer import train_and_refit
 
     train, validation = demo_splits
     config = small_config("mlp", epochs=3, refit=True)
@@ -186,7 +186,7 @@ def test_an_ensemble_averages_its_members_probabilities(trained, tmp_path):
 
 
 def test_an_ensemble_refits_every_member(demo_splits):
-    from train.trainer import train_and_refit
+    from meli.train.trainer import train_and_refit
 
     train, validation = demo_splits
     result = train_and_refit(small_config("mlp", epochs=2, members=2, refit=True), train, validation, quiet=True)
@@ -206,7 +206,7 @@ def test_row_adam_takes_sparse_adams_steps():
     after steps with repeated ids, padding and a one-cycle schedule that moves lr and beta1."""
     from torch import nn
 
-    from train.row_adam import RowAdam, RowSparseEmbedding
+    from meli.train.row_adam import RowAdam, RowSparseEmbedding
 
     weights = {}
     for kind in ("sparse", "rows"):
@@ -237,7 +237,7 @@ def test_row_adam_takes_sparse_adams_steps():
 def test_recombined_titles_splice_two_training_titles():
     import pyarrow as pa
 
-    from train.distill import recombine_titles, soft_targets
+    from meli.train.distill import recombine_titles, soft_targets
 
     titles = pa.array(["funda iphone silicona", "taladro bosch 650w", "funda samsung cuero", None])
     labels = np.array([0, 1, 0, 2])
@@ -260,8 +260,8 @@ def test_recombined_titles_splice_two_training_titles():
 def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
     """members > 1 with distillation ships one model of the members' shape, refit like them,
     and reports the student's validation figures beside the ensemble's."""
-    from train.distill import DistillSettings
-    from train.trainer import STUDENT, train_and_refit
+    from meli.train.distill import DistillSettings
+    from meli.train.trainer import STUDENT, train_and_refit
 
     train, validation = demo_splits
     config = small_config("mlp", epochs=4, members=2, refit=True, distill=DistillSettings(enabled=True, recombined=0.5))
@@ -289,8 +289,8 @@ def test_each_optimizer_learns(optimizer, demo_splits):
 
 
 def test_attention_pooling_trains_exports_and_keeps_parity(demo_splits, tmp_path):
-    from export.onnx_export import to_onnx
-    from export.parity import check_parity
+    from meli.export.onnx_export import to_onnx
+    from meli.export.parity import check_parity
     from meli.onnx_model import load_onnx_model
 
     train, validation = demo_splits

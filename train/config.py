@@ -21,7 +21,7 @@ from meli.errors import MeliError
 from meli.models import CNNConfig, MLPConfig, ModelKind
 from meli.tokenizer import STOPWORD_LANGUAGES, TokenizerConfig, load_stopwords
 from meli.vocabulary import VocabularyConfig
-from train.distill import DistillSettings
+from meli.train.distill import DistillSettings
 
 
 @dataclass(frozen=True)

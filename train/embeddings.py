@@ -20,7 +20,7 @@ import torch
 
 from meli.errors import InputError
 from meli.tokenizer import N_SPECIAL, Tokenizer
-from train.config import EmbeddingSettings
+from meli.train.config import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from meli.calibration import Calibration  # noqa: E402
 from meli.metrics import CategoryRow, confused_pairs, per_category  # noqa: E402
-from train.trainer import TrainResult  # noqa: E402
+from meli.train.trainer import TrainResult  # noqa: E402
 
 
 def plot_curves(result: TrainResult, path: Path) -> Path:

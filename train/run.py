@@ -17,11 +17,11 @@ from meli.demo_catalog import DEMO_DIR
 from meli.errors import InputError, MeliError, OutputError
 from meli.formats import detect_format
 from meli.tracking import FINGERPRINT_TAG, check_store, experiment_for, mlflow_client, tracking_uri
-from train.config import TrainConfig
+from meli.train.config import TrainConfig
 from meli.metrics import confused_pairs
-from train.report import (category_report, coverage_rows, plot_calibration, plot_curves, plot_worst_categories,
+from meli.train.report import (category_report, coverage_rows, plot_calibration, plot_curves, plot_worst_categories,
                           write_category_csv, write_confusions_csv)
-from train.trainer import EpochMetrics, TrainResult, train_and_refit
+from meli.train.trainer import EpochMetrics, TrainResult, train_and_refit
 
 log = logging.getLogger(__name__)
 

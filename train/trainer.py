@@ -2,7 +2,7 @@
 
 Mini-batches are padded to their own longest title. The embedding table is large (words,
 bigrams and hashed n-gram buckets) and each batch touches few rows of it, so only those
-rows are updated, with SparseAdam's arithmetic (`train.row_adam`); the rest of the network
+rows are updated, with SparseAdam's arithmetic (`meli.train.row_adam`); the rest of the network
 gets the configured optimizer. That makes an epoch on 2 CPU cores ~15x faster than a dense
 AdamW over the whole table.
 Validation runs after every epoch; the epoch with the best balanced accuracy is kept, and
@@ -36,10 +36,10 @@ from meli.metrics import balanced_accuracy
 from meli.models import build_model
 from meli.tokenizer import Tokenizer
 from meli.vocabulary import build_vocabulary
-from train.config import TrainConfig
-from train.row_adam import RowAdam, RowSparseEmbedding
-from train.distill import model_scores, recombine_titles, soft_targets, teacher_probabilities
-from train.embeddings import init_embedding, word_vectors
+from meli.train.config import TrainConfig
+from meli.train.row_adam import RowAdam, RowSparseEmbedding
+from meli.train.distill import model_scores, recombine_titles, soft_targets, teacher_probabilities
+from meli.train.embeddings import init_embedding, word_vectors
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _zero_unseen_rows(weight: torch.Tensor, ids: np.ndarray) -> None:
 
     They never get a gradient, so they would keep their random start and add noise to any
     title that has such an n-gram; at zero they stay zero, and the export drops them
-    (`export.compaction`), halving the ONNX file."""
+    (`meli.export.compaction`), halving the ONNX file."""
     unseen = torch.ones(weight.shape[0], dtype=torch.bool)
     unseen[torch.from_numpy(np.unique(ids).astype(np.int64))] = False
     with torch.no_grad():
@@ -170,7 +170,7 @@ def train_model(
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
 
-    With a `teacher` (an ensemble's checkpoint), the fit is a distillation (`train.distill`):
+    With a `teacher` (an ensemble's checkpoint), the fit is a distillation (`meli.train.distill`):
     recombined titles added to the training titles, and the teacher's probabilities (the
     teacher reading them with its own tokenizer) in the targets; real titles not among
     `teacher_titles` (what the teacher trained on) also get their true label."""
@@ -308,7 +308,7 @@ def train_and_refit(
     The tokenizer's vocabulary of the refit comes from all the titles it trains on.
 
     With ``distill.enabled`` (and ``members > 1``) the members are teachers: one student of
-    their shape is distilled from their averaged probabilities (`train.distill`) and is the
+    their shape is distilled from their averaged probabilities (`meli.train.distill`) and is the
     model kept; its metrics are the ones reported (the ensemble's beside them), and only the
     student is refit, taught by the members' selection fits.
     """
