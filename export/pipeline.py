@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import warnings
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,10 +214,10 @@ def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name:
                        ("parity_checkpoint_top1_agreement", report.checkpoint_top1_agreement),
                        ("export_temperature", temperature)):
         client.log_metric(run_id, key, value)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _mlflow_quiet():
         info = log_pyfunc_model(output)
-    _ensure_registered(client, name)
-    version = mlflow.register_model(info.model_uri, name).version
+        _ensure_registered(client, name)
+        version = mlflow.register_model(info.model_uri, name).version
     client.update_model_version(name, version, description=report.summary())
     client.set_registered_model_alias(name, LATEST_ALIAS, version)
     serving, reason = _serving_decision(client, name, run, force)
@@ -222,6 +225,20 @@ def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name:
         client.set_registered_model_alias(name, SERVING_ALIAS, version)
     log.info("registered %s version %s (alias %s); %s", name, version, LATEST_ALIAS, reason)
     return Registration(f"{name}/{version}", serving, reason)
+
+
+@contextlib.contextmanager
+def _mlflow_quiet():
+    """MLflow's advice while logging a pyfunc model (cloudpickle, type hints) and its printed
+    "Created version" lines: this command reports the outcome itself, in one line."""
+    level = logging.getLogger("mlflow").level
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.getLogger("mlflow").setLevel(level)
 
 
 def _serving_decision(client, name: str, run, force: bool) -> tuple[bool, str]:
