@@ -250,7 +250,10 @@ def main() -> None:
         print(f"meli-score: {ours:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
         if args.previous:
             prev_out = Path(tmp) / "previous.parquet"
-            cmd = [sys.executable, "-m", "meli.score", str(catalog), str(prev_out), "--model", str(args.previous_model.resolve()),
+            # checkouts before the stages moved under the meli namespace have a top-level score package
+            module = "score" if (args.previous / "score" / "__main__.py").is_file() and \
+                "package-dir" not in (args.previous / "pyproject.toml").read_text() else "meli.score"
+            cmd = [sys.executable, "-m", module, str(catalog), str(prev_out), "--model", str(args.previous_model.resolve()),
                    "--threads", str(args.threads), "--provider", args.provider, "--quiet"]
             t = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=args.previous, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
