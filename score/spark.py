@@ -82,7 +82,7 @@ def spark_session(master: str | None = None):
 
     if master is not None or not SparkConf().contains("spark.master"):
         builder = builder.master(master or "local[*]")
-    session = builder.config("spark.ui.enabled", "false").getOrCreate()
+    session = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     return session
 
