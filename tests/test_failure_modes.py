@@ -119,11 +119,14 @@ def test_jsonl_with_a_byte_order_mark(model, tmp_path):
     assert table.column_names == ["id", "category", "probability"] and table["id"].to_pylist() == [1, 2]
 
 
-def test_invalid_utf8_in_a_jsonl_title_names_the_line(model, tmp_path):
-    path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"title": "Casco"}\n{"title": "Ca\xf1a de pescar"}\n')
-    expect_error([path, tmp_path / "out.parquet", "--model", model], "latin1.jsonl: line 2: invalid UTF-8",
-                 tmp_path / "out.parquet")
+@pytest.mark.parametrize("name, data, message", [
+    ("latin1.jsonl", b'{"title": "Casco"}\n{"title": "Ca\xf1a de pescar"}\n', "latin1.jsonl: line 2: invalid UTF-8"),
+    ("latin1.csv", b"id,title\n1,Casco\n2,Ca\xf1a de pescar\n", "latin1.csv: line 3: invalid UTF-8"),
+])
+def test_invalid_utf8_in_a_title_names_the_line(name, data, message, model, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(data)
+    expect_error([path, tmp_path / "out.parquet", "--model", model], message, tmp_path / "out.parquet")
 
 
 def test_invalid_utf8_in_another_jsonl_field_is_not_copied_through(model, tmp_path):
@@ -144,13 +147,6 @@ def test_invalid_utf8_in_a_parquet_title_names_the_row(model, tmp_path):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"title": invalid_utf8_column([b"Casco", b"Taladro", b"Ca\xf1a"])}), path)
     expect_error([path, tmp_path / "out.parquet", "--model", model], "bad.parquet: row 3: column 'title': invalid UTF-8",
-                 tmp_path / "out.parquet")
-
-
-def test_invalid_utf8_in_a_csv_is_named(model, tmp_path):
-    path = tmp_path / "latin1.csv"
-    path.write_bytes(b"id,title\n1,Casco\n2,Ca\xf1a de pescar\n")
-    expect_error([path, tmp_path / "out.parquet", "--model", model], "latin1.csv: line 3: invalid UTF-8",
                  tmp_path / "out.parquet")
 
 
