@@ -8,6 +8,7 @@ import click
 
 from meli import __version__
 from meli.command import reports_errors, setup_logging
+from meli.tracking import REGISTERED_NAME
 
 
 @click.command()
@@ -22,7 +23,7 @@ from meli.command import reports_errors, setup_logging
 @click.option("--parity-rows", type=int, default=None, help="Check only the first N titles (default: all).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="onnxruntime provider for the parity check.")
-@click.option("--register-name", default="meli-categorizer", show_default=True, help="MLflow registered model name.")
+@click.option("--register-name", default=REGISTERED_NAME, show_default=True, help="MLflow registered model name.")
 @click.option("--no-register", is_flag=True, help="Do not log the export to MLflow or register it.")
 @click.option("--table-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="An MLP's scoring table: fp16 (half the file; probabilities within ~1e-4 of the checkpoint's) "

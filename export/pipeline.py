@@ -19,7 +19,8 @@ from meli.errors import MeliError, ModelFileError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
 from meli.calibration import coverage_table
-from meli.tracking import check_store, mlflow_client, require_existing_store
+from meli.tracking import (BEST_METRIC, CHECKPOINT_ARTIFACTS, EXPORT_ARTIFACTS, LATEST_ALIAS, REGISTERED_NAME, SERVING_ALIAS,
+                           VALIDATION_SOURCE_TAG, check_store, mlflow_client, require_existing_store)
 from meli.export.compaction import Precision
 from meli.export.onnx_export import signature, to_onnx
 from meli.export.parity import ParityReport, check_parity, require_parity
@@ -27,10 +28,7 @@ from meli.export.parity import ParityReport, check_parity, require_parity
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("artifacts/model.onnx")
-DEFAULT_REGISTERED_NAME = "meli-categorizer"
-BEST_METRIC = "best_val_balanced_accuracy"
-LATEST_ALIAS = "latest-export"  # always the newest export
-SERVING_ALIAS = "champion"  # the one to serve: moves only to an export at least as accurate (or --force)
+DEFAULT_REGISTERED_NAME = REGISTERED_NAME
 
 
 @dataclass(frozen=True)
@@ -80,11 +78,11 @@ def checkpoint_of_run(run_id: str) -> ChosenCheckpoint:
         run = client.get_run(run_id)
     except Exception as e:  # noqa: BLE001 - mlflow raises MlflowException subclasses
         raise MeliError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from e
-    artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+    artifacts = [a.path for a in client.list_artifacts(run_id, CHECKPOINT_ARTIFACTS)]
     if not artifacts:
         raise ModelFileError(f"MLflow run {run_id} has no checkpoint artifact")
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts[0]))
-    return ChosenCheckpoint(load_checkpoint(local), local, run_id, run.data.tags.get("meli.validation_source"))
+    return ChosenCheckpoint(load_checkpoint(local), local, run_id, run.data.tags.get(VALIDATION_SOURCE_TAG))
 
 
 def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, checkpoint: str | Path | None = None) -> ChosenCheckpoint:
@@ -209,7 +207,7 @@ def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name:
         (t / "parity_report.json").write_text(report.to_json(), encoding="utf-8")
         (t / "signature.json").write_text(json.dumps(sig, indent=2), encoding="utf-8")
         for f in ("parity_report.json", "signature.json"):
-            client.log_artifact(run_id, str(t / f), artifact_path="export")
+            client.log_artifact(run_id, str(t / f), artifact_path=EXPORT_ARTIFACTS)
     for key, value in (("parity_max_abs_diff", report.max_abs_diff), ("parity_top1_agreement", report.top1_agreement),
                        ("parity_checkpoint_top1_agreement", report.checkpoint_top1_agreement),
                        ("export_temperature", temperature)):

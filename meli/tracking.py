@@ -19,7 +19,21 @@ from meli.errors import MeliError, ModelFileError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
-FINGERPRINT_TAG = "meli.data_fingerprint"
+# The names the stages pass to each other through MLflow: meli-train writes them, meli-export
+# and meli-score read them. One place, so that a rename cannot break the hand-over silently.
+FINGERPRINT_TAG = "meli.data_fingerprint"  # runs on different data never share an experiment
+MODEL_TAG = "meli.model"  # mlp | cnn
+TRAIN_SOURCE_TAG = "meli.train_source"
+VALIDATION_SOURCE_TAG = "meli.validation_source"  # meli-export's default parity titles
+DEVICE_TAG = "meli.device"
+CHECKPOINT_ARTIFACTS = "checkpoint"  # <run_id>.pt: the one copy of the checkpoint
+REPORT_ARTIFACTS = "report"  # curves, per-category and coverage tables, calibration plot
+EXPORT_ARTIFACTS = "export"  # parity_report.json, signature.json
+BEST_PREFIX = "best_"  # the selection fit's metrics at its best epoch, logged once per run
+BEST_METRIC = "best_val_balanced_accuracy"  # how meli-export picks a run and gates @champion
+REGISTERED_NAME = "meli-categorizer"
+LATEST_ALIAS = "latest-export"  # always the newest export
+SERVING_ALIAS = "champion"  # moves only to an export at least as accurate (or --force)
 
 
 def tracking_uri() -> str:

@@ -16,7 +16,8 @@ from meli.dataset import DataFilter, LabelledSplit, fingerprint, load_labelled, 
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import InputError, MeliError, OutputError
 from meli.formats import detect_format
-from meli.tracking import FINGERPRINT_TAG, check_store, experiment_for, mlflow_client, tracking_uri
+from meli.tracking import (BEST_PREFIX, CHECKPOINT_ARTIFACTS, DEVICE_TAG, FINGERPRINT_TAG, MODEL_TAG, REPORT_ARTIFACTS,
+                           TRAIN_SOURCE_TAG, VALIDATION_SOURCE_TAG, check_store, experiment_for, mlflow_client, tracking_uri)
 from meli.train.config import TrainConfig
 from meli.metrics import confused_pairs
 from meli.train.report import (category_report, coverage_rows, plot_calibration, plot_curves, plot_worst_categories,
@@ -116,9 +117,9 @@ def run_training(
         def record_start() -> None:  # the store and its artifact location take writes, or nothing is trained
             mlflow.set_tags({
                 FINGERPRINT_TAG: fp,
-                "meli.model": config.model,
-                "meli.train_source": str(source.train),
-                "meli.validation_source": str(source.validation or f"{source.train} (held out)"),
+                MODEL_TAG: config.model,
+                TRAIN_SOURCE_TAG: str(source.train),
+                VALIDATION_SOURCE_TAG: str(source.validation or f"{source.train} (held out)"),
             })
             mlflow.log_params({k: str(v) for k, v in config.flat().items()})
             mlflow.log_params({"data.train_rows": len(train), "data.validation_rows": len(validation),
@@ -150,14 +151,14 @@ def run_training(
 
         result = train_and_refit(config, train, validation, provenance=provenance, on_epoch=log_epoch,
                                  on_refit_epoch=log_refit_epoch, quiet=quiet)
-        mlflow.set_tag("meli.device", result.device)
+        mlflow.set_tag(DEVICE_TAG, result.device)
         best = result.checkpoint.metrics
-        mlflow.log_metrics({f"best_{k}": v for k, v in best.items()})
+        mlflow.log_metrics({f"{BEST_PREFIX}{k}": v for k, v in best.items()})
         mlflow.log_metrics(result.timings)
         # stored once, in the run (what meli-export reads); a folder copy only when asked for
         with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifact(str(save_checkpoint(result.checkpoint, Path(tmp) / f"{run_id}.pt")), artifact_path="checkpoint")
-        checkpoint_path = _artifact_location(mlflow.get_artifact_uri(f"checkpoint/{run_id}.pt"))
+            mlflow.log_artifact(str(save_checkpoint(result.checkpoint, Path(tmp) / f"{run_id}.pt")), artifact_path=CHECKPOINT_ARTIFACTS)
+        checkpoint_path = _artifact_location(mlflow.get_artifact_uri(f"{CHECKPOINT_ARTIFACTS}/{run_id}.pt"))
         if checkpoint_dir is not None:
             checkpoint_path = save_checkpoint(result.checkpoint, checkpoint_dir / f"{run_id}.pt")
         rows = category_report(result)
@@ -174,17 +175,17 @@ def run_training(
                 plot_worst_categories(rows, t / "worst_categories.png"),
                 *([plot_calibration(result.calibration, t / "calibration.png")] if result.calibration else []),
             ):
-                mlflow.log_artifact(str(f), artifact_path="report")
+                mlflow.log_artifact(str(f), artifact_path=REPORT_ARTIFACTS)
         if result.calibration is not None:
-            mlflow.log_table(coverage_rows(result.calibration), artifact_file="report/coverage.json")
+            mlflow.log_table(coverage_rows(result.calibration), artifact_file=f"{REPORT_ARTIFACTS}/coverage.json")
             mlflow.log_param("calibration.temperature", f"{result.calibration.temperature:.4f}")
         pairs = confused_pairs(result.val_true, result.val_pred, result.checkpoint.labels, top=50)
         mlflow.log_table({"true_category": [p[0] for p in pairs], "predicted_category": [p[1] for p in pairs],
-                          "count": [p[2] for p in pairs]}, artifact_file="report/confused_pairs.json")
+                          "count": [p[2] for p in pairs]}, artifact_file=f"{REPORT_ARTIFACTS}/confused_pairs.json")
         mlflow.log_table(
             {"category": [r.category for r in rows], "precision": [r.precision for r in rows],
              "recall": [r.recall for r in rows], "f1": [r.f1 for r in rows], "support": [r.support for r in rows]},
-            artifact_file="report/per_category.json",
+            artifact_file=f"{REPORT_ARTIFACTS}/per_category.json",
         )
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking_uri())
     return RunOutcome(run_id, experiment, checkpoint_path, result)
