@@ -17,7 +17,7 @@ from typing import Callable
 
 import click
 
-from meli.errors import MeliError
+from meli.errors import MeliError, SettingError
 
 
 class Interrupted(BaseException):
@@ -62,6 +62,8 @@ def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = Non
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             return func(*args, **kwargs)
+        except SettingError as e:  # the library names the setting; the command names its flag
+            raise click.ClickException(f"--{e.setting.replace('_', '-')}: {e.problem}") from e
         except MeliError as e:
             raise click.ClickException(str(e)) from e
         except Interrupted as e:

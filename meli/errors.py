@@ -15,3 +15,13 @@ class ModelFileError(MeliError):
 
 class OutputError(MeliError):
     """An output path cannot be written."""
+
+
+class SettingError(MeliError):
+    """A setting's value cannot work. The library names the setting as Python does
+    (``top_k``); a command names it as its user typed it (``--top-k``, `meli.command`)."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from meli.errors import MeliError, ModelFileError
+from meli.errors import MeliError, ModelFileError, SettingError
 from meli.tokenizer import Tokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise MeliError(f"--provider cuda: this onnxruntime has no CUDA provider (has {', '.join(available)}); "
+        raise SettingError("provider", f"cuda, but this onnxruntime has no CUDA provider (has {', '.join(available)}); "
                         "install meli-categorizer[gpu] on a CUDA machine")
     wants_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
     providers: list = ["CPUExecutionProvider"]
@@ -169,7 +169,7 @@ def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto
         raise ModelFileError(f"{source}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from e
     used = session.get_providers()[0]
     if provider == "cuda" and used != "CUDAExecutionProvider":
-        raise MeliError(f"--provider cuda: onnxruntime could not start CUDA (fell back to {used}); "
+        raise SettingError("provider", f"cuda, but onnxruntime could not start CUDA (fell back to {used}); "
                         "check the CUDA/cuDNN libraries (pip install 'onnxruntime-gpu[cuda,cudnn]')")
     card = ModelCard.from_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
     loaded = OnnxModel(session=session, card=card, provider=used, source=source)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meli.errors import InputError
+from meli.errors import InputError, SettingError
 from meli.formats import as_plain_strings, is_text
 from meli.onnx_model import OnnxModel, load_onnx_model
 from meli.tokenizer import N_SPECIAL, Encoded
@@ -73,9 +73,9 @@ class Scorer:
         self.labels = pa.array(self.model.card.labels, type=pa.string())
         n = len(self.labels)
         if not 0 <= self.options.top_k <= n:
-            raise InputError(f"--top-k must be between 0 and the number of categories ({n})")
+            raise SettingError("top_k", f"must be between 0 and the number of categories ({n})")
         if not 0.0 <= self.options.min_probability <= 1.0:
-            raise InputError(f"--min-probability must be between 0 and 1, got {self.options.min_probability}")
+            raise SettingError("min_probability", f"must be between 0 and 1, got {self.options.min_probability}")
         self.stats = ScoreStats()
 
     # ---------------------------------------------------------------- schema
@@ -86,16 +86,16 @@ class Scorer:
         if twice is not None:
             raise InputError(f"the input's column {twice!r} appears twice")
         if title not in schema.names:
-            raise InputError(f"no title column {title!r}; the input has: {', '.join(schema.names)} (use --title-column)")
+            raise SettingError("title_column", f"no title column {title!r}; the input has: {', '.join(schema.names)}")
         if self.options.keep_columns is None:
             names = [n for n in schema.names if n != title]
         else:
             twice = _first_repeat(self.options.keep_columns)
             if twice is not None:
-                raise InputError(f"--keep-columns names {twice!r} twice")
+                raise SettingError("keep_columns", f"names {twice!r} twice")
             missing = [c for c in self.options.keep_columns if c not in schema.names]
             if missing:
-                raise InputError(f"--keep-columns: no column(s) {', '.join(missing)}; the input has: {', '.join(schema.names)}")
+                raise SettingError("keep_columns", f"no column(s) {', '.join(missing)}; the input has: {', '.join(schema.names)}")
             names = list(self.options.keep_columns)
         # an input column named like an output column gets the prefix, as often as it takes to
         # be unique (an input may already have an "input_category")

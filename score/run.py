@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from meli.errors import InputError, OutputError
+from meli.errors import InputError, OutputError, SettingError
 from meli.formats import AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
@@ -281,10 +281,10 @@ def score_file(
         detect_format(inp)
     if low is not None:
         if not options.min_probability > 0:
-            raise InputError("--route-low needs --min-probability: the probability under which rows are routed")
-        _check_output(low, inp, "--route-low")
+            raise SettingError("route_low", "needs min_probability, the probability under which rows are routed")
+        _check_output(low, inp, "the low-probability file")
         if low == STDIO or low.resolve() == out.resolve():
-            raise OutputError(f"{low}: --route-low must name a file other than the output")
+            raise SettingError("route_low", f"{low} must be a file other than the output")
     if threads:
         pa.set_cpu_count(threads)
     onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)

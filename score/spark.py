@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from meli.errors import InputError, MeliError, OutputError
+from meli.errors import InputError, OutputError, SettingError
 from meli.onnx_model import load_onnx_model
 from meli.score.core import Scorer, ScoreOptions
 
@@ -70,7 +70,7 @@ def spark_session(master: str | None = None):
     try:
         from pyspark.sql import SparkSession
     except ImportError as e:
-        raise MeliError("--engine spark needs pyspark: pip install 'meli-categorizer[spark]'") from e
+        raise SettingError("engine", "spark needs pyspark: pip install 'meli-categorizer[spark]'") from e
 
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -114,7 +114,7 @@ def score_with_spark(
     in_schema = to_arrow_schema(df.schema)
     title = options.title_column
     if title not in in_schema.names:
-        raise InputError(f"no title column {title!r}; the input has: {', '.join(in_schema.names)} (use --title-column)")
+        raise SettingError("title_column", f"no title column {title!r}; the input has: {', '.join(in_schema.names)}")
     out_schema = scorer.output_schema(in_schema).remove_metadata()  # checks --keep-columns and names too
     spark.sparkContext.addFile(str(model_path.resolve()))
     name, opts = model_path.name, options

@@ -154,6 +154,6 @@ def test_route_low_needs_a_threshold(exported, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
     result = CliRunner().invoke(score_main, [str(path), str(tmp_path / "o.parquet"), "--model", str(exported["mlp"]),
                                              "--route-low", str(tmp_path / "low.parquet"), "--quiet"])
-    assert result.exit_code == 1 and result.output == "Error: --route-low needs --min-probability: the probability under " \
+    assert result.exit_code == 1 and result.output == "Error: --route-low: needs min_probability, the probability under " \
         "which rows are routed\n", result.output
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "low.parquet").exists()

@@ -286,7 +286,7 @@ def test_output_column_names_never_collide(model, tmp_path):
     assert table.column_names == ["input_input_category", "input_category", "input_probability", "category", "probability"]
     row = table.to_pylist()[0]
     assert row["input_input_category"] == "A" and row["input_category"] == "B" and row["input_probability"] == 1
-    expect_error([path, out, "--model", model, "--keep-columns", "category,category"], "--keep-columns names 'category' twice",
+    expect_error([path, out, "--model", model, "--keep-columns", "category,category"], "--keep-columns: names 'category' twice",
                  out)
 
 
@@ -534,9 +534,9 @@ def test_every_config_value_is_checked_before_any_work(text, message, tmp_path):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--epochs", "0"], "--epochs: epochs = 0: must be at least 1"),
-    (["--epochs", "-3"], "--epochs: epochs = -3: must be at least 1"),
-    (["--seed", "-1"], "--seed: seed = -1: must be at least 0"),
+    (["--epochs", "0"], "--epochs: 0: must be at least 1"),
+    (["--epochs", "-3"], "--epochs: -3: must be at least 1"),
+    (["--seed", "-1"], "--seed: -1: must be at least 0"),
 ])
 def test_command_line_overrides_are_checked_too(option, message, tmp_path):
     from meli.train.cli import main as train_main

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from conftest import ROOT, write_jsonl
 from meli.export.onnx_export import scoring_module, signature
 from meli.export.parity import MIN_QUANTIZED_AGREEMENT, MIN_ROUNDED_AGREEMENT, ParityError, check_parity, require_parity
-from meli.errors import InputError, MeliError, ModelFileError
+from meli.errors import InputError, MeliError, ModelFileError, SettingError
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
 from meli.score.core import ScoreOptions, Scorer, score_arrow_batches
@@ -288,14 +288,17 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "corrupt.parquet", "good.jsonl", "nt.jsonl", "other.onnx"]
 
 
-def test_cuda_provider_without_cuda_is_an_error(exported):
+def test_cuda_provider_without_cuda_is_an_error(exported, tmp_path):
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    with pytest.raises(MeliError, match="--provider cuda: this onnxruntime has no CUDA provider"):
-        load_onnx_model(exported["mlp"], provider="cuda")
+    with pytest.raises(SettingError, match="^provider: cuda, but this onnxruntime has no CUDA provider"):
+        load_onnx_model(exported["mlp"], provider="cuda")  # the library names the setting ...
     assert load_onnx_model(exported["mlp"], provider="auto").provider == "CPUExecutionProvider"
+    good = write_jsonl(tmp_path / "in.jsonl", [{"title": "taladro"}])
+    result = cli([good, tmp_path / "o.parquet", "--model", exported["mlp"], "--provider", "cuda"])
+    assert result.output.startswith("Error: --provider: cuda, but this onnxruntime")  # ... the command its flag
 
 
 def test_a_failure_mid_file_leaves_the_previous_output_untouched(exported, tmp_path):
@@ -320,5 +323,5 @@ def test_bad_model_file_is_named(tmp_path):
 
 def test_scorer_rejects_a_top_k_beyond_the_labels(exported):
     m = load_onnx_model(exported["mlp"], "cpu")
-    with pytest.raises(InputError, match="--top-k must be between 0 and"):
+    with pytest.raises(SettingError, match="top_k: must be between 0 and"):
         Scorer(m, ScoreOptions(top_k=len(m.card.labels) + 1))

@@ -197,7 +197,7 @@ def test_an_ensemble_refits_every_member(demo_splits):
     assert set(ckpt.vocabulary) - set(train_only), "the refit vocabulary must include words seen only in validation"
     a, b = (ckpt.state_dict[f"members.{i}.head.1.weight"] for i in range(2))
     assert a.shape == b.shape and not torch.equal(a, b)
-    with pytest.raises(MeliError, match="--members: members = 0: must be at least 1"):
+    with pytest.raises(MeliError, match="members: 0: must be at least 1"):
         load_config(None, members=0)
 
 

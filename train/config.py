@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from meli.errors import MeliError
+from meli.errors import MeliError, SettingError
 from meli.models import CNNConfig, MLPConfig, ModelKind
 from meli.tokenizer import STOPWORD_LANGUAGES, TokenizerConfig, load_stopwords
 from meli.vocabulary import VocabularyConfig
@@ -187,18 +187,25 @@ def _fits(value, hint) -> bool:
     return isinstance(value, hint)
 
 
-def _check(section: str, name: str, value, hint, where: str) -> None:
-    """A setting's type (the field's annotation) and range (`_RANGES`), with the allowed values in the error."""
+def _problem(section: str, name: str, value, hint) -> str | None:
+    """What is wrong with a setting's value: its type (the field's annotation, with the allowed
+    values) or its range (`_RANGES`); None when nothing is."""
     if not _fits(value, hint):
-        raise MeliError(f"{where}: {name} = {value!r}: must be {_type_name(hint)}")
+        return f"must be {_type_name(hint)}"
     bounds = _RANGES.get((section, name))
     if bounds is None or value is None:
-        return
+        return None
     low, high, low_open = bounds
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if (v <= low if low_open else v < low) or (high is not None and v > high):
-            limit = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
-            raise MeliError(f"{where}: {name} = {value!r}: must be {limit}")
+            return f"must be {'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
+    return None
+
+
+def _check(section: str, name: str, value, hint, where: str) -> None:
+    problem = _problem(section, name, value, hint)
+    if problem is not None:
+        raise MeliError(f"{where}: {name} = {value!r}: {problem}")
 
 
 def _build(cls: type, values: dict, where: str, section: str = ""):
@@ -256,6 +263,8 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
         raise MeliError(f"{p}: invalid TOML ({e})") from e
     given = {k: v for k, v in overrides.items() if v is not None}
     hints = typing.get_type_hints(TrainConfig)
-    for name, value in given.items():  # command-line overrides, named as the user typed them
-        _check("", name, value, hints[name], f"--{name.replace('_', '-')}")
+    for name, value in given.items():  # overrides (a command's flags): the command names them
+        problem = _problem("", name, value, hints[name])
+        if problem is not None:
+            raise SettingError(name, f"{value!r}: {problem}")
     return _build(TrainConfig, {**values, **given}, str(p))

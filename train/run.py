@@ -14,7 +14,7 @@ from meli import __version__
 from meli.checkpoint import save_checkpoint
 from meli.dataset import DataFilter, LabelledSplit, fingerprint, load_labelled, split_holdout
 from meli.demo_catalog import DEMO_DIR
-from meli.errors import InputError, MeliError, OutputError
+from meli.errors import InputError, MeliError, OutputError, SettingError
 from meli.formats import detect_format
 from meli.tracking import (BEST_PREFIX, CHECKPOINT_ARTIFACTS, DEVICE_TAG, FINGERPRINT_TAG, MODEL_TAG, REPORT_ARTIFACTS,
                            TRAIN_SOURCE_TAG, VALIDATION_SOURCE_TAG, check_store, experiment_for, mlflow_client, tracking_uri)
@@ -43,7 +43,7 @@ def resolve_data(data: str | Path | None = None, train: str | Path | None = None
         t = Path(train)
         return DataSource(t, Path(validation) if validation else None, _stem(t))
     if validation is not None:
-        raise InputError("--validation needs --train")
+        raise SettingError("validation", "needs a training file too (train)")
     if data is None:
         return DataSource(DEMO_DIR / "train.jsonl.gz", DEMO_DIR / "validation.jsonl.gz", "meli-demo")
     p = Path(data)
