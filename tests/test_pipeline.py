@@ -70,6 +70,7 @@ def test_train_logs_everything_to_a_local_mlflow_store(trained_run, tmp_path):
     assert "mlp.hidden" in run.data.params and not any(k.startswith("cnn.") for k in run.data.params)
     assert run.data.tags["meli.data_fingerprint"] and run.data.tags["meli.device"] == "cpu"
     assert len(client.get_metric_history(run_id, "val_balanced_accuracy")) == 3
+    assert len(client.get_metric_history(run_id, "train_eval_loss")) == 3  # the curves compare like with like
     artifacts = {a.path for folder in ("checkpoint", "report") for a in client.list_artifacts(run_id, folder)}
     assert f"checkpoint/{run_id}.pt" in artifacts
     assert {"report/training_curves.png", "report/per_category.csv", "report/confused_pairs.csv",

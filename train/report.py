@@ -24,13 +24,14 @@ def plot_curves(result: TrainResult, path: Path) -> Path:
         history = [m for m in result.history if m.member == member]
         name = f"{history[0].model_name} " if len(members) > 1 else ""
         epochs = [m.epoch for m in history]
-        ax_loss.plot(epochs, [m.train_loss for m in history], marker="o", label=f"{name}train")
+        # like with like: both measured at the epoch's end, in eval mode, as plain cross-entropy
+        ax_loss.plot(epochs, [m.train_eval_loss for m in history], marker="o", label=f"{name}train")
         ax_loss.plot(epochs, [m.val_loss for m in history], marker="o", label=f"{name}validation")
         ax_acc.plot(epochs, [m.val_balanced_accuracy for m in history], marker="o", label=f"{name}balanced accuracy")
         if len(members) == 1:
             ax_acc.plot(epochs, [m.val_accuracy for m in history], marker=".", label="accuracy")
             ax_acc.axvline(result.best_epoch, color="grey", linestyle="--", label=f"best epoch ({result.best_epoch})")
-    ax_loss.set(title="loss", xlabel="epoch")
+    ax_loss.set(title="cross-entropy at the end of each epoch", xlabel="epoch")
     ax_loss.legend()
     ax_acc.set(title="validation", xlabel="epoch")
     ax_acc.legend()

@@ -133,7 +133,8 @@ def run_training(
             return f"{m.model_name}_" if config.members > 1 else ""
 
         def log_epoch(m: EpochMetrics) -> None:
-            metrics = {"train_loss": m.train_loss, "val_loss": m.val_loss, "val_balanced_accuracy": m.val_balanced_accuracy,
+            metrics = {"train_loss": m.train_loss, "train_eval_loss": m.train_eval_loss, "val_loss": m.val_loss,
+                       "val_balanced_accuracy": m.val_balanced_accuracy,
                        "val_accuracy": m.val_accuracy, "epoch_seconds": m.seconds}
             mlflow.log_metrics({prefix(m) + k: v for k, v in metrics.items()}, step=m.epoch)
 

@@ -50,12 +50,13 @@ STUDENT = -1  # EpochMetrics.member of a distilled student's epochs
 @dataclass(frozen=True)
 class EpochMetrics:
     epoch: int
-    train_loss: float
+    train_loss: float  # the running mean of the optimised loss over the epoch (dropout, smoothing or soft targets)
     val_loss: float
     val_balanced_accuracy: float
     val_accuracy: float
     seconds: float
     member: int = 0  # which ensemble member (0 for a single model; STUDENT for a distilled student)
+    train_eval_loss: float = float("nan")  # val_loss's measure on up to 5,000 training titles at the epoch's end
 
     @property
     def model_name(self) -> str:
@@ -220,6 +221,9 @@ def train_model(
     steps_per_epoch = math.ceil(len(targets) / config.batch_size)
     optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch)
     history: list[EpochMetrics] = []
+    # training titles measured like the validation ones (eval mode, plain cross-entropy on the
+    # true label), for curves that compare like with like; drawn apart from the training rng
+    probe = np.sort(np.random.default_rng(config.seed + 7919).permutation(len(train))[:5000])
     best_state, best_bacc, best_epoch, best_pred, stale = None, -1.0, -1, None, 0
     stopped_early = False
     t_fit = time.perf_counter()
@@ -245,6 +249,7 @@ def train_model(
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=total / max(1, seen),
+            train_eval_loss=evaluate(model, x_train[probe], len_train[probe], y_train[probe], device)[0],
             val_loss=val_loss,
             val_balanced_accuracy=balanced_accuracy(y_val, pred),
             val_accuracy=float((pred == y_val).mean()),
