@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
-import warnings
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +16,8 @@ from meli.errors import MeliError, ModelFileError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
 from meli.calibration import coverage_table
-from meli.tracking import (BEST_METRIC, CHECKPOINT_ARTIFACTS, EXPORT_ARTIFACTS, LATEST_ALIAS, REGISTERED_NAME, SERVING_ALIAS,
-                           VALIDATION_SOURCE_TAG, check_store, mlflow_client, require_existing_store)
+from meli.tracking import (EXPORT_ARTIFACTS, REGISTERED_NAME, VALIDATION_SOURCE_TAG, Registration, add_to_run, best_run_id,
+                           has_run, register_pyfunc, run_checkpoint)
 from meli.export.compaction import Precision
 from meli.export.onnx_export import signature, to_onnx
 from meli.export.parity import ParityReport, check_parity, require_parity
@@ -39,50 +36,9 @@ class ChosenCheckpoint:
     validation_source: str | None
 
 
-def best_run_id(experiment: str | None = None) -> str:
-    """The finished run with the best validation balanced accuracy in `experiment`.
-
-    No experiment named: the experiment of the most recent run, i.e. what was just trained.
-    """
-    require_existing_store("meli-export")
-    check_store()
-    client = mlflow_client()
-    if experiment is None:
-        exps = client.search_experiments()
-        latest = client.search_runs([e.experiment_id for e in exps], order_by=["attribute.start_time DESC"], max_results=1) if exps else []
-        if not latest:
-            raise MeliError("no MLflow runs found; train a model first (make train)")
-        exp = client.get_experiment(latest[0].info.experiment_id)
-        log.info("no --experiment given: using %r, the experiment of the most recent run", exp.name)
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise MeliError(f"no MLflow experiment named {experiment!r}")
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string="attributes.status = 'FINISHED'",
-        order_by=[f"metrics.{BEST_METRIC} DESC"],
-        max_results=50,
-    )
-    runs = [r for r in runs if BEST_METRIC in r.data.metrics]
-    if not runs:
-        raise MeliError(f"MLflow experiment {exp.name!r} has no finished training runs")
-    return runs[0].info.run_id
-
-
 def checkpoint_of_run(run_id: str) -> ChosenCheckpoint:
-    import mlflow
-
-    client = mlflow_client()
-    try:
-        run = client.get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - mlflow raises MlflowException subclasses
-        raise MeliError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from e
-    artifacts = [a.path for a in client.list_artifacts(run_id, CHECKPOINT_ARTIFACTS)]
-    if not artifacts:
-        raise ModelFileError(f"MLflow run {run_id} has no checkpoint artifact")
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts[0]))
-    return ChosenCheckpoint(load_checkpoint(local), local, run_id, run.data.tags.get(VALIDATION_SOURCE_TAG))
+    local, tags = run_checkpoint(run_id)
+    return ChosenCheckpoint(load_checkpoint(local), local, run_id, tags.get(VALIDATION_SOURCE_TAG))
 
 
 def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, checkpoint: str | Path | None = None) -> ChosenCheckpoint:
@@ -179,92 +135,22 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
     return report
 
 
-@dataclass(frozen=True)
-class Registration:
-    version: str  # "name/version"
-    serving: bool  # whether the serving alias now points at this version
-    reason: str  # why it moved or stayed
-
-
 def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str, temperature: float = 1.0,
                force: bool = False) -> Registration | None:
     """Log the export to the checkpoint's run (parity report, signature, and the model as an
-    MLflow pyfunc model: `meli.score.mlflow_model`), register that model as a new version of
-    `name`, point ``@latest-export`` at it, and move the serving alias ``@champion`` to it
-    only if its validation balanced accuracy is not below the current champion's (or `force`)."""
-    import mlflow
+    MLflow pyfunc model: `meli.score.mlflow_model`) and register it (`meli.tracking.register_pyfunc`:
+    ``@latest-export`` always, ``@champion`` through its quality gate)."""
+    from meli.score.mlflow_model import pyfunc_model_args
 
-    from meli.score.mlflow_model import log_pyfunc_model
-
-    client = mlflow_client()
-    try:
-        run = client.get_run(run_id)
-    except Exception:  # noqa: BLE001
+    if not has_run(run_id):
         log.warning("run %s is not in this MLflow store: the export is not logged or registered", run_id)
         return None
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         (t / "parity_report.json").write_text(report.to_json(), encoding="utf-8")
         (t / "signature.json").write_text(json.dumps(sig, indent=2), encoding="utf-8")
-        for f in ("parity_report.json", "signature.json"):
-            client.log_artifact(run_id, str(t / f), artifact_path=EXPORT_ARTIFACTS)
-    for key, value in (("parity_max_abs_diff", report.max_abs_diff), ("parity_top1_agreement", report.top1_agreement),
-                       ("parity_checkpoint_top1_agreement", report.checkpoint_top1_agreement),
-                       ("export_temperature", temperature)):
-        client.log_metric(run_id, key, value)
-    with mlflow.start_run(run_id=run_id), _mlflow_quiet():
-        info = log_pyfunc_model(output)
-        _ensure_registered(client, name)
-        version = mlflow.register_model(info.model_uri, name).version
-    client.update_model_version(name, version, description=report.summary())
-    client.set_registered_model_alias(name, LATEST_ALIAS, version)
-    serving, reason = _serving_decision(client, name, run, force)
-    if serving:
-        client.set_registered_model_alias(name, SERVING_ALIAS, version)
-    log.info("registered %s version %s (alias %s); %s", name, version, LATEST_ALIAS, reason)
-    return Registration(f"{name}/{version}", serving, reason)
-
-
-@contextlib.contextmanager
-def _mlflow_quiet():
-    """MLflow's advice while logging a pyfunc model (cloudpickle, type hints) and its printed
-    "Created version" lines: this command reports the outcome itself, in one line."""
-    level = logging.getLogger("mlflow").level
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.getLogger("mlflow").setLevel(level)
-
-
-def _serving_decision(client, name: str, run, force: bool) -> tuple[bool, str]:
-    """The quality gate on the serving alias: (move it?, why)."""
-    new = run.data.metrics.get(BEST_METRIC)
-    try:
-        current = client.get_model_version_by_alias(name, SERVING_ALIAS)
-    except Exception:  # noqa: BLE001 - no version holds the alias yet
-        return True, f"@{SERVING_ALIAS} set: no version held it"
-    held = client.get_run(current.run_id).data.metrics.get(BEST_METRIC) if current.run_id else None
-    if force:
-        return True, f"@{SERVING_ALIAS} moved from version {current.version} (--force)"
-    if held is None or (new is not None and new >= held):
-        return True, (f"@{SERVING_ALIAS} moved from version {current.version}: validation balanced accuracy "
-                      f"{_fmt(new)} >= {_fmt(held)}")
-    return False, (f"@{SERVING_ALIAS} stays on version {current.version}: its validation balanced accuracy {_fmt(held)} "
-                   f"is above this export's {_fmt(new)} (--force moves it anyway)")
-
-
-def _fmt(x: float | None) -> str:
-    return "unknown" if x is None else f"{x:.4f}"
-
-
-def _ensure_registered(client, name: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name)
-    except MlflowException:
-        pass  # already registered
-    return name
+        add_to_run(run_id, [t / "parity_report.json", t / "signature.json"], EXPORT_ARTIFACTS, {
+            "parity_max_abs_diff": report.max_abs_diff, "parity_top1_agreement": report.top1_agreement,
+            "parity_checkpoint_top1_agreement": report.checkpoint_top1_agreement, "export_temperature": temperature})
+        with pyfunc_model_args(output, t / "code") as args:
+            return register_pyfunc(run_id, name, report.summary(), force, **args)

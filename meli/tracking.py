@@ -1,4 +1,9 @@
-"""Where MLflow runs live, and which experiment a dataset's runs go to.
+"""Everything the stages do with MLflow's tracking and registry, in one place: where runs
+live, which experiment a dataset's runs go to, the names the stages hand each other, the
+store checks, writing a training run (`RunRecorder`), reading runs back (`best_run_id`,
+`run_checkpoint`), and registering an export behind the serving alias's quality gate
+(`register_pyfunc`). The stages call these, never mlflow's tracking API; only the pyfunc
+model's own class (`meli.score.mlflow_model`) is written against ``mlflow.pyfunc``.
 
 Default store: a SQLite file ``mlflow.db`` in the current folder (the project folder when run
 through ``make``), artifacts in ``./mlruns``; ``MLFLOW_TRACKING_URI`` overrides it. See them with
@@ -8,14 +13,21 @@ functions: it is large and slow to import, and scoring a file does not need it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Iterator
+from urllib.parse import unquote, urlparse
 
 from meli.errors import MeliError, ModelFileError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
@@ -123,3 +135,205 @@ def resolve_model_uri(model: str) -> Path:
     if not found:
         raise ModelFileError(f"{model}: the registered version holds no .onnx file")
     return found[0]
+
+
+# ----------------------------------------------------------------------------- writing a run
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """A failing MLflow store (unreachable, read-only, full) as one clear error."""
+    try:
+        yield
+    except MeliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow and its stores raise many kinds
+        raise MeliError(f"MLflow store {tracking_uri()}: cannot record the run ({_first_line(e)})") from e
+
+
+class RunRecorder:
+    """One MLflow run as meli-train writes it: the stages call this, never mlflow."""
+
+    def __init__(self, run):
+        self._run = run
+        self.run_id: str = run.info.run_id
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, experiment_id: str) -> Iterator["RunRecorder"]:
+        """A new run in `experiment_id`, ended (FINISHED, or FAILED on an error) on leaving."""
+        import mlflow
+
+        mlflow_client()  # sets the tracking URI for the fluent API
+        with store_errors():
+            run = mlflow.start_run(experiment_id=experiment_id)
+        with run:
+            yield cls(run)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(tags)
+
+    def params(self, params: dict[str, object]) -> None:
+        import mlflow
+
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+
+    def json(self, data: dict, name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, name)
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=step)
+
+    def files(self, paths, folder: str) -> None:
+        import mlflow
+
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def table(self, columns: dict[str, list], name: str) -> None:
+        import mlflow
+
+        mlflow.log_table(columns, artifact_file=name)
+
+    def location(self, path_in_run: str) -> Path | str:
+        """Where an artifact of this run is: a local path for a file store, else its URI."""
+        import mlflow
+
+        parsed = urlparse(mlflow.get_artifact_uri(path_in_run))
+        return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else parsed.geturl()
+
+
+# ----------------------------------------------------------------------------- reading runs
+def best_run_id(experiment: str | None = None) -> str:
+    """The finished run with the best `BEST_METRIC` in `experiment`; no experiment named: the
+    experiment of the most recent run, i.e. what was just trained."""
+    require_existing_store("meli-export")
+    check_store()
+    client = mlflow_client()
+    if experiment is None:
+        exps = client.search_experiments()
+        latest = client.search_runs([e.experiment_id for e in exps], order_by=["attribute.start_time DESC"],
+                                    max_results=1) if exps else []
+        if not latest:
+            raise MeliError("no MLflow runs found; train a model first (make train)")
+        exp = client.get_experiment(latest[0].info.experiment_id)
+        log.info("no --experiment given: using %r, the experiment of the most recent run", exp.name)
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise MeliError(f"no MLflow experiment named {experiment!r}")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=[f"metrics.{BEST_METRIC} DESC"], max_results=50)
+    runs = [r for r in runs if BEST_METRIC in r.data.metrics]
+    if not runs:
+        raise MeliError(f"MLflow experiment {exp.name!r} has no finished training runs")
+    return runs[0].info.run_id
+
+
+def run_checkpoint(run_id: str) -> tuple[Path, dict[str, str]]:
+    """A run's checkpoint file, downloaded if the store is remote, and the run's tags."""
+    import mlflow
+
+    client = mlflow_client()
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # noqa: BLE001 - mlflow raises MlflowException subclasses
+        raise MeliError(f"no MLflow run {run_id!r} in {tracking_uri()}") from e
+    artifacts = [a.path for a in client.list_artifacts(run_id, CHECKPOINT_ARTIFACTS)]
+    if not artifacts:
+        raise ModelFileError(f"MLflow run {run_id} has no checkpoint artifact")
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts[0])), dict(run.data.tags)
+
+
+# ----------------------------------------------------------------------------- exports and the registry
+@dataclass(frozen=True)
+class Registration:
+    version: str  # "name/version"
+    serving: bool  # whether the serving alias now points at this version
+    reason: str  # why it moved or stayed
+
+
+def has_run(run_id: str) -> bool:
+    try:
+        mlflow_client().get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def add_to_run(run_id: str, files, folder: str, metrics: dict[str, float]) -> None:
+    """Files and metrics added to a finished run (meli-export's parity report, signature)."""
+    client = mlflow_client()
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=folder)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+
+
+def register_pyfunc(run_id: str, registered_name: str, description: str, force: bool, **log_model_args) -> Registration:
+    """Log a pyfunc model (``mlflow.pyfunc.log_model(**log_model_args)``) to the run, register
+    it as a new version of `registered_name`, point `LATEST_ALIAS` at it, and move `SERVING_ALIAS` to it
+    only if its run's `BEST_METRIC` is not below the current holder's (or `force`)."""
+    import mlflow
+
+    name = registered_name
+    client = mlflow_client()
+    with mlflow.start_run(run_id=run_id), _quiet():
+        info = mlflow.pyfunc.log_model(**log_model_args)
+        try:
+            client.create_registered_model(name)
+        except Exception:  # noqa: BLE001 - already registered
+            pass
+        version = mlflow.register_model(info.model_uri, name).version
+    client.update_model_version(name, version, description=description)
+    client.set_registered_model_alias(name, LATEST_ALIAS, version)
+    serving, reason = _serving_decision(client, name, client.get_run(run_id), force)
+    if serving:
+        client.set_registered_model_alias(name, SERVING_ALIAS, version)
+    log.info("registered %s version %s (alias %s); %s", name, version, LATEST_ALIAS, reason)
+    return Registration(f"{name}/{version}", serving, reason)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """MLflow's advice while logging a pyfunc model (cloudpickle, type hints) and its printed
+    "Created version" lines: the command reports the outcome itself, in one line."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _serving_decision(client, name: str, run, force: bool) -> tuple[bool, str]:
+    """The quality gate on the serving alias: (move it?, why)."""
+    new = run.data.metrics.get(BEST_METRIC)
+    try:
+        current = client.get_model_version_by_alias(name, SERVING_ALIAS)
+    except Exception:  # noqa: BLE001 - no version holds the alias yet
+        return True, f"@{SERVING_ALIAS} set: no version held it"
+    held = client.get_run(current.run_id).data.metrics.get(BEST_METRIC) if current.run_id else None
+    if force:
+        return True, f"@{SERVING_ALIAS} moved from version {current.version} (--force)"
+    if held is None or (new is not None and new >= held):
+        return True, (f"@{SERVING_ALIAS} moved from version {current.version}: validation balanced accuracy "
+                      f"{_fmt(new)} >= {_fmt(held)}")
+    return False, (f"@{SERVING_ALIAS} stays on version {current.version}: its validation balanced accuracy {_fmt(held)} "
+                   f"is above this export's {_fmt(new)} (--force moves it anyway)")
+
+
+def _fmt(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.4f}"

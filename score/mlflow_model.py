@@ -17,9 +17,10 @@ through the same function over Arrow record batches as `meli-score` and Spark
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import mlflow.pyfunc
 
@@ -77,8 +78,11 @@ def _scoring_code(folder: Path) -> Path:
     return target
 
 
-def log_pyfunc_model(onnx_path: Path, name: str = "model"):
-    """Log `onnx_path` as a pyfunc model to the active run; returns MLflow's ModelInfo."""
+@contextlib.contextmanager
+def pyfunc_model_args(onnx_path: Path, folder: Path) -> Iterator[dict]:
+    """The arguments of ``mlflow.pyfunc.log_model`` for `onnx_path` (`meli.tracking.register_pyfunc`
+    makes the call): the model, its artifact and code (staged in `folder`), scoring-only
+    requirements, signature and input example."""
     import pandas as pd
     from mlflow.models import infer_signature
 
@@ -86,14 +90,12 @@ def log_pyfunc_model(onnx_path: Path, name: str = "model"):
     probe = MeliPyfuncModel()  # loaded here only to infer the output schema; a fresh one is logged
     context = mlflow.pyfunc.PythonModelContext(artifacts={ARTIFACT: str(onnx_path)}, model_config={})
     probe.load_context(context)
-    signature = infer_signature(example, probe.predict(context, example))
-    with tempfile.TemporaryDirectory() as tmp:
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=MeliPyfuncModel(),
-            artifacts={ARTIFACT: str(onnx_path)},
-            code_paths=[str(_scoring_code(Path(tmp)))],
-            pip_requirements=scoring_requirements(),
-            signature=signature,
-            input_example=example,
-        )
+    yield {
+        "name": "model",
+        "python_model": MeliPyfuncModel(),
+        "artifacts": {ARTIFACT: str(onnx_path)},
+        "code_paths": [str(_scoring_code(folder))],
+        "pip_requirements": scoring_requirements(),
+        "signature": infer_signature(example, probe.predict(context, example)),
+        "input_example": example,
+    }

@@ -75,15 +75,15 @@ def test_spark_fails_before_any_task_with_one_line(lake, exported, tmp_path):
 def test_the_mlflow_model_works_as_a_spark_udf(lake, exported, tmp_path, monkeypatch):
     import mlflow
 
-    from meli.score.mlflow_model import log_pyfunc_model
+    from meli.score.mlflow_model import pyfunc_model_args
     from meli.score.spark import spark_session
 
     model = exported["ensemble"]
     assert run(lake, tmp_path / "local.parquet", "--model", model).exit_code == 0
     expected = pq.read_table(tmp_path / "local.parquet").sort_by("id")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
-        info = log_pyfunc_model(model)
+    with mlflow.start_run(), pyfunc_model_args(model, tmp_path / "code") as args:
+        info = mlflow.pyfunc.log_model(**args)
     spark = spark_session("local[2]")
     udf = mlflow.pyfunc.spark_udf(spark, info.model_uri, result_type="category string, probability float")
     df = spark.read.parquet(str(lake))

@@ -17,7 +17,8 @@ from meli.demo_catalog import DEMO_DIR
 from meli.errors import InputError, MeliError, OutputError, SettingError
 from meli.formats import detect_format
 from meli.tracking import (BEST_PREFIX, CHECKPOINT_ARTIFACTS, DEVICE_TAG, FINGERPRINT_TAG, MODEL_TAG, REPORT_ARTIFACTS,
-                           TRAIN_SOURCE_TAG, VALIDATION_SOURCE_TAG, check_store, experiment_for, mlflow_client, tracking_uri)
+                           TRAIN_SOURCE_TAG, VALIDATION_SOURCE_TAG, RunRecorder, check_store, experiment_for, store_errors,
+                           tracking_uri)
 from meli.train.config import TrainConfig
 from meli.metrics import confused_pairs
 from meli.train.report import (category_report, coverage_rows, plot_calibration, plot_curves, plot_worst_categories,
@@ -97,37 +98,31 @@ def run_training(
     checkpoint_dir: Path | None = None,
     quiet: bool = False,
 ) -> RunOutcome:
-    import mlflow
-
     check_store()  # before reading the data: an unreachable server fails in seconds
     train, validation = load_splits(source, config, data_filter)
     fp = fingerprint(train, validation)
     experiment = experiment or source.name
-    experiment_id = _recording(lambda: experiment_for(experiment, fp))
+    with store_errors():
+        experiment_id = experiment_for(experiment, fp)
     if checkpoint_dir is not None:
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
         except OSError as e:
             raise OutputError(f"{checkpoint_dir}: cannot create the checkpoint folder ({e.strerror or e})") from e
-    mlflow_client()  # sets the tracking URI for the fluent API below
-    run = _recording(lambda: mlflow.start_run(experiment_id=experiment_id))
-    with run:
-        run_id = run.info.run_id
-
-        def record_start() -> None:  # the store and its artifact location take writes, or nothing is trained
-            mlflow.set_tags({
+    with RunRecorder.open(experiment_id) as run:
+        run_id = run.run_id
+        with store_errors():  # the store and its artifact location take writes, or nothing is trained
+            run.tags({
                 FINGERPRINT_TAG: fp,
                 MODEL_TAG: config.model,
                 TRAIN_SOURCE_TAG: str(source.train),
                 VALIDATION_SOURCE_TAG: str(source.validation or f"{source.train} (held out)"),
             })
-            mlflow.log_params({k: str(v) for k, v in config.flat().items()})
-            mlflow.log_params({"data.train_rows": len(train), "data.validation_rows": len(validation),
-                               "data.languages": ",".join(data_filter.languages) or "all",
-                               "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
-            mlflow.log_dict(config.to_dict(), "config.json")
-
-        _recording(record_start)
+            run.params(config.flat())
+            run.params({"data.train_rows": len(train), "data.validation_rows": len(validation),
+                        "data.languages": ",".join(data_filter.languages) or "all",
+                        "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
+            run.json(config.to_dict(), "config.json")
 
         def prefix(m: EpochMetrics) -> str:  # an ensemble's members each get their own curves
             return f"{m.model_name}_" if config.members > 1 else ""
@@ -136,7 +131,11 @@ def run_training(
             metrics = {"train_loss": m.train_loss, "train_eval_loss": m.train_eval_loss, "val_loss": m.val_loss,
                        "val_balanced_accuracy": m.val_balanced_accuracy,
                        "val_accuracy": m.val_accuracy, "epoch_seconds": m.seconds}
-            mlflow.log_metrics({prefix(m) + k: v for k, v in metrics.items()}, step=m.epoch)
+            run.metrics({prefix(m) + k: v for k, v in metrics.items()}, step=m.epoch)
+
+        def log_refit_epoch(m: EpochMetrics) -> None:
+            run.metrics({f"{prefix(m)}refit_train_loss": m.train_loss, f"{prefix(m)}refit_epoch_seconds": m.seconds},
+                        step=m.epoch)
 
         provenance = {
             "mlflow_run_id": run_id,
@@ -146,20 +145,15 @@ def run_training(
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
         }
-        def log_refit_epoch(m: EpochMetrics) -> None:
-            mlflow.log_metrics({f"{prefix(m)}refit_train_loss": m.train_loss, f"{prefix(m)}refit_epoch_seconds": m.seconds},
-                               step=m.epoch)
-
         result = train_and_refit(config, train, validation, provenance=provenance, on_epoch=log_epoch,
                                  on_refit_epoch=log_refit_epoch, quiet=quiet)
-        mlflow.set_tag(DEVICE_TAG, result.device)
-        best = result.checkpoint.metrics
-        mlflow.log_metrics({f"{BEST_PREFIX}{k}": v for k, v in best.items()})
-        mlflow.log_metrics(result.timings)
+        run.tags({DEVICE_TAG: result.device})
+        run.metrics({f"{BEST_PREFIX}{k}": v for k, v in result.checkpoint.metrics.items()})
+        run.metrics(result.timings)
         # stored once, in the run (what meli-export reads); a folder copy only when asked for
         with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifact(str(save_checkpoint(result.checkpoint, Path(tmp) / f"{run_id}.pt")), artifact_path=CHECKPOINT_ARTIFACTS)
-        checkpoint_path = _artifact_location(mlflow.get_artifact_uri(f"{CHECKPOINT_ARTIFACTS}/{run_id}.pt"))
+            run.files([save_checkpoint(result.checkpoint, Path(tmp) / f"{run_id}.pt")], CHECKPOINT_ARTIFACTS)
+        checkpoint_path = run.location(f"{CHECKPOINT_ARTIFACTS}/{run_id}.pt")
         if checkpoint_dir is not None:
             checkpoint_path = save_checkpoint(result.checkpoint, checkpoint_dir / f"{run_id}.pt")
         rows = category_report(result)
@@ -167,7 +161,7 @@ def run_training(
             t = Path(tmp)
             (t / "vocabulary.txt").write_text("\n".join(result.checkpoint.vocabulary) + "\n", encoding="utf-8")
             (t / "labels.txt").write_text("\n".join(result.checkpoint.labels) + "\n", encoding="utf-8")
-            for f in (
+            run.files([
                 t / "vocabulary.txt",
                 t / "labels.txt",
                 plot_curves(result, t / "training_curves.png"),
@@ -175,41 +169,15 @@ def run_training(
                 write_confusions_csv(result, t / "confused_pairs.csv"),
                 plot_worst_categories(rows, t / "worst_categories.png"),
                 *([plot_calibration(result.calibration, t / "calibration.png")] if result.calibration else []),
-            ):
-                mlflow.log_artifact(str(f), artifact_path=REPORT_ARTIFACTS)
+            ], REPORT_ARTIFACTS)
         if result.calibration is not None:
-            mlflow.log_table(coverage_rows(result.calibration), artifact_file=f"{REPORT_ARTIFACTS}/coverage.json")
-            mlflow.log_param("calibration.temperature", f"{result.calibration.temperature:.4f}")
+            run.table(coverage_rows(result.calibration), f"{REPORT_ARTIFACTS}/coverage.json")
+            run.params({"calibration.temperature": f"{result.calibration.temperature:.4f}"})
         pairs = confused_pairs(result.val_true, result.val_pred, result.checkpoint.labels, top=50)
-        mlflow.log_table({"true_category": [p[0] for p in pairs], "predicted_category": [p[1] for p in pairs],
-                          "count": [p[2] for p in pairs]}, artifact_file=f"{REPORT_ARTIFACTS}/confused_pairs.json")
-        mlflow.log_table(
-            {"category": [r.category for r in rows], "precision": [r.precision for r in rows],
-             "recall": [r.recall for r in rows], "f1": [r.f1 for r in rows], "support": [r.support for r in rows]},
-            artifact_file=f"{REPORT_ARTIFACTS}/per_category.json",
-        )
+        run.table({"true_category": [p[0] for p in pairs], "predicted_category": [p[1] for p in pairs],
+                   "count": [p[2] for p in pairs]}, f"{REPORT_ARTIFACTS}/confused_pairs.json")
+        run.table({"category": [r.category for r in rows], "precision": [r.precision for r in rows],
+                   "recall": [r.recall for r in rows], "f1": [r.f1 for r in rows], "support": [r.support for r in rows]},
+                  f"{REPORT_ARTIFACTS}/per_category.json")
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking_uri())
     return RunOutcome(run_id, experiment, checkpoint_path, result)
-
-
-def _artifact_location(uri: str) -> Path | str:
-    """A local path for a file-store artifact, else its URI."""
-    from urllib.parse import unquote, urlparse
-
-    parsed = urlparse(uri)
-    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else uri
-
-
-def _recording(step):
-    """`step()`, with a failing MLflow store (unreachable, read-only, full) as one clear error."""
-    try:
-        return step()
-    except MeliError:
-        raise
-    except Exception as e:  # noqa: BLE001 - MLflow and its stores raise many kinds
-        raise MeliError(f"MLflow store {tracking_uri()}: cannot record the run ({_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
