@@ -50,19 +50,7 @@ def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding:
         },
         **(extra_provenance or {}),
     }
-    return ModelCard(
-        tokenizer_config=ckpt.tokenizer_config,
-        vocabulary=ckpt.vocabulary,
-        labels=ckpt.labels,
-        model_kind=ckpt.model_kind,
-        model_config=ckpt.model_config.to_dict(),
-        provenance=provenance,
-        members=ckpt.members,
-        encoding=encoding,
-        precision=precision,
-        matmuls=matmuls,
-        temperature=ckpt.temperature,
-    )
+    return ModelCard(spec=ckpt.spec, provenance=provenance, encoding=encoding, precision=precision, matmuls=matmuls)
 
 
 def scoring_module(ckpt: Checkpoint, precision: Precision = "fp16") -> tuple[nn.Module, str, str]:

@@ -18,8 +18,9 @@ from torch import nn
 
 from meli.errors import ModelFileError
 from meli.formats import atomic_write_bytes
-from meli.models import Calibrated, ModelConfig, ModelKind, build_model, config_from_dict
-from meli.tokenizer import Tokenizer, TokenizerConfig
+from meli.contract import ModelSpec
+from meli.models import Calibrated, build_model
+from meli.tokenizer import Tokenizer
 
 FORMAT = "meli-checkpoint"
 VERSION = 1
@@ -27,19 +28,24 @@ VERSION = 1
 
 @dataclass
 class Checkpoint:
-    model_kind: ModelKind
-    model_config: ModelConfig
-    tokenizer_config: TokenizerConfig
-    vocabulary: tuple[str, ...]
-    labels: tuple[str, ...]
+    """A `ModelSpec` (the contract every stage shares) with its weights, metrics and provenance."""
+
+    spec: ModelSpec
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
     provenance: dict[str, str] = field(default_factory=dict)  # run id, data fingerprint, versions…
-    members: int = 1  # > 1: an ensemble of that many models of this kind and config (`meli.models.Ensemble`)
-    temperature: float = 1.0  # probabilities = softmax(model(x) / temperature) (`meli.calibration`)
+
+    # the spec's fields, read through (one definition: `meli.contract.ModelSpec`)
+    model_kind = property(lambda self: self.spec.model_kind)
+    model_config = property(lambda self: self.spec.model_config)
+    tokenizer_config = property(lambda self: self.spec.tokenizer_config)
+    vocabulary = property(lambda self: self.spec.vocabulary)
+    labels = property(lambda self: self.spec.labels)
+    members = property(lambda self: self.spec.members)
+    temperature = property(lambda self: self.spec.temperature)
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer_config, self.vocabulary)
+        return self.spec.tokenizer()
 
     def build_model(self) -> nn.Module:
         """The model in eval mode, weights loaded, on the CPU: it returns scores (logits; an
@@ -56,13 +62,7 @@ class Checkpoint:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "model_kind": self.model_kind,
-            "model_config": self.model_config.to_dict(),
-            "members": int(self.members),
-            "temperature": float(self.temperature),
-            "tokenizer_config": self.tokenizer_config.to_dict(),
-            "vocabulary": list(self.vocabulary),
-            "labels": list(self.labels),
+            **self.spec.to_dict(),
             # plain types only: weights_only=True refuses anything else (a TorchVersion, say)
             "metrics": {str(k): float(v) for k, v in self.metrics.items()},
             "provenance": {str(k): str(v) for k, v in self.provenance.items()},
@@ -92,16 +92,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise ModelFileError(f"{p}: checkpoint version {payload.get('version')}, this tool reads {VERSION}")
     try:
         return Checkpoint(
-            model_kind=payload["model_kind"],
-            model_config=config_from_dict(payload["model_kind"], payload["model_config"]),
-            tokenizer_config=TokenizerConfig.from_dict(payload["tokenizer_config"]),
-            vocabulary=tuple(payload["vocabulary"]),
-            labels=tuple(payload["labels"]),
+            spec=ModelSpec.from_dict(payload),
             state_dict=payload["state_dict"],
             metrics=dict(payload.get("metrics", {})),
             provenance=dict(payload.get("provenance", {})),
-            members=int(payload.get("members", 1)),
-            temperature=float(payload.get("temperature", 1.0)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{p}: incomplete checkpoint ({e})") from e

@@ -12,49 +12,12 @@ Export-minded choices (see DESIGN.md): ``nn.Embedding(padding_idx=0)`` + masked 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ModelKind = Literal["mlp", "cnn"]
-
-
-@dataclass(frozen=True)
-class MLPConfig:
-    n_ids: int  # rows of the embedding table: the tokenizer's id space
-    n_labels: int
-    embedding_dim: int = 128
-    hidden: tuple[int, ...] = (512,)
-    dropout: float = 0.3
-    embedding_dropout: float = 0.0  # drops whole tokens during training (word dropout)
-    embedding_init_std: float = 0.1  # start of the rows training uses (the trainer zeroes the rest)
-    pooling: Literal["mean", "attention"] = "mean"  # attention: a learned weight per token id
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class CNNConfig:
-    n_ids: int
-    n_labels: int
-    embedding_dim: int = 128
-    filters: int = 256  # per kernel size
-    kernel_sizes: tuple[int, ...] = (1, 2, 3)
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.3
-    embedding_dropout: float = 0.0
-    embedding_init_std: float = 0.1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-ModelConfig = Union[MLPConfig, CNNConfig]
-
+from meli.contract import CNNConfig, MLPConfig, ModelConfig, ModelKind, config_from_dict  # noqa: F401 - re-exported
 
 def _head(in_dim: int, hidden: tuple[int, ...], n_labels: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -169,17 +132,6 @@ class Calibrated(nn.Module):
         if self.temperature != 1.0:
             scores = scores / self.temperature
         return torch.softmax(scores, dim=-1)  # (B, n_labels)
-
-
-def config_from_dict(kind: ModelKind, d: dict) -> ModelConfig:
-    cls = {"mlp": MLPConfig, "cnn": CNNConfig}.get(kind)
-    if cls is None:
-        raise ValueError(f"unknown model kind {kind!r}; expected 'mlp' or 'cnn'")
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    unknown = set(d) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown {kind} settings: {sorted(unknown)}")
-    return cls(**d)
 
 
 def build_model(kind: ModelKind, config: ModelConfig | dict, members: int = 1) -> nn.Module:

@@ -20,7 +20,8 @@ from typing import Literal
 import numpy as np
 
 from meli.errors import MeliError, ModelFileError, SettingError
-from meli.tokenizer import Tokenizer, TokenizerConfig
+from meli.contract import ModelSpec
+from meli.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -34,40 +35,45 @@ _KEYS = ("meli.format", "meli.tokenizer", "meli.vocabulary", "meli.labels", "mel
 
 @dataclass(frozen=True)
 class ModelCard:
-    """Everything ``model.onnx`` says about itself."""
+    """Everything ``model.onnx`` says about itself: the `ModelSpec` every stage shares, how the
+    graph reads its ids, and provenance."""
 
-    tokenizer_config: TokenizerConfig
-    vocabulary: tuple[str, ...]
-    labels: tuple[str, ...]
-    model_kind: str
-    model_config: dict
+    spec: ModelSpec
     provenance: dict = field(default_factory=dict)  # run id, fingerprint, metrics, versions, export time
-    members: int = 1  # > 1: the graph averages that many models' probabilities
     encoding: str = "full"  # which token ids the graph reads: "full" or "compact" (meli.tokenizer)
     precision: str = "fp32"  # how the graph stores its embedding table: "fp32" or "fp16"
     matmuls: str = "fp32"  # "int8": onnxruntime's dynamic quantization of the matrix products
-    temperature: float = 1.0  # baked into the graph: probabilities = softmax(scores / temperature)
+
+    # the spec's fields, read through (one definition: `meli.contract.ModelSpec`)
+    model_kind = property(lambda self: self.spec.model_kind)
+    model_config = property(lambda self: self.spec.model_config)
+    tokenizer_config = property(lambda self: self.spec.tokenizer_config)
+    vocabulary = property(lambda self: self.spec.vocabulary)
+    labels = property(lambda self: self.spec.labels)
+    members = property(lambda self: self.spec.members)
+    temperature = property(lambda self: self.spec.temperature)  # baked into the graph
 
     def __post_init__(self) -> None:
         if self.encoding not in ("full", "compact"):
             raise ValueError(f"unknown token encoding {self.encoding!r}")
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer_config, self.vocabulary)
+        return self.spec.tokenizer()
 
     @property
     def compact(self) -> bool:
         return self.encoding == "compact"
 
     def to_metadata(self) -> dict[str, str]:
+        spec = self.spec.to_dict()
         return {
             "meli.format": FORMAT,
-            "meli.tokenizer": json.dumps(self.tokenizer_config.to_dict()),
-            "meli.vocabulary": json.dumps(list(self.vocabulary), ensure_ascii=False),
-            "meli.labels": json.dumps(list(self.labels), ensure_ascii=False),
-            "meli.model": json.dumps({"kind": self.model_kind, "config": self.model_config, "members": self.members,
+            "meli.tokenizer": json.dumps(spec["tokenizer_config"]),
+            "meli.vocabulary": json.dumps(spec["vocabulary"], ensure_ascii=False),
+            "meli.labels": json.dumps(spec["labels"], ensure_ascii=False),
+            "meli.model": json.dumps({"kind": spec["model_kind"], "config": spec["model_config"], "members": spec["members"],
                                       "encoding": self.encoding, "precision": self.precision,
-                                      "matmuls": self.matmuls, "temperature": self.temperature}),
+                                      "matmuls": self.matmuls, "temperature": spec["temperature"]}),
             "meli.provenance": json.dumps(self.provenance, ensure_ascii=False),
         }
 
@@ -80,19 +86,14 @@ class ModelCard:
             raise ModelFileError(f"{source}: model metadata incomplete (missing {', '.join(missing)})")
         try:
             model = json.loads(meta["meli.model"])
-            return cls(
-                tokenizer_config=TokenizerConfig.from_dict(json.loads(meta["meli.tokenizer"])),
-                vocabulary=tuple(json.loads(meta["meli.vocabulary"])),
-                labels=tuple(json.loads(meta["meli.labels"])),
-                model_kind=model["kind"],
-                model_config=model["config"],
-                provenance=json.loads(meta["meli.provenance"]),
-                members=int(model.get("members", 1)),
-                encoding=model.get("encoding", "full"),
-                precision=model.get("precision", "fp32"),
-                matmuls=model.get("matmuls", "fp32"),
-                temperature=float(model.get("temperature", 1.0)),
-            )
+            spec = ModelSpec.from_dict({
+                "model_kind": model["kind"], "model_config": model["config"],
+                "tokenizer_config": json.loads(meta["meli.tokenizer"]), "vocabulary": json.loads(meta["meli.vocabulary"]),
+                "labels": json.loads(meta["meli.labels"]), "members": model.get("members", 1),
+                "temperature": model.get("temperature", 1.0),
+            })
+            return cls(spec=spec, provenance=json.loads(meta["meli.provenance"]), encoding=model.get("encoding", "full"),
+                       precision=model.get("precision", "fp32"), matmuls=model.get("matmuls", "fp32"))
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{source}: unreadable model metadata ({str(e).splitlines()[0][:200]})") from e
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from meli.calibration import Calibration, calibrate
 from meli.checkpoint import Checkpoint
+from meli.contract import ModelSpec
 from meli.dataset import LabelledSplit, check_labels
 from meli.errors import MeliError
 from meli.metrics import balanced_accuracy
@@ -276,11 +277,7 @@ def train_model(
     timings["fit_s"] = time.perf_counter() - t_fit
     best = history[best_epoch - 1]
     checkpoint = Checkpoint(
-        model_kind=config.model,
-        model_config=model_config,
-        tokenizer_config=tokenizer_config,
-        vocabulary=vocabulary,
-        labels=labels,
+        spec=ModelSpec(config.model, model_config, tokenizer_config, tuple(vocabulary), tuple(labels)),
         state_dict=copy.deepcopy(best_state),
         metrics={
             "val_balanced_accuracy": best.val_balanced_accuracy,
@@ -370,7 +367,7 @@ def train_and_refit(
     # The refit model has seen the validation titles: a temperature fitted on them would be
     # too low (over-confident). It repeats the selection fit's recipe on 17% more titles, so
     # it takes the selection fit's temperature, fitted on titles that fit never saw.
-    checkpoint.temperature = selection.checkpoint.temperature
+    checkpoint.spec = dataclasses.replace(checkpoint.spec, temperature=selection.checkpoint.temperature)
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
 
 
@@ -381,7 +378,7 @@ def calibrated(result: TrainResult, validation: LabelledSplit) -> TrainResult:
     encoded = checkpoint.tokenizer().encode_batch(validation.titles)
     scores = model_scores(checkpoint.build_model(), encoded, torch.device("cpu"))
     calibration = calibrate(scores, result.val_true)
-    checkpoint.temperature = calibration.temperature
+    checkpoint.spec = dataclasses.replace(checkpoint.spec, temperature=calibration.temperature)
     checkpoint.metrics = {**checkpoint.metrics, **calibration.metrics()}
     log.info("calibration: temperature %.3f; expected calibration error %.4f -> %.4f on validation; "
              "share of titles at 99%% accuracy %.1f%% -> %.1f%%", calibration.temperature, calibration.ece_before,
@@ -426,7 +423,8 @@ def _ensemble_checkpoint(members: list[Checkpoint]) -> Checkpoint:
             raise MeliError("ensemble members disagree on vocabulary or model shape")
     state = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state_dict.items()}
     # the callers set the ensemble's own metrics; provenance is copied because the refit tags it
-    return dataclasses.replace(first, state_dict=state, members=len(members), provenance=dict(first.provenance))
+    return dataclasses.replace(first, spec=dataclasses.replace(first.spec, members=len(members)), state_dict=state,
+                               provenance=dict(first.provenance))
 
 
 def _ensemble_result(fits: list[TrainResult], validation: LabelledSplit) -> TrainResult:
