@@ -18,16 +18,15 @@ from torch import nn
 
 from meli.errors import ModelFileError
 from meli.formats import atomic_write_bytes
-from meli.contract import ModelSpec
+from meli.contract import ModelSpec, SpecFields
 from meli.models import Calibrated, build_model
-from meli.tokenizer import Tokenizer
 
 FORMAT = "meli-checkpoint"
 VERSION = 1
 
 
 @dataclass
-class Checkpoint:
+class Checkpoint(SpecFields):
     """A `ModelSpec` (the contract every stage shares) with its weights, metrics and provenance."""
 
     spec: ModelSpec
@@ -35,17 +34,6 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
     provenance: dict[str, str] = field(default_factory=dict)  # run id, data fingerprint, versions…
 
-    # the spec's fields, read through (one definition: `meli.contract.ModelSpec`)
-    model_kind = property(lambda self: self.spec.model_kind)
-    model_config = property(lambda self: self.spec.model_config)
-    tokenizer_config = property(lambda self: self.spec.tokenizer_config)
-    vocabulary = property(lambda self: self.spec.vocabulary)
-    labels = property(lambda self: self.spec.labels)
-    members = property(lambda self: self.spec.members)
-    temperature = property(lambda self: self.spec.temperature)
-
-    def tokenizer(self) -> Tokenizer:
-        return self.spec.tokenizer()
 
     def build_model(self) -> nn.Module:
         """The model in eval mode, weights loaded, on the CPU: it returns scores (logits; an

@@ -107,3 +107,21 @@ class ModelSpec:
             members=int(d.get("members", 1)),
             temperature=float(d.get("temperature", 1.0)),
         )
+
+
+class SpecFields:
+    """The `ModelSpec` fields read through ``self.spec``, for the classes that hold one (the
+    checkpoint, the model card): one definition, not one copy per file format."""
+
+    spec: ModelSpec
+
+    model_kind = property(lambda self: self.spec.model_kind)
+    model_config = property(lambda self: self.spec.model_config)
+    tokenizer_config = property(lambda self: self.spec.tokenizer_config)
+    vocabulary = property(lambda self: self.spec.vocabulary)
+    labels = property(lambda self: self.spec.labels)
+    members = property(lambda self: self.spec.members)
+    temperature = property(lambda self: self.spec.temperature)
+
+    def tokenizer(self) -> Tokenizer:
+        return self.spec.tokenizer()

@@ -20,8 +20,7 @@ from typing import Literal
 import numpy as np
 
 from meli.errors import MeliError, ModelFileError, SettingError
-from meli.contract import ModelSpec
-from meli.tokenizer import Tokenizer
+from meli.contract import ModelSpec, SpecFields
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ _KEYS = ("meli.format", "meli.tokenizer", "meli.vocabulary", "meli.labels", "mel
 
 
 @dataclass(frozen=True)
-class ModelCard:
+class ModelCard(SpecFields):
     """Everything ``model.onnx`` says about itself: the `ModelSpec` every stage shares, how the
     graph reads its ids, and provenance."""
 
@@ -44,21 +43,10 @@ class ModelCard:
     precision: str = "fp32"  # how the graph stores its embedding table: "fp32" or "fp16"
     matmuls: str = "fp32"  # "int8": onnxruntime's dynamic quantization of the matrix products
 
-    # the spec's fields, read through (one definition: `meli.contract.ModelSpec`)
-    model_kind = property(lambda self: self.spec.model_kind)
-    model_config = property(lambda self: self.spec.model_config)
-    tokenizer_config = property(lambda self: self.spec.tokenizer_config)
-    vocabulary = property(lambda self: self.spec.vocabulary)
-    labels = property(lambda self: self.spec.labels)
-    members = property(lambda self: self.spec.members)
-    temperature = property(lambda self: self.spec.temperature)  # baked into the graph
-
     def __post_init__(self) -> None:
         if self.encoding not in ("full", "compact"):
             raise ValueError(f"unknown token encoding {self.encoding!r}")
 
-    def tokenizer(self) -> Tokenizer:
-        return self.spec.tokenizer()
 
     @property
     def compact(self) -> bool:
