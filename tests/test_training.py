@@ -193,7 +193,7 @@ def test_an_ensemble_refits_every_member(demo_splits):
     ckpt = result.checkpoint
     assert ckpt.members == 2 and ckpt.provenance["refit"] == "train+validation"
     config = small_config("mlp")
-    train_only = build_vocabulary(train.titles, config.tokenizer.resolve(), config.vocabulary)
+    train_only = build_vocabulary(train.titles, config.tokenizer, config.vocabulary)
     assert set(ckpt.vocabulary) - set(train_only), "the refit vocabulary must include words seen only in validation"
     a, b = (ckpt.state_dict[f"members.{i}.head.1.weight"] for i in range(2))
     assert a.shape == b.shape and not torch.equal(a, b)
@@ -273,7 +273,7 @@ def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
     assert metrics["val_balanced_accuracy"] > 0.8
     assert {m.member for m in result.history} == {0, 1, STUDENT}
     assert ckpt.provenance["refit"] == "train+validation"
-    assert set(ckpt.vocabulary) - set(build_vocabulary(train.titles, config.tokenizer.resolve(), config.vocabulary))
+    assert set(ckpt.vocabulary) - set(build_vocabulary(train.titles, config.tokenizer, config.vocabulary))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])

@@ -25,30 +25,6 @@ from meli.train.distill import DistillSettings
 
 
 @dataclass(frozen=True)
-class TokenizerSettings:
-    """`TokenizerConfig` as a user writes it: stopwords by language, not as a word list."""
-
-    stopword_languages: tuple[str, ...] = STOPWORD_LANGUAGES
-    map_digits: bool = False
-    min_token_length: int = 1
-    word_bigrams: bool = True
-    head_words: int = 0  # the first this many words again as "1^word", "2^word" (meli/tokenizer.py)
-    head_repeat: int = 1  # ... written this many times over: their weight in the MLP's mean
-    char_ngram_min: int = 3
-    char_ngram_max: int = 5
-    char_buckets: int = 2**18
-    max_length: int = 256
-
-    def __post_init__(self) -> None:
-        self.resolve()  # a bad language or n-gram range is an error when the config is read, not mid-run
-
-    def resolve(self) -> TokenizerConfig:
-        fields = dataclasses.asdict(self)
-        languages = fields.pop("stopword_languages")
-        return TokenizerConfig(stopwords=load_stopwords(languages), **fields)
-
-
-@dataclass(frozen=True)
 class EmbeddingSettings:
     """How the embedding table starts: random, trained with gensim on the titles, or loaded."""
 
@@ -76,7 +52,9 @@ class TrainConfig:
     validation_fraction: float = 0.15  # only when the data has no validation file
     refit: bool = False  # after early stopping, fit again on train + validation for the best epoch count
     members: int = 1  # > 1: train that many models (seeds seed, seed+1, …); the graph averages their probabilities
-    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    # the tokenizer's own settings (`meli.tokenizer.TokenizerConfig`, what a model file carries);
+    # a config names the stopword lists by language (`stopword_languages`), resolved on reading
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(stopwords=load_stopwords()))
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
@@ -105,6 +83,9 @@ class TrainConfig:
             for f in dataclasses.fields(obj):
                 value = getattr(obj, f.name)
                 if not prefix and f.name == other:
+                    continue
+                if prefix == "tokenizer." and f.name == "stopwords":
+                    out["tokenizer.stopwords"] = f"{len(value)} words"  # the list itself is in config.json
                     continue
                 if dataclasses.is_dataclass(value):
                     walk(f"{prefix}{f.name}.", value)
@@ -208,10 +189,31 @@ def _check(section: str, name: str, value, hint, where: str) -> None:
         raise MeliError(f"{where}: {name} = {value!r}: {problem}")
 
 
+def _stopwords_by_language(values: dict, where: str) -> dict:
+    """``stopword_languages = [...]`` (default: every shipped list) → the ``stopwords`` they hold."""
+    values = dict(values)
+    languages = values.pop("stopword_languages", None)
+    if languages is not None and "stopwords" in values:
+        raise MeliError(f"{where}: set stopword_languages or stopwords, not both")
+    if "stopwords" in values:
+        return values
+    if languages is not None and not _fits(languages, tuple[str, ...]):
+        raise MeliError(f"{where}: stopword_languages = {languages!r}: must be {_type_name(tuple[str, ...])}")
+    try:
+        values["stopwords"] = list(load_stopwords(STOPWORD_LANGUAGES if languages is None else languages))
+    except ValueError as e:
+        raise MeliError(f"{where}: {e}") from e
+    return values
+
+
 def _build(cls: type, values: dict, where: str, section: str = ""):
     """`cls(**values)`, recursing into the sections (tables) of `TrainConfig`; every value
     type- and range-checked first."""
+    if cls is TokenizerConfig:
+        values = _stopwords_by_language(values, where)
     known = [f.name for f in dataclasses.fields(cls)]
+    if cls is TokenizerConfig:
+        known = ["stopword_languages", *known]
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise MeliError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")

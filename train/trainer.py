@@ -185,7 +185,7 @@ def train_model(
     log.info("training a %s on %s (%d train / %d validation titles, %d categories)",
              config.model, device, len(train), len(validation), len(labels))
 
-    tokenizer_config = config.tokenizer.resolve()
+    tokenizer_config = config.tokenizer
     vocabulary = build_vocabulary(train.titles, tokenizer_config, config.vocabulary)
     if not vocabulary and not tokenizer_config.char_ngrams:
         raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
