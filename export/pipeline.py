@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from meli.checkpoint import Checkpoint, load_checkpoint
 from meli.demo_catalog import DEMO_DIR
-from meli.errors import MeliError, ModelFileError
+from meli.errors import MeliError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
 from meli.calibration import coverage_table

@@ -1,6 +1,12 @@
 """The library's own exceptions. The command layer turns them into one-line errors."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text (its type's name if it has none), for one-line errors."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 class MeliError(Exception):
     """Base of every error a user can cause and fix (bad input, bad settings)."""
 

@@ -30,7 +30,7 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
-from meli.errors import InputError, OutputError
+from meli.errors import InputError, OutputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
             f = pq.ParquetFile(part)
             schema = f.schema_arrow
         except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{part}: not a readable Parquet file ({_first_line(e)})") from e
+            raise InputError(f"{part}: not a readable Parquet file ({first_line(e)})") from e
         _check_unique(part, schema.names)
         target = pa.schema([pa.field(fld.name, _plain(fld.type)) for fld in schema])
         if first is None:
@@ -138,7 +138,7 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
                 rows += batch.num_rows
                 yield batch
         except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{part}: not a readable Parquet file ({_first_line(e)})") from e
+            raise InputError(f"{part}: not a readable Parquet file ({first_line(e)})") from e
 
 
 def is_text(t: pa.DataType) -> bool:
@@ -183,12 +183,20 @@ def _check_same_columns(part: Path, schema: pa.Schema, first: Path, first_schema
             raise InputError(f"{part}: column {fld.name!r} is {t} here, {fld.type} in {first.name}")
 
 
-def _check_unique(path: Path, names: list[str]) -> None:
+def first_repeat(names) -> str | None:
+    """The first name that appears a second time, or None."""
     seen: set[str] = set()
     for n in names:
         if n in seen:
-            raise InputError(f"{path}: column {n!r} appears twice")
+            return n
         seen.add(n)
+    return None
+
+
+def _check_unique(path: Path, names: list[str]) -> None:
+    twice = first_repeat(names)
+    if twice is not None:
+        raise InputError(f"{path}: column {twice!r} appears twice")
 
 
 def _check_utf8(batch: pa.RecordBatch, where: Callable[[int | None], str]) -> None:
@@ -272,7 +280,7 @@ def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...])
                     yield from _split(batch, batch_size)
                 return
     except (pa.ArrowException, OSError, EOFError) as e:
-        raise InputError(_explain_jsonl(path, string_columns) or f"{path}: unreadable JSON Lines ({_first_line(e)})") from e
+        raise InputError(_explain_jsonl(path, string_columns) or f"{path}: unreadable JSON Lines ({first_line(e)})") from e
 
 
 def _late_types(path: Path, columns: list[str]) -> dict[str, pa.DataType]:
@@ -350,7 +358,7 @@ def _explain_jsonl(path: Path, string_columns: tuple[str, ...]) -> str | None:
                     if seen[0] != kind:
                         return f"{path}: line {number}: column {key!r} holds {kind} here but {seen[0]} on line {seen[1]}"
     except (OSError, EOFError) as e:
-        return f"{path}: unreadable ({_first_line(e)})"
+        return f"{path}: unreadable ({first_line(e)})"
     return None
 
 
@@ -382,7 +390,7 @@ def _csv_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
     except (pa.ArrowException, OSError, EOFError) as e:
         if "invalid UTF8" in str(e) and (line := _first_undecodable_line(path)):
             raise InputError(f"{path}: line {line}: invalid UTF-8") from e
-        raise InputError(f"{path}: malformed CSV ({_first_line(e)})") from e
+        raise InputError(f"{path}: malformed CSV ({first_line(e)})") from e
 
 
 def _csv_header(path: Path) -> list[str] | None:
@@ -393,17 +401,12 @@ def _csv_header(path: Path) -> list[str] | None:
     except UnicodeDecodeError as e:  # the text reader decodes ahead: find the line
         raise InputError(f"{path}: line {_first_undecodable_line(path) or 1}: invalid UTF-8") from e
     except (OSError, EOFError, csv.Error) as e:
-        raise InputError(f"{path}: unreadable CSV ({_first_line(e)})") from e
+        raise InputError(f"{path}: unreadable CSV ({first_line(e)})") from e
 
 
 def _split(batch: pa.RecordBatch, batch_size: int) -> Iterator[pa.RecordBatch]:
     for start in range(0, batch.num_rows, batch_size):
         yield batch.slice(start, batch_size)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 class AtomicWriter:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote, urlparse
 
-from meli.errors import MeliError, ModelFileError
+from meli.errors import MeliError, ModelFileError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,6 @@ def resolve_model_uri(model: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- writing a run
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
     """A failing MLflow store (unreachable, read-only, full) as one clear error."""
@@ -151,7 +146,7 @@ def store_errors() -> Iterator[None]:
     except MeliError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow and its stores raise many kinds
-        raise MeliError(f"MLflow store {tracking_uri()}: cannot record the run ({_first_line(e)})") from e
+        raise MeliError(f"MLflow store {tracking_uri()}: cannot record the run ({first_line(e)[:300]})") from e
 
 
 class RunRecorder:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from meli.errors import InputError, SettingError
-from meli.formats import as_plain_strings, is_text
+from meli.formats import as_plain_strings, first_repeat, is_text
 from meli.onnx_model import OnnxModel, load_onnx_model
 from meli.tokenizer import N_SPECIAL, Encoded
 
@@ -82,7 +82,7 @@ class Scorer:
     def _kept(self, schema: pa.Schema) -> list[tuple[str, str]]:
         """(input name, output name) of the columns passed through."""
         title = self.options.title_column
-        twice = _first_repeat(schema.names)
+        twice = first_repeat(schema.names)
         if twice is not None:
             raise InputError(f"the input's column {twice!r} appears twice")
         if title not in schema.names:
@@ -90,7 +90,7 @@ class Scorer:
         if self.options.keep_columns is None:
             names = [n for n in schema.names if n != title]
         else:
-            twice = _first_repeat(self.options.keep_columns)
+            twice = first_repeat(self.options.keep_columns)
             if twice is not None:
                 raise SettingError("keep_columns", f"names {twice!r} twice")
             missing = [c for c in self.options.keep_columns if c not in schema.names]
@@ -189,15 +189,6 @@ class Scorer:
     def score_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             yield self.score_batch(batch)
-
-
-def _first_repeat(names) -> str | None:
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            return n
-        seen.add(n)
-    return None
 
 
 def length_runs(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from meli.errors import InputError, OutputError, SettingError
+from meli.errors import InputError, OutputError, SettingError, first_line
 from meli.formats import AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
@@ -207,10 +207,7 @@ def _json_value(value: object) -> object:
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
 
 
 def _count_rows(path: Path) -> int | None:

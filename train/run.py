@@ -14,7 +14,7 @@ from meli import __version__
 from meli.checkpoint import save_checkpoint
 from meli.dataset import DataFilter, LabelledSplit, fingerprint, load_labelled, split_holdout
 from meli.demo_catalog import DEMO_DIR
-from meli.errors import InputError, MeliError, OutputError, SettingError
+from meli.errors import InputError, OutputError, SettingError
 from meli.formats import detect_format
 from meli.tracking import (BEST_PREFIX, CHECKPOINT_ARTIFACTS, DEVICE_TAG, FINGERPRINT_TAG, MODEL_TAG, REPORT_ARTIFACTS,
                            TRAIN_SOURCE_TAG, VALIDATION_SOURCE_TAG, RunRecorder, check_store, experiment_for, store_errors,
