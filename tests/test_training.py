@@ -39,6 +39,21 @@ def test_dropout_is_off_in_eval_mode():
     assert torch.equal(model(ids), model(ids))
 
 
+def test_word_dropout_drops_ids_only_in_training():
+    from meli.models import _drop_tokens
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 50, (64, 100))
+    ids[:, 80:] = 0  # padding
+    dropped = _drop_tokens(ids, 0.3, training=True)
+    kept = dropped[:, :80] != 0
+    assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.02  # about 30% of the real ids are dropped
+    assert torch.equal(dropped[:, :80][kept], ids[:, :80][kept])  # the others are left as they were
+    assert (dropped[:, 80:] == 0).all()  # padding stays padding
+    assert torch.equal(_drop_tokens(ids, 0.3, training=False), ids)
+    assert torch.equal(_drop_tokens(ids, 0.0, training=True), ids)
+
+
 def test_training_learns_the_demo_data(trained):
     for kind in ("mlp", "cnn"):
         result = trained[kind]
