@@ -13,7 +13,7 @@ The table keeps only the rows a title can reach: rows training never touched (ze
 hash buckets) share one zero row that still counts 1, and padding is a zero row that counts
 0. It is stored as float16 (``precision = "fp16"``, the default: half the bytes, and the
 fastest to read in onnxruntime of the formats tried, ahead of int8 with per-row scales; the
-rounding moves probabilities by ~1e-4, measured and reported by the parity check) or as
+rounding moves probabilities by ~1e-4 to 3e-4, measured and reported by the parity check) or as
 float32 (``"fp32"``: the checkpoint's outputs to float rounding).
 """
 

@@ -9,7 +9,7 @@ Two comparisons, every figure reported before the verdict:
   exported models) and the top-1 category is the same on every row.
 - **checkpoint**: the trained model on its full ids against onnxruntime on the graph's ids.
   For a float32 table that is the same check (the compact encoding computes the same sum);
-  a float16 table rounds every row (~1e-4 on a probability), so there the top-1 category
+  a float16 table rounds every row (~1e-4 to 3e-4 on a probability), so there the top-1 category
   must agree on at least `MIN_ROUNDED_AGREEMENT` of the titles, and the largest difference
   is reported.
 
