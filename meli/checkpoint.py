@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from meli.errors import ModelFileError
+from meli.errors import ModelFileError, first_line
 from meli.formats import atomic_write_bytes
 from meli.contract import ModelSpec, SpecFields
 from meli.models import Calibrated, build_model
@@ -73,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a corrupt or foreign file
-        raise ModelFileError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from e
+        raise ModelFileError(f"{p}: not a readable checkpoint ({first_line(e)[:200]})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{p}: not a meli-categorizer checkpoint (no '{FORMAT}' format marker)")
     if payload.get("version") != VERSION:

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from meli.errors import MeliError, ModelFileError, SettingError
+from meli.errors import MeliError, ModelFileError, SettingError, first_line
 from meli.contract import ModelSpec, SpecFields
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class ModelCard(SpecFields):
             return cls(spec=spec, provenance=json.loads(meta["meli.provenance"]), encoding=model.get("encoding", "full"),
                        precision=model.get("precision", "fp32"), matmuls=model.get("matmuls", "fp32"))
         except (ValueError, KeyError, TypeError) as e:
-            raise ModelFileError(f"{source}: unreadable model metadata ({str(e).splitlines()[0][:200]})") from e
+            raise ModelFileError(f"{source}: unreadable model metadata ({first_line(e)[:200]})") from e
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -155,7 +155,7 @@ def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto
     try:
         session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
-        raise ModelFileError(f"{source}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from e
+        raise ModelFileError(f"{source}: not a loadable ONNX model ({first_line(e)[:200]})") from e
     used = session.get_providers()[0]
     if provider == "cuda" and used != "CUDAExecutionProvider":
         raise SettingError("provider", f"cuda, but onnxruntime could not start CUDA (fell back to {used}); "
@@ -188,7 +188,7 @@ def check_model(m: OnnxModel) -> None:
         width = m.predict(np.array([[n_ids - 1]], dtype=np.int64)).shape[1]
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error types
         raise ModelFileError(f"{source}: the tokenizer's ids reach {n_ids - 1:,} but the graph cannot read them "
-                             f"(its vocabulary and graph do not belong together: {str(e).splitlines()[0][:160]})") from e
+                             f"(its vocabulary and graph do not belong together: {first_line(e)[:160]})") from e
     if width != len(m.card.labels):
         raise ModelFileError(f"{source}: the model file lists {len(m.card.labels):,} labels but the graph outputs "
                              f"{width:,} probabilities")

@@ -130,7 +130,7 @@ def resolve_model_uri(model: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
     except Exception as e:  # noqa: BLE001 - mlflow raises many kinds
-        raise ModelFileError(f"{model}: cannot resolve in the MLflow registry ({str(e).splitlines()[0][:200]})") from e
+        raise ModelFileError(f"{model}: cannot resolve in the MLflow registry ({first_line(e)[:200]})") from e
     found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
     if not found:
         raise ModelFileError(f"{model}: the registered version holds no .onnx file")

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from meli.errors import InputError, OutputError, SettingError
+from meli.errors import InputError, OutputError, SettingError, first_line
 from meli.onnx_model import load_onnx_model
 from meli.score.core import Scorer, ScoreOptions
 
@@ -110,7 +110,7 @@ def score_with_spark(
     try:
         df = spark.read.parquet(str(input_path))
     except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and Java errors
-        raise InputError(f"{input_path}: not a readable Parquet dataset ({str(e).splitlines()[0][:200]})") from e
+        raise InputError(f"{input_path}: not a readable Parquet dataset ({first_line(e)[:200]})") from e
     in_schema = to_arrow_schema(df.schema)
     title = options.title_column
     if title not in in_schema.names:

@@ -583,3 +583,13 @@ def test_stdin_to_stdout_as_json_lines(model, tmp_path):
     assert [r["id"] for r in out] == list(range(len(TITLES)))
     assert [r["category"] for r in out] == direct_predictions(model, TITLES)[0]
     assert done.stderr.startswith("scored 8 rows") and temporaries(ROOT) == []
+
+
+def test_one_line_errors_survive_exceptions_without_text():
+    """Every "… (reason)" in an error message comes from `first_line`: the first line of the
+    exception's text, or its type's name when it has none (never an IndexError of its own)."""
+    from meli.errors import first_line
+
+    assert first_line(ValueError("bad header\nmore detail")) == "bad header"
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(OSError("  \n")) == "OSError"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meli.errors import InputError
+from meli.errors import InputError, first_line
 from meli.tokenizer import N_SPECIAL, Tokenizer
 from meli.train.config import EmbeddingSettings
 
@@ -58,7 +58,7 @@ def load_pretrained(path: Path):
     try:
         return KeyedVectors.load_word2vec_format(str(path), binary=False, unicode_errors="ignore")
     except (ValueError, UnicodeDecodeError, OSError, EOFError) as e:
-        raise InputError(f"{path}: not a word2vec text file ({str(e).splitlines()[0]})") from e
+        raise InputError(f"{path}: not a word2vec text file ({first_line(e)})") from e
 
 
 def init_embedding(weight: torch.Tensor, vectors, tokenizer: Tokenizer) -> int:
