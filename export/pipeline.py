@@ -25,7 +25,6 @@ from meli.export.parity import ParityReport, check_parity, require_parity
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("artifacts/model.onnx")
-DEFAULT_REGISTERED_NAME = REGISTERED_NAME
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def export_model(
     parity_data: str | Path | None = None,
     parity_rows: int | None = None,
     provider: str = "cpu",
-    register_as: str | None = DEFAULT_REGISTERED_NAME,
+    register_as: str | None = REGISTERED_NAME,
     precision: Precision = "fp16",
     quantize: bool = True,
     force: bool = False,

@@ -38,6 +38,8 @@ def softmax(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def nll(scores: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """The usual fit's loss: the mean negative log-likelihood of the true category over all the
+    probabilities (``fit_temperature(..., loss=nll)``: the comparison in this module's docstring)."""
     z = scores.astype(np.float64) / temperature
     z -= z.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(z).sum(axis=1))

@@ -34,7 +34,6 @@ class Checkpoint(SpecFields):
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
     provenance: dict[str, str] = field(default_factory=dict)  # run id, data fingerprint, versions…
 
-
     def build_model(self) -> nn.Module:
         """The model in eval mode, weights loaded, on the CPU: it returns scores (logits; an
         ensemble's log mean probability), not calibrated."""

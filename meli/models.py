@@ -12,12 +12,12 @@ Export-minded choices (see DESIGN.md): ``nn.Embedding(padding_idx=0)`` + masked 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meli.contract import CNNConfig, MLPConfig, ModelConfig, ModelKind, config_from_dict  # noqa: F401 - re-exported
+from meli.contract import CNNConfig, MLPConfig, ModelConfig, ModelKind, config_from_dict
+
 
 def _head(in_dim: int, hidden: tuple[int, ...], n_labels: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []

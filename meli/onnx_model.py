@@ -47,7 +47,6 @@ class ModelCard(SpecFields):
         if self.encoding not in ("full", "compact"):
             raise ValueError(f"unknown token encoding {self.encoding!r}")
 
-
     @property
     def compact(self) -> bool:
         return self.encoding == "compact"

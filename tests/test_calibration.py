@@ -157,3 +157,19 @@ def test_route_low_needs_a_threshold(exported, tmp_path):
     assert result.exit_code == 1 and result.output == "Error: --route-low: needs min_probability, the probability under " \
         "which rows are routed\n", result.output
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "low.parquet").exists()
+
+
+def test_the_usual_nll_fit_is_offered_beside_the_top_label_fit():
+    """`loss=nll` fits the temperature the usual way (all probabilities); on under-confident
+    scores both sharpen (T < 1), and each minimises its own loss."""
+    from meli.calibration import fit_temperature, nll, top_label_log_loss
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 2000)
+    scores = rng.normal(0, 1, (2000, 5))
+    scores[np.arange(2000), y] += 3.0
+    scores /= 4.0  # under-confident
+    for loss in (nll, top_label_log_loss):
+        t = fit_temperature(scores, y, loss=loss)
+        assert t < 1.0
+        assert loss(scores, y, t) <= min(loss(scores, y, t * 0.9), loss(scores, y, t * 1.1))

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from conftest import ROOT, write_jsonl
 from meli.export.onnx_export import scoring_module, signature
 from meli.export.parity import MIN_QUANTIZED_AGREEMENT, MIN_ROUNDED_AGREEMENT, ParityError, check_parity, require_parity
-from meli.errors import InputError, MeliError, ModelFileError, SettingError
+from meli.errors import InputError, ModelFileError, SettingError
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
 from meli.score.core import ScoreOptions, Scorer, score_arrow_batches

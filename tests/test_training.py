@@ -12,7 +12,8 @@ import torch
 from conftest import small_config
 from meli.checkpoint import load_checkpoint, save_checkpoint
 from meli.errors import InputError, MeliError, ModelFileError
-from meli.models import CNN, MLP, CNNConfig, MLPConfig, build_model
+from meli.contract import CNNConfig, MLPConfig
+from meli.models import CNN, MLP, build_model
 from meli.vocabulary import build_vocabulary
 from meli.train.config import EmbeddingSettings, load_config
 from meli.train.trainer import pick_device, train_model

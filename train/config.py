@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from meli.errors import MeliError, SettingError
-from meli.models import CNNConfig, MLPConfig, ModelKind
+from meli.contract import CNNConfig, MLPConfig, ModelKind
 from meli.tokenizer import STOPWORD_LANGUAGES, TokenizerConfig, load_stopwords
 from meli.vocabulary import VocabularyConfig
 from meli.train.distill import DistillSettings
@@ -197,8 +197,8 @@ def _stopwords_by_language(values: dict, where: str) -> dict:
         raise MeliError(f"{where}: set stopword_languages or stopwords, not both")
     if "stopwords" in values:
         return values
-    if languages is not None and not _fits(languages, tuple[str, ...]):
-        raise MeliError(f"{where}: stopword_languages = {languages!r}: must be {_type_name(tuple[str, ...])}")
+    if languages is not None:
+        _check("tokenizer", "stopword_languages", languages, tuple[str, ...], where)
     try:
         values["stopwords"] = list(load_stopwords(STOPWORD_LANGUAGES if languages is None else languages))
     except ValueError as e:
@@ -209,10 +209,9 @@ def _stopwords_by_language(values: dict, where: str) -> dict:
 def _build(cls: type, values: dict, where: str, section: str = ""):
     """`cls(**values)`, recursing into the sections (tables) of `TrainConfig`; every value
     type- and range-checked first."""
-    if cls is TokenizerConfig:
-        values = _stopwords_by_language(values, where)
     known = [f.name for f in dataclasses.fields(cls)]
-    if cls is TokenizerConfig:
+    if cls is TokenizerConfig:  # a config names the stopword lists by language
+        values = _stopwords_by_language(values, where)
         known = ["stopword_languages", *known]
     unknown = sorted(set(values) - set(known))
     if unknown:
