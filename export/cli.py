@@ -29,9 +29,10 @@ from meli.tracking import REGISTERED_NAME
               help="An MLP's scoring table: fp16 (half the file; probabilities within ~3e-4 of the checkpoint's) "
                    "or fp32 (within 1e-5, twice the size).")
 @click.option("--quantize/--no-quantize", default=True, show_default=True,
-              help="int8 matrix products (onnxruntime dynamic quantization): 1.6x meli-score's speed on 2 CPU "
-                   "cores; probabilities move by up to ~0.02, the parity check measures how many categories change "
-                   "(3 of 6,371 validation titles for the default model). --no-quantize: float32, within ~3e-4.")
+              help="int8 matrix products with a scale per title (mean-pooling MLPs): faster on CPUs, and a title's "
+                   "answer still depends on the title alone; the parity check reports how far its probabilities "
+                   "and categories move from the checkpoint's. --no-quantize: float32 products (the table stays "
+                   "as --table-precision says).")
 @click.option("--force", is_flag=True, help="Move the serving alias @champion to this export even if its validation "
               "balanced accuracy is below the current champion's.")
 @click.option("--check", is_flag=True, help="Only check parity of an existing --output against its checkpoint.")

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import tempfile
 import warnings
-from pathlib import Path
+from typing import Literal
 
 import onnx
 import torch
 from torch import nn
 
 from meli.export.compaction import Precision, compact_mlp, compactable, drop_unused_rows
+from meli.export.quantize import MATMULS, fold_temperature, int8_graph, int8_twin
 from meli import __version__
 from meli.checkpoint import Checkpoint
 from meli.models import Calibrated
@@ -53,26 +53,47 @@ def model_card(ckpt: Checkpoint, extra_provenance: dict | None = None, encoding:
     return ModelCard(spec=ckpt.spec, provenance=provenance, encoding=encoding, precision=precision, matmuls=matmuls)
 
 
-def scoring_module(ckpt: Checkpoint, precision: Precision = "fp16") -> tuple[nn.Module, str, str]:
-    """The torch module that the ONNX graph is exported from, the id encoding it reads and
-    its table precision. The parity check runs this same module against onnxruntime."""
+Matmuls = Literal["fp32", "int8-row"]
+
+
+def scoring_module(ckpt: Checkpoint, precision: Precision = "fp16", matmuls: Matmuls = "fp32") -> tuple[nn.Module, str, str]:
+    """The torch module that computes what the ONNX graph computes, the id encoding it reads
+    and its table precision. The parity check runs this same module against onnxruntime: for
+    int8 matrix products it is the twin that does the graph's integer arithmetic
+    (`meli.export.quantize`), with the temperature folded into the last layer as the graph has it."""
     model = ckpt.build_model()
     if compactable(model):
         module, stats = compact_mlp(model, ckpt.tokenizer(), precision, ckpt.temperature)
         log.info("%s", stats.summary())
-        return module, "compact", precision
-    log.info("%s", drop_unused_rows(model).summary())
-    return Calibrated(model, ckpt.temperature).eval(), "full", "fp32"
+        encoding = "compact"
+    else:
+        log.info("%s", drop_unused_rows(model).summary())
+        module, encoding, precision = Calibrated(model, ckpt.temperature).eval(), "full", "fp32"
+    if matmuls == MATMULS:
+        module = int8_twin(fold_temperature(module))
+    elif matmuls != "fp32":
+        raise ValueError(f"unknown matrix products {matmuls!r}; expected fp32 or {MATMULS}")
+    return module, encoding, precision
 
 
 def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: Precision = "fp16",
             quantize: bool = False) -> onnx.ModelProto:
     """Export `ckpt` with dynamic batch and sequence axes, card attached, fully checked.
 
-    `quantize`: int8 matrix products (`quantize_matmuls`; `meli-export` turns it on unless
-    ``--no-quantize``), a little agreement with the checkpoint traded for speed; the parity
-    check measures what it costs."""
+    `quantize`: int8 matrix products with a scale per title (`meli.export.quantize`;
+    `meli-export` turns it on unless ``--no-quantize``): faster on CPUs, as deterministic as
+    float ones; the parity check measures what they cost against the checkpoint. Only for
+    models that read compact ids (mean-pooling MLPs): there the twin computes every input
+    of a product bit for bit as onnxruntime does. A CNN's convolutions round differently in
+    torch and onnxruntime, so an input can land on the other side of a rounding step; CNNs
+    and attention pooling keep float products, whose differences stay at float rounding."""
     model, encoding, precision = scoring_module(ckpt, precision)
+    twin = None
+    if quantize and encoding == "compact":
+        model = fold_temperature(model)
+        twin = int8_twin(model)
+    elif quantize:
+        log.info("int8 matrix products are for mean-pooling MLPs; this %s keeps float products", ckpt.model_kind)
     # an example with batch > 1 and a length that no axis could be mistaken for a constant
     example = torch.randint(2, ckpt.model_config.n_ids, (3, 7), dtype=torch.int64)
     dims = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
@@ -96,36 +117,15 @@ def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: P
     finally:
         exporter_log.setLevel(level)
     proto = program.model_proto
-    if quantize:
-        proto = quantize_matmuls(proto)
-    card = model_card(ckpt, extra_provenance, encoding, precision, "int8" if quantize else "fp32")
+    if twin is not None:
+        proto = int8_graph(proto, twin)
+    card = model_card(ckpt, extra_provenance, encoding, precision, MATMULS if twin is not None else "fp32")
     for key, value in card.to_metadata().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = "meli-categorizer product-title classifier"
     onnx.checker.check_model(proto, full_check=True)
     return proto
-
-
-def quantize_matmuls(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxruntime's dynamic quantization of the MatMul/Gemm nodes: int8 weights, and each
-    call's activations quantized with one scale per tensor (so a title's probabilities can
-    move by a rounding step with the rows it is scored beside). 1.4x the default MLP graph's
-    speed on 2 CPU cores, 1.3-1.6x meli-score's end to end; measured cost in the README."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    clean = onnx.ModelProto()
-    clean.CopyFrom(proto)
-    del clean.graph.value_info[:]  # the exporter's intermediate shapes trip the quantizer's shape inference
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
-        onnx.save(clean, str(src))
-        logging.disable(logging.WARNING)  # the quantizer's advice to pre-process is for image models
-        try:
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        finally:
-            logging.disable(logging.NOTSET)
-        return onnx.load(str(dst))
 
 
 def signature(proto: onnx.ModelProto) -> dict:

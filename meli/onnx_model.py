@@ -41,7 +41,9 @@ class ModelCard(SpecFields):
     provenance: dict = field(default_factory=dict)  # run id, fingerprint, metrics, versions, export time
     encoding: str = "full"  # which token ids the graph reads: "full" or "compact" (meli.tokenizer)
     precision: str = "fp32"  # how the graph stores its embedding table: "fp32" or "fp16"
-    matmuls: str = "fp32"  # "int8": onnxruntime's dynamic quantization of the matrix products
+    # "int8-row": int8 products with a scale per title (meli.export.quantize); "int8": files from
+    # before it, onnxruntime's dynamic quantization, whose scale depends on the whole batch
+    matmuls: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.encoding not in ("full", "compact"):
@@ -164,6 +166,9 @@ def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto
     check_model(loaded)
     loaded.sha256 = file_sha256(model) if not isinstance(model, bytes) else hashlib.sha256(model).hexdigest()
     log.info("model %s on %s", source, used)
+    if card.matmuls == "int8":
+        log.warning("%s: exported with dynamic int8 quantization, whose probabilities depend on the rows scored "
+                    "beside each title; export it again (meli-export) for answers that depend on the title alone", source)
     return loaded
 
 

@@ -73,14 +73,24 @@ def trained(demo_splits):
 
 @pytest.fixture(scope="session")
 def exported(trained, tmp_path_factory):
-    """Each trained model exported to model.onnx (no MLflow involved)."""
+    """Each trained model exported to model.onnx as `meli-export` ships it by default (float16
+    table, int8 matrix products with per-title scales); no MLflow involved."""
+    return _export_all(trained, tmp_path_factory.mktemp("onnx"), quantize=True)
+
+
+@pytest.fixture(scope="session")
+def exported_float(trained, tmp_path_factory):
+    """The same models exported with float matrix products (``meli-export --no-quantize``)."""
+    return _export_all(trained, tmp_path_factory.mktemp("onnx-float"), quantize=False)
+
+
+def _export_all(trained, folder: Path, quantize: bool) -> dict[str, Path]:
     from meli.export.onnx_export import to_onnx
 
-    folder = tmp_path_factory.mktemp("onnx")
     paths = {}
     for kind, result in trained.items():
         path = folder / f"{kind}.onnx"
-        path.write_bytes(to_onnx(result.checkpoint).SerializeToString())
+        path.write_bytes(to_onnx(result.checkpoint, quantize=quantize).SerializeToString())
         paths[kind] = path
     return paths
 

@@ -112,7 +112,7 @@ def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
     metrics = client.get_run(best_id).data.metrics
     # the default export has int8 matrix products: its categories must agree with the checkpoint's
     assert metrics["parity_checkpoint_top1_agreement"] >= MIN_QUANTIZED_AGREEMENT
-    assert load_onnx_model(model, "cpu").card.matmuls == "int8"
+    assert load_onnx_model(model, "cpu").card.matmuls == "int8-row"
     exact = invoke(export_main, ["--quiet", "--no-quantize", "--no-register", "--output", tmp_path / "fp.onnx"])
     assert exact.exit_code == 0, exact.output
     assert load_onnx_model(tmp_path / "fp.onnx", "cpu").card.matmuls == "fp32"
