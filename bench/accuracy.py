@@ -35,9 +35,10 @@ from meli.train.config import load_config  # noqa: E402
 from meli.train.run import resolve_data  # noqa: E402
 
 
-def project_model(config_path: Path, train, validation) -> list[tuple[str, float, float]]:
-    """(name, balanced accuracy, training seconds) of the exported model, and of the same
-    checkpoint exported with int8 matrix products (``meli-export --quantize``)."""
+def project_model(config_path: Path, train, validation, save: Path | None = None) -> list[tuple[str, float, float]]:
+    """(name, balanced accuracy, training seconds) of the checkpoint exported with float matrix
+    products (``meli-export --no-quantize``) and as `meli-export` ships it (int8 products with
+    a scale per title); with `save`, the checkpoint is kept there."""
     from meli.export.onnx_export import to_onnx
     from meli.onnx_model import load_onnx_model
     from meli.score.core import Scorer
@@ -48,6 +49,10 @@ def project_model(config_path: Path, train, validation) -> list[tuple[str, float
     # (an ensemble's members are all trained; a distilled student is what is judged)
     result = train_and_refit(dataclasses.replace(load_config(config_path), refit=False), train, validation, quiet=True)
     seconds = time.perf_counter() - t
+    if save is not None:
+        from meli.checkpoint import save_checkpoint
+
+        save_checkpoint(result.checkpoint, save)
     truth = np.array(validation.categories.to_pylist(), dtype=object)
     rows = []
     for quantize in (False, True):
@@ -57,7 +62,8 @@ def project_model(config_path: Path, train, validation) -> list[tuple[str, float
         pred = np.array(out.column("category").to_pylist(), dtype=object)
         labels = {c: i for i, c in enumerate(sorted(set(truth) | set(p for p in pred if p is not None)))}
         score = balanced_accuracy(np.array([labels[c] for c in truth]), np.array([labels.get(p, -1) for p in pred]))
-        name = f"meli-categorizer ({config_path.name}, exported ONNX{', int8 matrix products' if quantize else ''})"
+        kind = "int8 products with a scale per title: the default export" if quantize else "float products: --no-quantize"
+        name = f"meli-categorizer ({config_path.name}, exported ONNX, {kind})"
         rows.append((name, score, seconds))
     return rows
 
@@ -112,6 +118,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
     ap.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "mlp.toml")
     ap.add_argument("--skip", nargs="*", default=[], help="systems to leave out: project fasttext fasttext-char svm")
+    ap.add_argument("--save-checkpoint", type=Path, help="keep the project's train-only checkpoint in this file")
     args = ap.parse_args()
     source = resolve_data(args.data)
     if source.validation is None:
@@ -121,7 +128,7 @@ def main() -> None:
         return lambda: [(name, *fit())]
 
     systems = {
-        "project": lambda: project_model(args.config, train, validation),
+        "project": lambda: project_model(args.config, train, validation, args.save_checkpoint),
         "fasttext": one("fastText supervised (word bigrams, dim 100, 25 epochs, lr 1.0)", lambda: fasttext_model(train, validation)),
         "fasttext-char": one("fastText with character n-grams 3-5", lambda: fasttext_model(train, validation, minn=3, maxn=5)),
         "svm": one("TF-IDF word 1-2 + char_wb 2-5 n-grams, LinearSVC", lambda: svm_model(train, validation)),

@@ -11,13 +11,17 @@ nightly job would run it, polling the child's peak RSS, and prints one Markdown 
 - model only: onnxruntime on pre-encoded titles in length-sorted batches of 1,024
   (encoding not timed);
 - ``meli-score`` end to end: read, tokenize, infer, write Parquet; start-up and model load included;
-- the fastText pipeline: a fastText model trained on the same labelled titles (word
-  bigrams, dim 100, 25 epochs, lr 1.0), end to end in Python: read Parquet, normalise,
-  predict (``f.multilinePredict``; ``predict()`` fails under NumPy 2), write Parquet;
+- the fastText pipeline on every core, as a user with this machine would run it: a fastText
+  model trained on the same labelled titles (word bigrams, dim 100, 25 epochs, lr 1.0), one
+  process per core (``--threads``), each reading its share of the row groups and writing its
+  own Parquet part: read, normalise, predict (``f.multilinePredict``, which runs on one
+  core; ``predict()`` fails under NumPy 2), write. Its time is the last process's; its
+  memory the sum of the processes' peaks;
 
-and the ratio of meli-score to the fastText pipeline. With ``--previous DIR --previous-model
-FILE``, the same file is also scored by the ``meli-score`` of another checkout (an earlier
-version of this repository) with its model, in the same run.
+and the ratio of meli-score to that pipeline. ``--compare NAME=FILE`` (repeatable) scores the
+same catalog end to end with other model files (another export of the same run, say) through
+this meli-score; ``--previous DIR --previous-model FILE`` with the ``meli-score`` of another
+checkout (an earlier version of this repository) and its model, in the same run.
 
     python bench/score_speed.py --model artifacts/model.onnx --rows 2000000 --threads 2
 """
@@ -78,6 +82,13 @@ def _read(catalog: str):
     return iter_batches(Path(catalog), batch_size=BATCH, string_columns=("title",))
 
 
+def _read_share(catalog: str, share: int, shares: int):
+    """The row groups share, share + shares, ... of the catalog (one process's part)."""
+    parquet = pq.ParquetFile(catalog)
+    groups = list(range(share, parquet.num_row_groups, shares))
+    return parquet.iter_batches(batch_size=BATCH, row_groups=groups) if groups else iter(())
+
+
 def stage_read(args) -> int:
     return sum(b.num_rows for b in _read(args.catalog))
 
@@ -126,7 +137,7 @@ def stage_fasttext(args) -> int:
     model = fasttext.load_model(args.fasttext_model)
     writer = None
     n = 0
-    for b in _read(args.catalog):
+    for b in _read_share(args.catalog, args.share, args.shares):
         s = pc.utf8_normalize(pc.utf8_lower(pc.fill_null(b.column("title"), "")), form="NFKD")
         s = pc.replace_substring_regex(pc.replace_substring_regex(s, "[\\x{0300}-\\x{036f}]", ""), "[^a-z0-9]+", " ")
         labels, probs = model.f.multilinePredict(s.to_pylist(), 1, 0.0, "strict")
@@ -138,7 +149,8 @@ def stage_fasttext(args) -> int:
         writer = writer or pq.ParquetWriter(args.output, out.schema, compression="zstd")
         writer.write_batch(out)
         n += b.num_rows
-    writer.close()
+    if writer is not None:
+        writer.close()
     return n
 
 
@@ -168,17 +180,41 @@ def run_measured(cmd: list[str]) -> tuple[str, float, float]:
     return out + err, seconds, peak
 
 
+def run_measured_together(cmds: list[list[str]]) -> tuple[list[str], float, float]:
+    """Run `cmds` at once; (their outputs, wall seconds until the last ends, the sum of their
+    peak RSS in MiB)."""
+    t = time.perf_counter()
+    procs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    peaks = {p.pid: 0 for p in procs}
+    while any(p.poll() is None for p in procs):
+        for p in procs:
+            peaks[p.pid] = max(peaks[p.pid], _vm_hwm_kib(p.pid))
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t
+    outputs = []
+    for p, c in zip(procs, cmds):
+        out, err = p.communicate()
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(c)} failed:\n{err}")
+        outputs.append(out + err)
+    return outputs, seconds, sum(peaks.values()) / 1024
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _poll_peak(proc: subprocess.Popen) -> float:
     """Wait for `proc`, polling its peak RSS (VmHWM) in MiB."""
     peak_kib = 0
-    status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak_kib = max(peak_kib, int(line.split()[1]))
-        except (OSError, ValueError):
-            pass
+        peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
         time.sleep(0.02)
     return peak_kib / 1024
 
@@ -209,12 +245,16 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu", help="onnxruntime provider for the model and meli-score rows")
     ap.add_argument("--model-rows", type=int, default=500_000, help="titles the model-only row scores")
     ap.add_argument("--skip", nargs="*", default=[], choices=["fasttext"], help="leave the fastText row out")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
+                    help="also score the catalog end to end with this model file (repeatable)")
     ap.add_argument("--previous", type=Path, help="a checkout of an earlier version: its meli-score joins the table")
     ap.add_argument("--previous-model", type=Path, help="the model file for --previous")
     ap.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # a child's work
     ap.add_argument("--catalog", help=argparse.SUPPRESS)
     ap.add_argument("--fasttext-model", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
+    ap.add_argument("--share", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--shares", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
         return run_stage(args)
@@ -242,12 +282,22 @@ def main() -> None:
         child("model", f"model only (onnxruntime {args.provider}, {args.threads} threads)",
               f"{min(args.rows, args.model_rows):,} pre-encoded titles in meli-score's length-sorted runs",
               "--model-rows", str(args.model_rows))
-        scored = Path(tmp) / "scored.parquet"
-        out, seconds, peak = run_measured([sys.executable, "-m", "meli.score", str(catalog), str(scored), "--model", args.model,
-                                           "--threads", str(args.threads), "--provider", args.provider, "--quiet"])
-        ours = args.rows / seconds
-        rows.append(("**meli-score end to end**", ours, peak, f"model file {size_mb:.1f} MB; start-up and model load included"))
-        print(f"meli-score: {ours:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
+        def meli_score(what: str, model: str, note: str) -> float:
+            scored = Path(tmp) / "scored.parquet"
+            out, seconds, peak = run_measured([sys.executable, "-m", "meli.score", str(catalog), str(scored), "--model", model,
+                                               "--threads", str(args.threads), "--provider", args.provider, "--quiet"])
+            rate = args.rows / seconds
+            rows.append((what, rate, peak, note))
+            print(f"{what}: {rate:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
+            return rate
+
+        ours = meli_score("**meli-score end to end**", args.model,
+                          f"{card.matmuls} products, model file {size_mb:.1f} MB; start-up and model load included")
+        for entry in args.compare:
+            name, _, path = entry.partition("=")
+            other = load_onnx_model(path, provider="cpu").card
+            meli_score(f"meli-score, {name}", path,
+                       f"{other.matmuls} products, model file {Path(path).stat().st_size / 1e6:.1f} MB")
         if args.previous:
             prev_out = Path(tmp) / "previous.parquet"
             # checkouts before the stages moved under the meli namespace have a top-level score package
@@ -269,9 +319,16 @@ def main() -> None:
             ft = Path(tmp) / "fasttext.bin"
             train_s = train_fasttext(ft)
             ft_mb = ft.stat().st_size / 1e6
-            child("fasttext", "fastText pipeline end to end", f"model file {ft_mb:.0f} MB, trained in {train_s:.0f} s",
-                  "--fasttext-model", str(ft), "--output", str(Path(tmp) / "fasttext.parquet"))
-            ratio = f"{ours / rows[-1][1]:.1f}x"
+            cmds = [[*me, "--stage", "fasttext", "--catalog", str(catalog), "--fasttext-model", str(ft),
+                     "--output", str(Path(tmp) / f"fasttext-{i}.parquet"), "--share", str(i), "--shares", str(args.threads)]
+                    for i in range(args.threads)]
+            outs, seconds, peak = run_measured_together(cmds)
+            n = sum(int(dict(zip(o.split()[::2], o.split()[1::2]))["rows"]) for o in outs)
+            rate = n / seconds
+            rows.append((f"fastText pipeline, {args.threads} processes (one per core)", rate, peak,
+                         f"model file {ft_mb:.0f} MB, trained in {train_s:.0f} s; memory: the processes' sum"))
+            print(f"fastText x{args.threads}: {rate:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
+            ratio = f"{ours / rate:.1f}x"
     print(f"\n{dt.date.today()}, {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores; "
           f"{args.rows:,} recombined titles from {source}; model {args.model} ({card.model_kind}, "
           f"{card.encoding} ids, {card.precision} table, {len(card.labels)} categories)\n")
@@ -280,7 +337,7 @@ def main() -> None:
     for what, rate, peak, note in rows:
         print(f"| {what} | {rate:,.0f} | {peak:,.0f} MiB | {note} |")
     if ratio:
-        print(f"\nmeli-score / fastText pipeline: **{ratio}**")
+        print(f"\nmeli-score / fastText pipeline on {args.threads} cores: **{ratio}**")
 
 
 if __name__ == "__main__":

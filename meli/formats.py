@@ -22,8 +22,10 @@ import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -77,13 +79,96 @@ def _check_readable(path: Path) -> None:
         raise InputError(f"{path}: not readable (permission denied)")
 
 
-def parquet_parts(path: Path) -> list[Path]:
+NOT_DATA = ("_", ".")  # Spark, Hive, Hadoop and pyarrow.dataset: _SUCCESS, _temporary/, .crc, ... are not data
+PARQUET_MAGIC = b"PAR1"
+TABLE_FORMATS = (  # (marker, what it is): folders whose Parquet files are not the table's rows as they stand
+    ("_delta_log", "a Delta Lake table"),
+    (".hoodie", "an Apache Hudi table"),
+    ("metadata/*.metadata.json", "an Apache Iceberg table"),
+)
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One Parquet file of an input, with the Hive partition values of the folders above it."""
+
+    path: Path
+    partition: tuple[tuple[str, str | None], ...] = ()  # (key, value) outermost first; None: Hive's null
+
+
+def parquet_parts(path: Path) -> list[Part]:
+    """The Parquet files of `path` (a file, or a folder as Spark and Hive write them), in the
+    order they are read.
+
+    In a folder, every file or folder whose name starts with ``_`` or ``.`` is not data
+    (``_SUCCESS``, ``_temporary/`` attempts of a failed job, ``.crc`` checksums); a file is a
+    part when its name ends in ``.parquet`` or ``.pq`` in any case, or when it starts with
+    Parquet's magic bytes (Hive's ``000000_0``); ``key=value`` folders are Hive partitions,
+    which every part must have alike. Parts are read in the order of their paths compared
+    folder by folder, with runs of digits compared as numbers (``part-2`` before ``part-10``).
+    """
     if not path.is_dir():
-        return [path]
-    parts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".parquet", ".pq"))
+        return [Part(path)]
+    for marker, what in TABLE_FORMATS:
+        if any(path.glob(marker)):
+            raise InputError(f"{path}: is {what} ({marker.split('/')[0]} is there): its folder also holds files of "
+                             "other versions, so its rows cannot be read as plain Parquet; score an export of the "
+                             "table's current version, or read it with Spark and pass that")
+    parts: list[Part] = []
+    for folder, subfolders, files in os.walk(path):
+        subfolders[:] = [d for d in subfolders if not d.startswith(NOT_DATA)]
+        here = Path(folder)
+        for name in files:
+            if name.startswith(NOT_DATA):
+                continue
+            file = here / name
+            if Path(name).suffix.lower() not in (".parquet", ".pq") and not _starts_with_magic(file):
+                raise InputError(f"{file}: not a Parquet file in the input folder {path}; move it out, or start its "
+                                 "name with _ or . to mark it as not data")
+            parts.append(Part(file, _hive_partition(file.parent.relative_to(path))))
     if not parts:
-        raise InputError(f"{path}: directory holds no .parquet part files")
+        raise InputError(f"{path}: directory holds no Parquet part files")
+    parts.sort(key=lambda part: _natural(part.path.relative_to(path)))
+    keys = [k for k, _ in parts[0].partition]
+    for part in parts[1:]:
+        if [k for k, _ in part.partition] != keys:
+            raise InputError(f"{part.path}: its partition folders ({_describe(part)}) differ from those of "
+                             f"{parts[0].path} ({_describe(parts[0])})")
     return parts
+
+
+def _starts_with_magic(file: Path) -> bool:
+    try:
+        with open(file, "rb") as f:
+            return f.read(4) == PARQUET_MAGIC
+    except OSError:
+        return False
+
+
+def _hive_partition(folders: Path) -> tuple[tuple[str, str | None], ...]:
+    found = []
+    for name in folders.parts:
+        key, eq, value = name.partition("=")
+        if eq and key:
+            value = unquote(value)
+            found.append((key, None if value == HIVE_NULL else value))
+    return tuple(found)
+
+
+def _describe(part: Part) -> str:
+    return ", ".join(k for k, _ in part.partition) or "none"
+
+
+def _natural(relative: Path) -> list[tuple]:
+    return [tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+            for name in relative.parts]
+
+
+def partition_schema(parts: list[Part]) -> pa.Schema:
+    """The columns the partition folders add, after the files' own: strings, as Spark reads
+    them with partition type inference off (``meli-score --engine spark`` does the same)."""
+    return pa.schema([pa.field(k, pa.string()) for k, _ in parts[0].partition])
 
 
 def iter_batches(
@@ -116,29 +201,37 @@ def read_table(path: str | os.PathLike, string_columns: tuple[str, ...] = ("titl
 def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
     """Every part's batches, in one schema: the first part's, with string columns as plain
     ``string`` (a part may store a title as ``large_string`` or dictionary-encoded and another
-    as ``string``: the same data). Parts whose columns differ otherwise are an error."""
+    as ``string``: the same data), then the Hive partition columns. Parts whose columns differ
+    otherwise are an error."""
+    parts = parquet_parts(path)
+    partitions = partition_schema(parts)
     first: tuple[Path, pa.Schema] | None = None
-    for part in parquet_parts(path):
+    for part in parts:
         try:
-            f = pq.ParquetFile(part)
+            f = pq.ParquetFile(part.path)
             schema = f.schema_arrow
         except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{part}: not a readable Parquet file ({first_line(e)})") from e
-        _check_unique(part, schema.names)
-        target = pa.schema([pa.field(fld.name, _plain(fld.type)) for fld in schema])
+            raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
+        _check_unique(part.path, schema.names + partitions.names)
+        target = pa.schema([fld.with_type(_plain(fld.type)) for fld in schema])
         if first is None:
-            first = (part, target)
+            first = (part.path, target)
         else:
-            _check_same_columns(part, target, *first)
+            _check_same_columns(part.path, target, *first)
+        values = [pa.scalar(v, pa.string()) for _, v in part.partition]
         rows = 0
         try:
             for batch in f.iter_batches(batch_size=batch_size):
                 batch = _conform(batch, first[1])
-                _check_utf8(batch, lambda i: f"{part}: row {rows + i + 1}" if i is not None else str(part))
+                _check_utf8(batch, lambda i: f"{part.path}: row {rows + i + 1}" if i is not None else str(part.path))
                 rows += batch.num_rows
+                if values:
+                    batch = pa.RecordBatch.from_arrays(
+                        batch.columns + [pa.array([v.as_py()] * batch.num_rows, pa.string()) for v in values],
+                        schema=pa.schema(list(first[1]) + list(partitions), metadata=first[1].metadata))
                 yield batch
         except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{part}: not a readable Parquet file ({first_line(e)})") from e
+            raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
 
 
 def is_text(t: pa.DataType) -> bool:
@@ -164,7 +257,7 @@ def _plain(t: pa.DataType) -> pa.DataType:
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     columns = [as_plain_strings(batch.column(name)) for name in schema.names]
     columns = [c if c.type == f.type else c.cast(f.type, safe=True) for c, f in zip(columns, schema)]
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
+    return pa.RecordBatch.from_arrays(columns, schema=schema)  # the fields' nullability and metadata kept
 
 
 _FAMILIES = (pa.types.is_integer, pa.types.is_floating)  # widths may differ between parts; values must fit

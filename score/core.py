@@ -113,7 +113,7 @@ class Scorer:
 
     def output_schema(self, schema: pa.Schema, kept: list[tuple[str, str]] | None = None) -> pa.Schema:
         kept = self._kept(schema) if kept is None else kept
-        fields = [pa.field(out, schema.field(name).type) for name, out in kept]
+        fields = [schema.field(name).with_name(out) for name, out in kept]  # type, nullability, metadata kept
         fields += [pa.field("category", pa.string()), pa.field("probability", pa.float32())]
         if self.options.top_k:
             fields += [pa.field("top_categories", pa.list_(pa.string())), pa.field("top_probabilities", pa.list_(pa.float32()))]

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from meli.errors import InputError, OutputError, SettingError, first_line
-from meli.formats import AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
+from meli.formats import NOT_DATA, AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
 from meli.score.core import Scorer, ScoreOptions
@@ -214,7 +214,7 @@ def _count_rows(path: Path) -> int | None:
     if detect_format(path) != "parquet":
         return None
     try:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in parquet_parts(path))
+        return sum(pq.ParquetFile(p.path).metadata.num_rows for p in parquet_parts(path))
     except (pa.ArrowException, OSError):
         return None  # the reader will report it with the file's name
 
@@ -248,6 +248,10 @@ def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
     check_name_length(out)
     if out.exists() and inp.exists() and inp.resolve() == out.resolve():
         raise OutputError(f"{out}: {what} would overwrite the input")
+    if inp != STDIO and inp.is_dir() and out.resolve().is_relative_to(inp.resolve()) \
+            and not any(n.startswith(NOT_DATA) for n in out.resolve().relative_to(inp.resolve()).parts):
+        raise OutputError(f"{out}: {what} would be inside the input folder {inp}, and the next run would read it "
+                          "as input; write it elsewhere")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; name an output file")
     if detect_format(out) == "csv":

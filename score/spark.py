@@ -30,6 +30,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from meli.errors import InputError, OutputError, SettingError, first_line
+from meli.formats import is_text, parquet_parts
 from meli.onnx_model import load_onnx_model
 from meli.score.core import Scorer, ScoreOptions
 
@@ -107,6 +108,10 @@ def score_with_spark(
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+    # Hive partition columns as strings, as the local engine reads them (meli.formats.partition_schema)
+    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+    if Path(input_path).exists():  # a local input: the local engine's checks of the folder (table formats, stray files)
+        parquet_parts(Path(input_path))
     try:
         df = spark.read.parquet(str(input_path))
     except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and Java errors
@@ -115,6 +120,8 @@ def score_with_spark(
     title = options.title_column
     if title not in in_schema.names:
         raise SettingError("title_column", f"no title column {title!r}; the input has: {', '.join(in_schema.names)}")
+    if not is_text(in_schema.field(title).type):
+        raise InputError(f"title column {title!r} holds {in_schema.field(title).type}, not strings")
     out_schema = scorer.output_schema(in_schema).remove_metadata()  # checks --keep-columns and names too
     spark.sparkContext.addFile(str(model_path.resolve()))
     name, opts = model_path.name, options
