@@ -49,19 +49,25 @@ class CompactionStats:
 class PooledTable(nn.Module):
     """Compact ids → the mean of the rows they stand for: ``(B, T)`` int64 → ``(B, width)``.
 
-    Lookups are `F.embedding`, which exports as ONNX ``Gather``."""
+    Each row carries, in one more column, how many ids it stands for, so one lookup and one
+    sum give both the sum of the rows and the count to divide it by. Lookups are
+    `F.embedding`, which exports as ONNX ``Gather`` (on int32 row numbers: no cast)."""
 
     def __init__(self, remap: torch.Tensor, table: torch.Tensor, count: torch.Tensor):
         super().__init__()
         self.register_buffer("remap", remap.to(torch.int32).unsqueeze(1))  # (n_compact_ids, 1): id → row
-        self.register_buffer("table", table)  # (R, width) float16 or float32
-        self.register_buffer("count", count.to(torch.float32).unsqueeze(1))  # (R, 1): ids each row stands for
+        # (R, width + 1) float16 or float32: the rows, then their counts (whole numbers, exact in float16)
+        self.register_buffer("table", torch.cat([table, count.to(table.dtype).unsqueeze(1)], dim=1))
+
+    @property
+    def width(self) -> int:
+        return self.table.shape[1] - 1
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(token_ids, self.remap).squeeze(-1).to(torch.int64)  # (B, T)
-        emb = F.embedding(rows, self.table).to(torch.float32)  # (B, T, width)
-        n = F.embedding(rows, self.count).sum(1).clamp(min=1.0)  # (B, 1); an empty title → 1, never NaN
-        return emb.sum(1) / n
+        rows = F.embedding(token_ids, self.remap).squeeze(-1)  # (B, T) int32
+        summed = F.embedding(rows, self.table).to(torch.float32).sum(1)  # (B, width + 1)
+        n = summed[:, -1:].clamp(min=1.0)  # (B, 1); an empty title → 1, never NaN
+        return summed[:, :-1] / n
 
 
 class CompactMLP(nn.Module):

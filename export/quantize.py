@@ -6,12 +6,13 @@ scale, computed inside the graph from that row alone, and the products are exact
 arithmetic, so a title's output is the same in any batch, at any padding length, with any
 number of threads:
 
-- activations, per row: ``scale = max(|x|) / 127`` (input that can be negative, stored as
-  ``q + 128`` in uint8) or ``max(x) / 255`` (input after a ReLU); ``q = round(x / scale)``;
-- weights, per output column: symmetric int8 with 7 bits (``|q| <= 63``), fixed at export.
-  Seven bits keep every pair of uint8 x int8 products inside int16, so CPUs without VNNI
-  (whose AVX2 kernel adds pairs in int16 with saturation) compute the same integers as
-  those with it;
+- activations, per row: ``scale = max(|x|) / 127``, ``q = round(x / scale)``; stored in uint8
+  as ``q + 128`` where the input can be negative, as ``q`` after a ReLU;
+- weights, per output column, symmetric: 7 bits (``|q| <= 63``) where the stored input
+  reaches 255, 8 bits (``|q| <= 127``) after a ReLU. Either way a pair of uint8 x int8
+  products stays inside int16 (255 * 63 * 2 and 127 * 127 * 2 < 32,768), so CPUs without
+  VNNI (whose AVX2 kernel adds pairs in int16 with saturation) compute the same integers as
+  those with it. (The last layer, after a ReLU, is where the eighth bit matters most.)
 - ``y = float(q_x @ q_w) * w_scale * x_scale + bias``, in that order, in float32.
 
 `Int8Linear` is the torch twin of that arithmetic: `int8_twin` swaps it in for every
@@ -34,7 +35,8 @@ from torch import nn
 from meli.export.compaction import CompactMLP
 from meli.models import Calibrated, Ensemble
 
-WEIGHT_QMAX = 63  # 7-bit weights: see the module docstring
+X_QMAX = 127  # activations: |q| <= 127
+W_QMAX = {False: 63, True: 127}  # weights, by whether the input is unsigned (after a ReLU): see above
 EPS = 1e-30  # an all-zero row (an empty title) gets this as its largest value: scale > 0, q = 0
 MATMULS = "int8-row"  # the model card's name for this arithmetic ("int8" was the dynamic kind)
 
@@ -43,16 +45,16 @@ MATMULS = "int8-row"  # the model card's name for this arithmetic ("int8" was th
 class Int8Weights:
     """One ``nn.Linear``'s weights as the int8 graph stores them."""
 
-    weight: np.ndarray  # (in, out) int8, |q| <= WEIGHT_QMAX
+    weight: np.ndarray  # (in, out) int8, |q| <= W_QMAX[...]
     scale: np.ndarray  # (out,) float32
     bias: np.ndarray  # (out,) float32
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> "Int8Weights":
+    def of(cls, linear: nn.Linear, qmax: int) -> "Int8Weights":
         w = linear.weight.detach().to(torch.float32).cpu().numpy()  # (out, in)
         amax = np.maximum(np.abs(w).max(axis=1), np.float32(EPS)).astype(np.float32)
-        scale = (amax / np.float32(WEIGHT_QMAX)).astype(np.float32)
-        q = np.clip(np.rint(w / scale[:, None]), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+        scale = (amax / np.float32(qmax)).astype(np.float32)
+        q = np.clip(np.rint(w / scale[:, None]), -qmax, qmax).astype(np.int8)
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0])
         return cls(np.ascontiguousarray(q.T), scale, bias.to(torch.float32).cpu().numpy())
 
@@ -62,20 +64,23 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weights: Int8Weights, unsigned_input: bool):
         super().__init__()
-        self.unsigned_input = unsigned_input  # after a ReLU: x >= 0, the whole uint8 range
+        self.unsigned_input = unsigned_input  # after a ReLU: x >= 0, q in [0, 127]; else [-127, 127]
         self.register_buffer("weight", torch.from_numpy(weights.weight.astype(np.float64)))  # exact as float64
         self.register_buffer("scale", torch.from_numpy(weights.scale))
         self.register_buffer("bias", torch.from_numpy(weights.bias))
         self.weights = weights
 
+    qmax = float(X_QMAX)
+
     @property
-    def qmax(self) -> float:
-        return 255.0 if self.unsigned_input else 127.0
+    def x_zero(self) -> int:
+        """The uint8 that stands for 0: q + x_zero is what the graph stores."""
+        return 0 if self.unsigned_input else X_QMAX + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top = x.amax(dim=1, keepdim=True) if self.unsigned_input else x.abs().amax(dim=1, keepdim=True)
         x_scale = top.clamp(min=EPS) / self.qmax  # (B, 1)
-        low = 0.0 if self.unsigned_input else -127.0
+        low = 0.0 if self.unsigned_input else -self.qmax
         q = torch.round(x / x_scale).clamp(low, self.qmax)  # (B, in), whole numbers
         acc = (q.to(torch.float64) @ self.weight).to(torch.float32)  # exact integers, then int32 -> float32
         return acc * self.scale * x_scale + self.bias
@@ -127,7 +132,7 @@ def int8_twin(module: nn.Module) -> nn.Module:
     for name, linear, unsigned in _linears(twin):
         parent_name, _, index = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
-        parent[int(index)] = Int8Linear(Int8Weights.of(linear), unsigned)
+        parent[int(index)] = Int8Linear(Int8Weights.of(linear, W_QMAX[unsigned]), unsigned)
     return twin.eval()
 
 
@@ -179,16 +184,16 @@ def int8_graph(proto: onnx.ModelProto, twin: nn.Module) -> onnx.ModelProto:
             helper.make_node("Reshape", [f"{p}.x_scale", flat], [f"{p}.x_scale_row"]),  # (B,)
         ]
         quantize_inputs = [x, f"{p}.x_scale_row"]
-        if not layer.unsigned_input:  # q + 128 in uint8: the zero point, one per row
+        if not layer.unsigned_input:  # q + 128 in uint8: QuantizeLinear takes the zero point per row
             nodes += [
                 helper.make_node("Shape", [f"{p}.x_scale_row"], [f"{p}.rows"]),
                 helper.make_node("ConstantOfShape", [f"{p}.rows"], [f"{p}.x_zero"],
-                                 value=numpy_helper.from_array(np.array([128], np.uint8))),
+                                 value=numpy_helper.from_array(np.array([layer.x_zero], np.uint8))),
             ]
             quantize_inputs.append(f"{p}.x_zero")
-        zero = const(f"{p}.x_zero_scalar", np.array(0 if layer.unsigned_input else 128, np.uint8))
+        zero = const(f"{p}.x_zero_scalar", np.array(layer.x_zero, np.uint8))
         nodes += [
-            # round(x / scale) (+ 128), saturated to uint8: per row (axis 0)
+            # round(x / scale) (+ the zero point), saturated to uint8: per row (axis 0)
             helper.make_node("QuantizeLinear", quantize_inputs, [f"{p}.xq"], axis=0),
             # float(q_x @ q_w) * w_scale, fused by onnxruntime
             helper.make_node("MatMulIntegerToFloat", [f"{p}.xq", f"{p}.w", one, f"{p}.w_scale", zero, f"{p}.w_zero"],
@@ -196,13 +201,14 @@ def int8_graph(proto: onnx.ModelProto, twin: nn.Module) -> onnx.ModelProto:
             helper.make_node("Mul", [f"{p}.u", f"{p}.x_scale"], [f"{p}.v"]),
             helper.make_node("Add", [f"{p}.v", f"{p}.bias"], [y]),
         ]
-        replaced.add(node.input[1])
-    missing = sorted(set(layers) - replaced)
+        replaced.update(node.input[1:])  # the float weight and bias: the layer's own copies replace them
+    missing = sorted(set(layers) - {name for name in replaced if name in layers})
     if missing:
         raise ValueError(f"the exported graph has no Gemm over {', '.join(missing)}")
     del graph.node[:]
     graph.node.extend(nodes)
-    kept = [i for i in graph.initializer if i.name not in replaced]
+    still_read = {name for node in nodes for name in node.input}
+    kept = [i for i in graph.initializer if i.name not in replaced or i.name in still_read]
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
     del graph.value_info[:]  # the float graph's intermediate shapes no longer all hold

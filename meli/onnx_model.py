@@ -166,6 +166,9 @@ def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto
     check_model(loaded)
     loaded.sha256 = file_sha256(model) if not isinstance(model, bytes) else hashlib.sha256(model).hexdigest()
     log.info("model %s on %s", source, used)
+    if used == "CUDAExecutionProvider" and card.matmuls == "int8-row":
+        log.warning("%s: its int8 products run on onnxruntime's CPU kernels; for GPU scoring export with "
+                    "meli-export --no-quantize", source)
     if card.matmuls == "int8":
         log.warning("%s: exported with dynamic int8 quantization, whose probabilities depend on the rows scored "
                     "beside each title; export it again (meli-export) for answers that depend on the title alone", source)
