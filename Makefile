@@ -17,6 +17,7 @@ INPUT ?= meli/resources/demo/catalog.jsonl.gz
 SCORED ?= artifacts/scored.parquet
 PYTEST_ARGS ?=
 BENCH_ROWS ?= 2000000
+BENCH_ARGS ?=
 
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
@@ -70,11 +71,11 @@ test-slow: venv
 
 bench: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
-	$(BIN)/python bench/score_speed.py --model $(OUTPUT) --rows $(BENCH_ROWS)
+	$(BIN)/python bench/score_speed.py --model $(OUTPUT) --rows $(BENCH_ROWS) --write docs/results-speed.md $(BENCH_ARGS)
 
 bench-accuracy: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
-	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es)
+	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-accuracy.md
 
 data: venv
 	$(BIN)/python -m meli.train.download --dest data $(if $(SBW),--sbw)

@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "mlp.toml")
     ap.add_argument("--skip", nargs="*", default=[], help="systems to leave out: project fasttext fasttext-char svm")
     ap.add_argument("--save-checkpoint", type=Path, help="keep the project's train-only checkpoint in this file")
+    ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench-accuracy: "
+                    "docs/results-accuracy.md)")
     args = ap.parse_args()
     source = resolve_data(args.data)
     if source.validation is None:
@@ -140,12 +142,16 @@ def main() -> None:
         for name, score, seconds in fit():
             rows.append((name, score, seconds))
             print(f"{name}: {score:.4f} ({seconds:.0f}s)", file=sys.stderr)
-    print(f"\n{dt.date.today()}, {platform.machine()} {os.cpu_count()} cores; train {len(train):,} titles "
-          f"({source.train.name}), judged on {len(validation):,} ({source.validation.name})\n")
-    print("| system | validation balanced accuracy | training time |")
-    print("|---|---|---|")
-    for name, score, seconds in rows:
-        print(f"| {name} | {score:.4f} | {seconds:.0f} s |")
+    lines = [f"{dt.date.today()}, {platform.machine()} {os.cpu_count()} cores; train {len(train):,} titles "
+             f"({source.train.name}), judged on {len(validation):,} ({source.validation.name})", "",
+             "| system | validation balanced accuracy | training time |", "|---|---|---|"]
+    lines += [f"| {name} | {score:.4f} | {seconds:.0f} s |" for name, score, seconds in rows]
+    print("\n" + "\n".join(lines))
+    if args.write:
+        from results import write_results
+
+        write_results(args.write, "Accuracy against classical baselines (`make bench-accuracy`)",
+                      "python bench/accuracy.py " + " ".join(sys.argv[1:]), lines)
 
 
 if __name__ == "__main__":

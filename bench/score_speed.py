@@ -72,7 +72,7 @@ def make_catalog(path: Path, rows: int, seed: int = 0) -> str:
         writer = writer or pq.ParquetWriter(path, batch.schema)
         writer.write_table(batch, row_group_size=100_000)
     writer.close()
-    return ", ".join(str(p) for p in labelled_sources())
+    return ", ".join(os.path.relpath(p, ROOT) for p in labelled_sources())
 
 
 # ----------------------------------------------------------------------------- stages (child processes)
@@ -245,6 +245,7 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu", help="onnxruntime provider for the model and meli-score rows")
     ap.add_argument("--model-rows", type=int, default=500_000, help="titles the model-only row scores")
     ap.add_argument("--skip", nargs="*", default=[], choices=["fasttext"], help="leave the fastText row out")
+    ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench: docs/results-speed.md)")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
                     help="also score the catalog end to end with this model file (repeatable)")
     ap.add_argument("--previous", type=Path, help="a checkout of an earlier version: its meli-score joins the table")
@@ -329,15 +330,19 @@ def main() -> None:
                          f"model file {ft_mb:.0f} MB, trained in {train_s:.0f} s; memory: the processes' sum"))
             print(f"fastText x{args.threads}: {rate:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
             ratio = f"{ours / rate:.1f}x"
-    print(f"\n{dt.date.today()}, {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores; "
-          f"{args.rows:,} recombined titles from {source}; model {args.model} ({card.model_kind}, "
-          f"{card.encoding} ids, {card.precision} table, {len(card.labels)} categories)\n")
-    print("| stage | titles/s | peak RSS | note |")
-    print("|---|---|---|---|")
-    for what, rate, peak, note in rows:
-        print(f"| {what} | {rate:,.0f} | {peak:,.0f} MiB | {note} |")
+    lines = [f"{dt.date.today()}, {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores; "
+             f"{args.rows:,} recombined titles from {source}; model {os.path.relpath(args.model, ROOT)} ({card.model_kind}, "
+             f"{card.encoding} ids, {card.precision} table, {card.matmuls} products, {len(card.labels)} categories)",
+             "", "| stage | titles/s | peak RSS | note |", "|---|---|---|---|"]
+    lines += [f"| {what} | {rate:,.0f} | {peak:,.0f} MiB | {note} |" for what, rate, peak, note in rows]
     if ratio:
-        print(f"\nmeli-score / fastText pipeline on {args.threads} cores: **{ratio}**")
+        lines += ["", f"meli-score / fastText pipeline on {args.threads} cores: **{ratio}**"]
+    print("\n" + "\n".join(lines))
+    if args.write:
+        command = "python bench/score_speed.py " + " ".join(sys.argv[1:])
+        from results import write_results
+
+        write_results(args.write, "Scoring speed and memory (`make bench`)", command, lines)
 
 
 if __name__ == "__main__":

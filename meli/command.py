@@ -47,6 +47,12 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def one_line(message: str) -> str:
+    """A message on one line whatever it quotes (a file name may hold a newline): line breaks
+    and other control characters written as Python escapes."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+
+
 def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = None):
     """Turn the library's errors into a one-line click error and exit code 1, and SIGTERM or
     SIGINT into ``Error: interrupted by SIGTERM[; what]`` and exit code 128 + signal, where
@@ -63,9 +69,9 @@ def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = Non
         try:
             return func(*args, **kwargs)
         except SettingError as e:  # the library names the setting; the command names its flag
-            raise click.ClickException(f"--{e.setting.replace('_', '-')}: {e.problem}") from e
+            raise click.ClickException(one_line(f"--{e.setting.replace('_', '-')}: {e.problem}")) from e
         except MeliError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(one_line(str(e))) from e
         except Interrupted as e:
             for s in previous:  # a second signal while unwinding must not print a traceback
                 signal.signal(s, signal.SIG_IGN)

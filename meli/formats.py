@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 from urllib.parse import unquote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
@@ -187,7 +188,7 @@ def iter_batches(
     elif fmt == "jsonl":
         yield from _valid_text(p, _jsonl_batches(p, batch_size, string_columns))
     else:
-        yield from _valid_text(p, _csv_batches(p, batch_size))
+        yield from _valid_text(p, _csv_batches(p, batch_size, string_columns))
 
 
 def read_table(path: str | os.PathLike, string_columns: tuple[str, ...] = ("title",)) -> pa.Table:
@@ -198,37 +199,51 @@ def read_table(path: str | os.PathLike, string_columns: tuple[str, ...] = ("titl
     return pa.Table.from_batches(batches)
 
 
-def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Every part's batches, in one schema: the first part's, with string columns as plain
-    ``string`` (a part may store a title as ``large_string`` or dictionary-encoded and another
-    as ``string``: the same data), then the Hive partition columns. Parts whose columns differ
-    otherwise are an error."""
+def checked_parts(path: Path) -> tuple[list[Part], pa.Schema]:
+    """`parquet_parts`, each part's footer read and its columns checked against the first
+    part's; the schema every part is read into (string columns as plain strings). Both engines
+    run these checks before reading a row."""
     parts = parquet_parts(path)
     partitions = partition_schema(parts)
     first: tuple[Path, pa.Schema] | None = None
     for part in parts:
         try:
-            f = pq.ParquetFile(part.path)
-            schema = f.schema_arrow
+            schema = pq.read_schema(part.path)
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
         _check_unique(part.path, schema.names + partitions.names)
-        target = pa.schema([fld.with_type(_plain(fld.type)) for fld in schema])
+        target = pa.schema([fld.with_type(_plain(fld.type)) for fld in schema], metadata=schema.metadata)
         if first is None:
             first = (part.path, target)
         else:
             _check_same_columns(part.path, target, *first)
+    return parts, first[1]
+
+
+def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Every part's batches, in one schema: the first part's, with string columns as plain
+    ``string`` (a part may store a title as ``large_string`` or dictionary-encoded and another
+    as ``string``: the same data), then the Hive partition columns. Parts whose columns differ
+    otherwise are an error."""
+    parts, schema = checked_parts(path)
+    partitions = partition_schema(parts)
+    with_partitions = pa.schema(list(schema) + list(partitions), metadata=schema.metadata)
+    for part in parts:
+        try:
+            f = pq.ParquetFile(part.path)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
         values = [pa.scalar(v, pa.string()) for _, v in part.partition]
         rows = 0
         try:
             for batch in f.iter_batches(batch_size=batch_size):
-                batch = _conform(batch, first[1])
+                batch = _conform(batch, schema)
                 _check_utf8(batch, lambda i: f"{part.path}: row {rows + i + 1}" if i is not None else str(part.path))
                 rows += batch.num_rows
                 if values:
                     batch = pa.RecordBatch.from_arrays(
                         batch.columns + [pa.array([v.as_py()] * batch.num_rows, pa.string()) for v in values],
-                        schema=pa.schema(list(first[1]) + list(partitions), metadata=first[1].metadata))
+                        schema=with_partitions)
                 yield batch
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
@@ -344,77 +359,95 @@ def _first_undecodable_line(path: Path) -> int | None:
     return None
 
 
+JSONL_CHUNK = 16 << 20  # bytes of whole lines the schema pass parses at a time
+INT64_MAX = 2**63 - 1
+
+
 def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
-    # Arrow's reader is fast but its errors do not say where; on any error, find the
-    # offending line with a plain scan so the message can name it.
-    present = _first_record_keys(path)
-    if present is None:
-        return  # an empty file: no batches
-    fields = {c: pa.string() for c in string_columns if c in present}
-    read = pjson.ReadOptions(block_size=max(1 << 20, batch_size * 256))
+    """JSON Lines as real exporters write them, in two passes. The first reads every line for
+    the schema (fields first seen late come after the others, integers that later hold a
+    fraction become float64, objects that gain keys gain fields) and the longest line; the
+    second streams the records in that schema. Arrow's errors do not say where: on any error,
+    a plain scan (`_explain_jsonl`) names the line."""
     try:
-        for attempt in range(2):
-            parse = pjson.ParseOptions(explicit_schema=pa.schema(list(fields.items())), unexpected_field_behavior="infer")
-            with pa.input_stream(str(path), compression=_compression(path)) as stream:
-                reader = pjson.open_json(stream, read_options=read, parse_options=parse)
-                first = next(iter(reader), None)
-                # Arrow types a column from the first block: one that is null all through it
-                # would make the first later value an error. Find those columns' types first.
-                late = [f.name for f in first.schema if pa.types.is_null(f.type)] if first is not None and attempt == 0 else []
-                if late:
-                    found = _late_types(path, late)
-                    if found:
-                        fields.update(found)
-                        continue  # read again, with those types; nothing was yielded yet
-                if first is None:
-                    return
-                yield from _split(first, batch_size)
-                for batch in reader:
-                    yield from _split(batch, batch_size)
-                return
+        schema, longest = _jsonl_schema(path, string_columns)
+        if schema is None:
+            return  # no records
+        read = pjson.ReadOptions(block_size=max(1 << 20, batch_size * 256, 2 * longest + 2))
+        parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
+        with pa.input_stream(str(path), compression=_compression(path)) as stream:
+            for batch in pjson.open_json(stream, read_options=read, parse_options=parse):
+                yield from _split(batch, batch_size)
     except (pa.ArrowException, OSError, EOFError) as e:
         raise InputError(_explain_jsonl(path, string_columns) or f"{path}: unreadable JSON Lines ({first_line(e)})") from e
 
 
-def _late_types(path: Path, columns: list[str]) -> dict[str, pa.DataType]:
-    """The Arrow type of each column's first non-null value (columns null all through the
-    file are left out): a scan that stops as soon as every column has shown one."""
-    log.info("%s: %s null in the first block; looking further for %s", path, ", ".join(columns),
-             "its type" if len(columns) == 1 else "their types")
-    pending = {c: re.compile(rb'"' + re.escape(json.dumps(c)[1:-1].encode()) + rb'"\s*:\s*(null\b)?') for c in columns}
-    found: dict[str, pa.DataType] = {}
+def _jsonl_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(number of its first line, bytes) of runs of whole lines, about JSONL_CHUNK at a time
+    (JSON Lines and CSV alike)."""
     opener = gzip.open if _compression(path) else open
+    line = 1
     with opener(path, "rb") as f:
-        for line in f:
-            hits = [c for c, rx in pending.items() if (m := rx.search(line)) is not None and m.group(1) is None]
-            if not hits:
-                continue
-            try:
-                record = json.loads(line)
-                typed = pjson.read_json(io.BytesIO(line.lstrip(b"\xef\xbb\xbf")))
-            except (ValueError, pa.ArrowException):
-                continue  # the reader names a malformed line
-            for c in hits:
-                if isinstance(record, dict) and record.get(c) is not None and c in typed.column_names:
-                    found[c] = typed.schema.field(c).type
-                    del pending[c]
-            if not pending:
-                break
-    return found
+        while chunk := f.read(JSONL_CHUNK):
+            if not chunk.endswith(b"\n"):
+                chunk += f.readline()
+            yield line, chunk.removeprefix(b"\xef\xbb\xbf") if line == 1 else chunk
+            line += chunk.count(b"\n")
 
 
-def _first_record_keys(path: Path) -> set[str] | None:
-    """Keys of the first record (None for a file with no records): only columns a file has
-    may be typed explicitly (Arrow would otherwise add the absent ones as all-null columns)."""
-    try:
-        with open_text(path, encoding="utf-8-sig") as f:
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    return set(record) if isinstance(record, dict) else set()
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError):
-        return set()  # the reader reports it, with the line
-    return None
+def _longest_line(chunk: bytes) -> int:
+    ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+    return int(np.diff(ends, prepend=-1).max()) if len(ends) else len(chunk)
+
+
+def _jsonl_schema(path: Path, string_columns: tuple[str, ...]) -> tuple[pa.Schema | None, int]:
+    """The schema of every record of the file, unified as Arrow promotes types (null to any,
+    int64 to float64, structs merged), with `string_columns` as strings; and the longest line."""
+    schemas, longest = [], 0
+    for first, chunk in _jsonl_chunks(path):
+        longest = max(longest, _longest_line(chunk))
+        if not chunk.strip():
+            continue
+        table = pjson.read_json(io.BytesIO(chunk), read_options=pjson.ReadOptions(block_size=max(1 << 20, 2 * longest + 2)))
+        _refuse_big_integers(path, first, chunk, table.schema)
+        schemas.append(table.schema)
+    if not schemas:
+        return None, longest
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    for name in string_columns:
+        if name in schema.names:
+            t = schema.field(name).type
+            if not (pa.types.is_string(t) or pa.types.is_null(t)):
+                raise pa.ArrowInvalid(f"column {name!r} is {t}")  # _explain_jsonl names the line
+            schema = schema.set(schema.get_field_index(name), pa.field(name, pa.string()))
+    return schema, longest
+
+
+def _refuse_big_integers(path: Path, first: int, chunk: bytes, schema: pa.Schema) -> None:
+    """Arrow reads an integer beyond int64 as a float, which changes it (2**64 + 1 comes back
+    as 18446744073709551616.0): refuse it, naming its line, rather than write another number."""
+    for field in schema:
+        if not pa.types.is_floating(field.type):
+            continue
+        key = re.escape(json.dumps(field.name)[1:-1].encode())
+        for m in re.finditer(rb'"' + key + rb'"\s*:\s*(-?\d{19,})\s*[,}]', chunk):
+            if abs(int(m.group(1))) > INT64_MAX:
+                line = first + chunk.count(b"\n", 0, m.start())
+                raise InputError(f"{path}: line {line}: column {field.name!r} holds the integer {m.group(1).decode()[:40]}, "
+                                 "beyond 64-bit integers (read as a float it would change); write it as a string")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
 
 
 _JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true/false", dict: "an object", list: "an array"}
@@ -435,9 +468,11 @@ def _explain_jsonl(path: Path, string_columns: tuple[str, ...]) -> str | None:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line, object_pairs_hook=_unique_keys)
                 except json.JSONDecodeError as e:
                     return f"{path}: line {number}: malformed JSON ({e.msg}, column {e.colno})"
+                except _DuplicateKey as e:
+                    return f"{path}: line {number}: key {e.args[0]!r} appears twice in one record"
                 if not isinstance(record, dict):
                     return f"{path}: line {number}: expected a JSON object, got {type(record).__name__}"
                 for c in string_columns:
@@ -455,11 +490,11 @@ def _explain_jsonl(path: Path, string_columns: tuple[str, ...]) -> str | None:
     return None
 
 
-def _csv_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
+def _csv_batches(path: Path, batch_size: int, string_columns: tuple[str, ...] = ("title",)) -> Iterator[pa.RecordBatch]:
     header = _csv_header(path)
     if header is None:
         raise InputError(f"{path}: empty CSV file")
-    has_header = "title" in header
+    has_header = "title" in header or any(c in header for c in string_columns)
     if has_header:
         _check_unique(path, header)
         names = header
@@ -467,11 +502,12 @@ def _csv_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
         names = list(HEADERLESS_CSV_COLUMNS)
     else:
         raise InputError(
-            f"{path}: CSV without a 'title' column in its header; a header-less CSV must have "
+            f"{path}: CSV without a {(string_columns or ('title',))[0]!r} column in its header; a header-less CSV must have "
             f"exactly the columns {','.join(HEADERLESS_CSV_COLUMNS)} (found {len(header)} columns)"
         )
+    longest = max((_longest_line(chunk) for _, chunk in _jsonl_chunks(path)), default=0)  # a row must fit a block
     read = pcsv.ReadOptions(
-        column_names=names, skip_rows=1 if has_header else 0, block_size=max(1 << 20, batch_size * 128)
+        column_names=names, skip_rows=1 if has_header else 0, block_size=max(1 << 20, batch_size * 128, 2 * longest + 2)
     )
     convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
     parse = pcsv.ParseOptions(newlines_in_values=True)

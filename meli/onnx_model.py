@@ -184,18 +184,25 @@ def check_model(m: OnnxModel) -> None:
     inputs, outputs = m.session.get_inputs(), m.session.get_outputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].type != "tensor(int64)" or len(inputs[0].shape) != 2:
         raise ModelFileError(f"{source}: expected one int64 input named {INPUT_NAME!r} shaped [batch, sequence]")
-    if OUTPUT_NAME not in [o.name for o in outputs]:
+    named = [o for o in outputs if o.name == OUTPUT_NAME]
+    if not named:
         raise ModelFileError(f"{source}: the graph has no output named {OUTPUT_NAME!r}")
+    if len(named[0].shape) != 2:
+        raise ModelFileError(f"{source}: its {OUTPUT_NAME!r} output has shape {named[0].shape}; expected [batch, categories]")
     try:
         tokenizer = m.card.tokenizer()
     except (ValueError, TypeError) as e:
         raise ModelFileError(f"{source}: unusable tokenizer settings ({e})") from e
     n_ids = tokenizer.n_compact_ids if m.card.compact else tokenizer.n_ids
     try:
-        width = m.predict(np.array([[n_ids - 1]], dtype=np.int64)).shape[1]
+        probe = m.predict(np.array([[n_ids - 1]], dtype=np.int64))
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error types
         raise ModelFileError(f"{source}: the tokenizer's ids reach {n_ids - 1:,} but the graph cannot read them "
                              f"(its vocabulary and graph do not belong together: {first_line(e)[:160]})") from e
+    if probe.ndim != 2:
+        raise ModelFileError(f"{source}: its {OUTPUT_NAME!r} output has shape {list(probe.shape)} for one title; "
+                             "expected [batch, categories]")
+    width = probe.shape[1]
     if width != len(m.card.labels):
         raise ModelFileError(f"{source}: the model file lists {len(m.card.labels):,} labels but the graph outputs "
                              f"{width:,} probabilities")

@@ -7,6 +7,9 @@ import click
 from meli import __version__
 from meli.command import reports_errors, setup_logging
 
+MAX_BATCH = 1 << 24  # rows: far beyond what memory allows for titles, well inside Arrow's and onnxruntime's limits
+MAX_THREADS = 1024
+
 
 @click.command()
 @click.version_option(__version__, prog_name="meli-score", message="%(prog)s %(version)s")
@@ -24,11 +27,12 @@ from meli.command import reports_errors, setup_logging
 @click.option("--route-low", type=click.Path(dir_okay=False), default=None,
               help="Write the rows below --min-probability (and those without a category) to this second file "
                    "instead, with the model's category as a suggestion.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16_384, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=16_384, show_default=True,
               help="Rows read, tokenized and written at a time; peak memory grows with it.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="onnxruntime provider; auto takes CUDA when it really works, else the CPU.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for onnxruntime and Arrow (default: all cores).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+              help="CPU threads for onnxruntime and Arrow (default: all cores).")
 @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
               help="local: this machine's cores. spark: Spark's mapInArrow over a Parquet dataset (pip install "
                    "'meli-categorizer[spark]'); OUTPUT is then a folder of Parquet part files.")

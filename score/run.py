@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from meli.errors import InputError, OutputError, SettingError, first_line
+from meli.errors import InputError, MeliError, OutputError, SettingError, first_line
 from meli.formats import NOT_DATA, AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
@@ -232,14 +233,35 @@ class _Stdout:
 
 
 @contextlib.contextmanager
-def _spooled_stdin() -> Iterator[Path]:
-    """stdin copied to a temporary .jsonl file: the JSON Lines reader reads a file more than
-    once (to type late columns, to name a bad line), which a pipe cannot be."""
-    with tempfile.TemporaryDirectory(prefix="meli-stdin-") as tmp:
-        path = Path(tmp) / "stdin.jsonl"
+def _spooled(inp: Path) -> Iterator[Path]:
+    """stdin ("-") or a pipe (a FIFO, /dev/stdin) copied to a temporary file: the readers read
+    a file more than once (the JSON Lines schema pass, the scan that names a bad line), which
+    a pipe cannot be. Errors that name the copy name `inp` instead."""
+    name = "stdin.jsonl" if inp == STDIO else inp.name
+    with tempfile.TemporaryDirectory(prefix="meli-input-") as tmp:
+        path = Path(tmp) / name
         with open(path, "wb") as f:
-            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
-        yield path
+            if inp == STDIO:
+                shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+            else:
+                with open(inp, "rb") as pipe:
+                    shutil.copyfileobj(pipe, f, 1 << 20)
+        try:
+            yield path
+        except SettingError:
+            raise
+        except MeliError as e:
+            shown = "-" if inp == STDIO else str(inp)
+            raise type(e)(*[a.replace(str(path), shown) if isinstance(a, str) else a for a in e.args]) from e
+
+
+def _is_pipe(inp: Path) -> bool:
+    """A path that can be read once only: a FIFO or a character device (/dev/stdin)."""
+    try:
+        mode = inp.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
@@ -294,8 +316,8 @@ def score_file(
     started = time.perf_counter()
     routed = 0
     with contextlib.ExitStack() as stack:
-        if inp == STDIO:
-            inp = stack.enter_context(_spooled_stdin())
+        if inp == STDIO or _is_pipe(inp):
+            inp = stack.enter_context(_spooled(inp))
         total = _count_rows(inp)
         targets = [_Stdout() if path == STDIO else stack.enter_context(AtomicWriter(path))
                    for path in ([out] if low is None else [out, low])]

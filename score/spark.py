@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,8 +30,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from meli.errors import InputError, OutputError, SettingError, first_line
-from meli.formats import is_text, parquet_parts
+from meli.errors import InputError, MeliError, OutputError, SettingError, first_line
+from meli.formats import checked_parts, is_text
 from meli.onnx_model import load_onnx_model
 from meli.score.core import Scorer, ScoreOptions
 
@@ -66,6 +67,28 @@ def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options
         yield pa.RecordBatch.from_arrays(out.columns, schema=schema)
 
 
+_OUR_ERROR = re.compile(r"(?:InputError|ModelFileError|SettingError|OutputError): (.+)")
+
+
+def spark_reason(e: BaseException) -> str:
+    """The one line that says why Spark failed: a worker's own meli error if there is one, else
+    the Java exception's message, else the exception's first line."""
+    text = str(e)
+    ours = _OUR_ERROR.findall(text)
+    if ours:
+        return ours[-1].strip()[:300]
+    java = getattr(e, "java_exception", None)
+    if java is not None:
+        try:
+            cause = java
+            while cause.getCause() is not None:  # the root cause says what went wrong
+                cause = cause.getCause()
+            return first_line(Exception(str(cause.getMessage() or cause.toString())))[:300]
+        except Exception:  # noqa: BLE001 - a dead gateway
+            pass
+    return first_line(e)[:300]
+
+
 def spark_session(master: str | None = None):
     """The active session (spark-submit's), or a local one on all cores."""
     try:
@@ -83,7 +106,10 @@ def spark_session(master: str | None = None):
 
     if master is not None or not SparkConf().contains("spark.master"):
         builder = builder.master(master or "local[*]")
-    session = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate()
+    try:
+        session = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate()
+    except Exception as e:  # noqa: BLE001 - Java's errors: a bad master URL, no Java
+        raise SettingError("spark_master", f"{master or 'local[*]'}: Spark did not start ({spark_reason(e)})") from e
     session.sparkContext.setLogLevel("ERROR")
     return session
 
@@ -110,8 +136,8 @@ def score_with_spark(
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     # Hive partition columns as strings, as the local engine reads them (meli.formats.partition_schema)
     spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
-    if Path(input_path).exists():  # a local input: the local engine's checks of the folder (table formats, stray files)
-        parquet_parts(Path(input_path))
+    if Path(input_path).exists():  # a local input: the local engine's checks (table formats, stray files, drift)
+        checked_parts(Path(input_path))
     try:
         df = spark.read.parquet(str(input_path))
     except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and Java errors
@@ -126,7 +152,12 @@ def score_with_spark(
     spark.sparkContext.addFile(str(model_path.resolve()))
     name, opts = model_path.name, options
     scored = df.mapInArrow(lambda it: _score_partition(it, name, opts, provider, out_schema), from_arrow_schema(out_schema))
-    rows = _write_replacing(scored, str(output_path))
+    try:
+        rows = _write_replacing(scored, str(output_path))
+    except MeliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a task failed: Py4J/Java errors, or a worker's Python error
+        raise InputError(f"{input_path}: the Spark job failed ({spark_reason(e)})") from e
     return SparkSummary(rows, time.perf_counter() - started, str(output_path), spark.sparkContext.master)
 
 

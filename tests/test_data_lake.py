@@ -151,3 +151,214 @@ def test_spark_reads_the_folder_as_the_local_engine_does(exported, tmp_path):
     (lake / "_delta_log").mkdir()
     result = score_cli(lake, tmp_path / "spark2", "--model", exported["mlp"], "--engine", "spark", "--spark-master", "local[2]")
     assert result.exit_code == 1 and "is a Delta Lake table" in result.output and result.output.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- JSON Lines as exporters write it
+def jsonl(path, records: list[dict], extra_lines: list[str] = ()) -> None:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "".join(l + "\n" for l in extra_lines),
+                    encoding="utf-8")
+
+
+def catalog_records(n: int) -> list[dict]:
+    return [{"id": i, "title": TITLES[i % len(TITLES)] or "Casco Moto"} for i in range(n)]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """The schema pass in chunks of 4 KB, so that 'late' means several chunks later."""
+    import meli.formats
+
+    monkeypatch.setattr(meli.formats, "JSONL_CHUNK", 4096)
+
+
+def test_jsonl_fields_first_seen_late_are_read(exported, tmp_path, small_chunks):
+    records = catalog_records(3000)
+    records[2500]["brand"] = "Bosch"  # an optional field, first seen far down the file
+    records[2900]["specs"] = {"watts": 650}
+    jsonl(tmp_path / "in.jsonl", records)
+    out = expect_scored([tmp_path / "in.jsonl", tmp_path / "out.parquet", "--model", exported["mlp"]], tmp_path / "out.parquet")
+    assert out.column_names[:4] == ["id", "brand", "specs", "category"]
+    assert out["brand"].null_count == 2999 and out["brand"][2500].as_py() == "Bosch"
+    assert out["specs"][2900].as_py() == {"watts": 650}
+
+
+def test_jsonl_integers_that_later_hold_a_fraction_become_floats(exported, tmp_path, small_chunks):
+    records = catalog_records(3000)
+    for r in records:
+        r["price"] = 10
+    records[2999]["price"] = 10.5
+    jsonl(tmp_path / "in.jsonl", records)
+    out = expect_scored([tmp_path / "in.jsonl", tmp_path / "out.parquet", "--model", exported["mlp"]], tmp_path / "out.parquet")
+    assert out.schema.field("price").type == pa.float64() and out["price"][2999].as_py() == 10.5
+    assert out["price"][0].as_py() == 10.0
+
+
+def test_jsonl_objects_that_gain_keys_gain_fields(exported, tmp_path, small_chunks):
+    records = catalog_records(3000)
+    for r in records:
+        r["seller"] = {"id": 1}
+    records[2999]["seller"] = {"id": 2, "name": "Tienda"}
+    jsonl(tmp_path / "in.jsonl", records)
+    out = expect_scored([tmp_path / "in.jsonl", tmp_path / "out.parquet", "--model", exported["mlp"]], tmp_path / "out.parquet")
+    assert out["seller"][0].as_py() == {"id": 1, "name": None}
+    assert out["seller"][2999].as_py() == {"id": 2, "name": "Tienda"}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_title_of_several_megabytes_is_read(suffix, exported, tmp_path):
+    huge = "Casco Moto Hawk " * 400_000  # 6.4 MB on one line
+    if suffix == ".jsonl":
+        jsonl(tmp_path / f"in{suffix}", catalog_records(50) + [{"id": 50, "title": huge}])
+    else:
+        rows = "".join(f"{r['id']},{r['title']}\n" for r in catalog_records(50))
+        (tmp_path / f"in{suffix}").write_text(f"id,title\n{rows}50,{huge}\n", encoding="utf-8")
+    out = expect_scored([tmp_path / f"in{suffix}", tmp_path / "out.parquet", "--model", exported["mlp"]], tmp_path / "out.parquet")
+    assert out.num_rows == 51 and out["category"][50].as_py() is not None
+
+
+def test_jsonl_integers_beyond_int64_are_refused_never_made_floats(exported, tmp_path, small_chunks):
+    jsonl(tmp_path / "in.jsonl", catalog_records(500), ['{"id": 18446744073709551617, "title": "Casco"}'])
+    expect_error([tmp_path / "in.jsonl", tmp_path / "out.parquet", "--model", exported["mlp"]],
+                 "in.jsonl: line 501: column 'id' holds the integer 18446744073709551617, beyond 64-bit integers",
+                 tmp_path / "out.parquet")
+    jsonl(tmp_path / "ok.jsonl", catalog_records(5), ['{"id": 9223372036854775807, "title": "Casco"}'])  # int64's largest
+    out = expect_scored([tmp_path / "ok.jsonl", tmp_path / "ok.parquet", "--model", exported["mlp"]], tmp_path / "ok.parquet")
+    assert out.schema.field("id").type == pa.int64() and out["id"][5].as_py() == 2**63 - 1
+
+
+def test_a_duplicate_json_key_is_named_by_its_line(exported, tmp_path, small_chunks):
+    jsonl(tmp_path / "in.jsonl", catalog_records(700), ['{"id": 1, "id": 2, "title": "Casco"}'])
+    expect_error([tmp_path / "in.jsonl", tmp_path / "out.parquet", "--model", exported["mlp"]],
+                 "in.jsonl: line 701: key 'id' appears twice in one record", tmp_path / "out.parquet")
+
+
+def test_a_csv_title_column_of_another_name(exported, tmp_path):
+    (tmp_path / "in.csv").write_text("sku,nombre,precio\n1,Casco Moto Hawk,10\n2,Taladro Percutor,20\n", encoding="utf-8")
+    out = expect_scored([tmp_path / "in.csv", tmp_path / "out.parquet", "--model", exported["mlp"], "--title-column", "nombre"],
+                        tmp_path / "out.parquet")
+    assert out["sku"].to_pylist() == ["1", "2"] and out["category"].null_count == 0
+    expect_error([tmp_path / "in.csv", tmp_path / "out2.parquet", "--model", exported["mlp"]],
+                 "CSV without a 'title' column in its header", tmp_path / "out2.parquet")
+
+
+# ----------------------------------------------------------------------------- options, streams, names
+@pytest.mark.parametrize("flag, value", [("--batch-size", str(2**40)), ("--threads", str(2**40)), ("--batch-size", "0"),
+                                         ("--threads", "-1")])
+def test_option_values_beyond_what_the_libraries_take_are_one_line(flag, value, exported, tmp_path):
+    jsonl(tmp_path / "in.jsonl", catalog_records(5))
+    result = score_cli(tmp_path / "in.jsonl", tmp_path / "out.parquet", "--model", exported["mlp"], flag, value)
+    assert result.exit_code == 2 and f"'{flag}'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_fifo_is_read_not_hung_on(exported, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    jsonl(tmp_path / "src.jsonl", catalog_records(300))
+    fifo = tmp_path / "catalog.jsonl"
+    os.mkfifo(fifo)
+    feeder = threading.Thread(target=lambda: fifo.write_bytes((tmp_path / "src.jsonl").read_bytes()))
+    feeder.start()
+    proc = subprocess.run([sys.executable, "-m", "meli.score", str(fifo), str(tmp_path / "out.parquet"), "--model",
+                           str(exported["mlp"]), "--quiet"], capture_output=True, text=True, timeout=120)
+    feeder.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert pq.read_table(tmp_path / "out.parquet")["id"].to_pylist() == list(range(300))
+
+
+def test_errors_on_stdin_name_stdin_not_a_temporary_file(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from meli.score.cli import main
+
+    result = CliRunner().invoke(main, ["-", str(tmp_path / "out.parquet"), "--model", str(exported["mlp"]), "--quiet"],
+                                input='{"id": 1, "title": "Casco"}\n{"id": 2, "title": 7}\n')
+    assert result.exit_code == 1 and result.output.startswith("Error: -: line 2: column 'title' must be a string")
+    assert "meli-input-" not in result.output and result.output.count("\n") == 1
+
+
+def test_a_file_name_with_a_newline_keeps_the_error_on_one_line(exported, tmp_path):
+    bad = tmp_path / "cat\nalog.jsonl"
+    bad.write_text('{"id": 1, "title": 7}\n', encoding="utf-8")
+    message = expect_error([bad, tmp_path / "out.parquet", "--model", exported["mlp"]], "cat\\nalog.jsonl: line 1",
+                           tmp_path / "out.parquet")
+    assert message.count("\n") == 1
+
+
+def test_a_graph_with_a_three_axis_output_is_refused_at_load(exported_float, tmp_path):
+    import onnx
+    from onnx import helper
+
+    from meli.errors import ModelFileError
+    from meli.onnx_model import load_onnx_model
+
+    proto = onnx.load(str(exported_float["mlp"]))
+    graph = proto.graph
+    old = graph.output[0].name
+    for node in graph.node:  # rename the softmax's output, then unsqueeze it into [batch, n, 1]
+        node.output[:] = [o + "_2d" if o == old else o for o in node.output]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([2], np.int64), "axis2"))
+    graph.node.append(helper.make_node("Unsqueeze", [old + "_2d", "axis2"], [old]))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(old, onnx.TensorProto.FLOAT, ["batch", "n", 1]))
+    path = tmp_path / "three.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelFileError, match=r"output has shape .*expected \[batch, categories\]"):
+        load_onnx_model(path, "cpu")
+
+
+# ----------------------------------------------------------------------------- the Spark engine's errors
+@pytest.mark.spark
+def test_spark_gives_the_local_engines_one_line_errors(exported, tmp_path):
+    pytest.importorskip("pyspark")
+
+    def spark_error(lake, message, *extra):
+        for engine in (["--engine", "spark", "--spark-master", "local[2]", *extra], []):
+            out = tmp_path / f"out-{len(engine)}" if engine else tmp_path / "out.parquet"
+            result = score_cli(lake, out, "--model", exported["mlp"], *engine)
+            assert result.exit_code == 1 and result.output.startswith("Error: "), (engine, result.output)
+            assert result.output.count("\n") == 1 and message in result.output, (engine, result.output)
+            assert not out.exists()
+
+    drift = tmp_path / "drift"
+    part(drift / "part-0.parquet", 0, 10)
+    part(drift / "part-1.parquet", 10, 20, price=[1.5] * 10)
+    spark_error(drift, "part-1.parquet: columns differ from part-0.parquet's (extra: price)")
+
+    numbers = tmp_path / "numbers"
+    numbers.mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "title": [3, 4]}), numbers / "part-0.parquet")
+    spark_error(numbers, "title column 'title' holds int64, not strings")
+
+    corrupt = tmp_path / "corrupt"
+    part(corrupt / "part-0.parquet", 0, 10)
+    (corrupt / "part-1.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    spark_error(corrupt, "part-1.parquet: not a readable Parquet file")
+
+    import subprocess
+    import sys
+
+    # a fresh process: this one's Spark session is already running (and would be reused)
+    proc = subprocess.run([sys.executable, "-m", "meli.score", str(drift.parent / "numbers"), str(tmp_path / "o"), "--model",
+                           str(exported["mlp"]), "--engine", "spark", "--spark-master", "nowhere://x", "--quiet"],
+                          capture_output=True, text=True, timeout=180)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines[-1].startswith("Error: --spark-master: nowhere://x: Spark did not start"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.spark
+def test_spark_refuses_invalid_utf8_titles_in_one_line(exported, tmp_path):
+    pytest.importorskip("pyspark")
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    bad = pa.array([b"Casco Moto", b"Taladro \xff\xfe"], pa.binary()).view(pa.string())  # bytes Parquet stores as they are
+    pq.write_table(pa.table({"id": [1, 2], "title": bad}), lake / "part-0.parquet")
+    result = score_cli(lake, tmp_path / "out", "--model", exported["mlp"], "--engine", "spark", "--spark-master", "local[2]")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "invalid UTF-8" in result.output and not (tmp_path / "out").exists()

@@ -123,6 +123,48 @@ def test_int8_products_are_held_to_their_twin_and_cost_little_against_the_checkp
     assert "int8-row matrix products" in report.summary()
 
 
+@pytest.mark.parametrize("quantize", [True, False])
+def test_a_graph_that_lost_its_temperature_fails_parity(quantize, trained, demo_splits):
+    """The checkpoint says T = 0.5; the graph was exported without it: both comparisons see it."""
+    import dataclasses
+
+    from meli.export.onnx_export import to_onnx
+
+    ckpt = trained["mlp"].checkpoint
+    calibrated = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, temperature=0.5))
+    graph = load_onnx_model(to_onnx(ckpt, quantize=quantize).SerializeToString(), "cpu")
+    report = check_parity(calibrated, graph, demo_splits[1].titles)
+    assert not report.passed
+    assert report.max_abs_diff > 1e-3 and report.checkpoint_max_abs_diff > report.checkpoint_bound
+    # and with it, the same file passes
+    good = load_onnx_model(to_onnx(calibrated, quantize=quantize).SerializeToString(), "cpu")
+    assert check_parity(calibrated, good, demo_splits[1].titles).passed
+
+
+def test_int8_products_are_for_the_mlp_only(trained):
+    """A CNN's convolutions round differently in torch and onnxruntime, so its export keeps
+    float products (exactly held to its torch module) even when quantizing is asked for."""
+    from meli.export.onnx_export import to_onnx
+
+    proto = to_onnx(trained["cnn"].checkpoint, quantize=True)
+    assert not {"MatMulIntegerToFloat", "QuantizeLinear"} & {n.op_type for n in proto.graph.node}
+    assert load_onnx_model(proto.SerializeToString(), "cpu").card.matmuls == "fp32"
+
+
+def test_a_file_with_dynamic_int8_quantization_loads_with_a_warning(exported_float, tmp_path, caplog):
+    """Files written before per-title scales still score, and say why they should be exported again."""
+    proto = onnx.load(str(exported_float["mlp"]))
+    for entry in proto.metadata_props:
+        if entry.key == "meli.model":
+            entry.value = json.dumps({**json.loads(entry.value), "matmuls": "int8"})
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    with caplog.at_level("WARNING"):
+        model = load_onnx_model(old, "cpu")
+    assert model.card.matmuls == "int8"
+    assert "depend on the rows scored beside each title" in caplog.text
+
+
 def test_parity_fails_on_a_graph_that_computes_something_else(exported, trained, demo_splits):
     """The check can fail: the MLP's file checked against the ensemble's checkpoint."""
     _, validation = demo_splits
