@@ -201,8 +201,10 @@ def read_table(path: str | os.PathLike, string_columns: tuple[str, ...] = ("titl
 
 def checked_parts(path: Path) -> tuple[list[Part], pa.Schema]:
     """`parquet_parts`, each part's footer read and its columns checked against the first
-    part's; the schema every part is read into (string columns as plain strings). Both engines
-    run these checks before reading a row."""
+    part's (text may be stored as string, large_string or dictionary-encoded, integers and
+    floats in any width); the schema every part is read into: the first part's, types,
+    nullability and field metadata as they are. Both engines run these checks before reading
+    a row."""
     parts = parquet_parts(path)
     partitions = partition_schema(parts)
     first: tuple[Path, pa.Schema] | None = None
@@ -212,19 +214,20 @@ def checked_parts(path: Path) -> tuple[list[Part], pa.Schema]:
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
         _check_unique(part.path, schema.names + partitions.names)
-        target = pa.schema([fld.with_type(_plain(fld.type)) for fld in schema], metadata=schema.metadata)
         if first is None:
-            first = (part.path, target)
+            first = (part.path, schema)
         else:
-            _check_same_columns(part.path, target, *first)
+            _check_same_columns(part.path, _plain_schema(schema), first[0], _plain_schema(first[1]))
     return parts, first[1]
 
 
+def _plain_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([fld.with_type(_plain(fld.type)) for fld in schema])
+
+
 def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Every part's batches, in one schema: the first part's, with string columns as plain
-    ``string`` (a part may store a title as ``large_string`` or dictionary-encoded and another
-    as ``string``: the same data), then the Hive partition columns. Parts whose columns differ
-    otherwise are an error."""
+    """Every part's batches, in one schema: the first part's (`checked_parts`), then the Hive
+    partition columns."""
     parts, schema = checked_parts(path)
     partitions = partition_schema(parts)
     with_partitions = pa.schema(list(schema) + list(partitions), metadata=schema.metadata)
@@ -270,9 +273,14 @@ def _plain(t: pa.DataType) -> pa.DataType:
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    columns = [as_plain_strings(batch.column(name)) for name in schema.names]
-    columns = [c if c.type == f.type else c.cast(f.type, safe=True) for c, f in zip(columns, schema)]
-    return pa.RecordBatch.from_arrays(columns, schema=schema)  # the fields' nullability and metadata kept
+    """A later part's batch in the first part's schema (the fields' nullability and metadata kept)."""
+    columns = []
+    for f in schema:
+        c = batch.column(f.name)
+        if c.type != f.type and is_text(c.type) and is_text(f.type):
+            c = as_plain_strings(c)  # one text kind to another goes through plain strings
+        columns.append(c if c.type == f.type else c.cast(f.type, safe=True))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 _FAMILIES = (pa.types.is_integer, pa.types.is_floating)  # widths may differ between parts; values must fit

@@ -120,17 +120,20 @@ def test_output_inside_the_input_folder_is_refused(exported, tmp_path):
 
 def test_pass_through_columns_keep_type_nullability_and_metadata(exported, tmp_path):
     schema = pa.schema([pa.field("id", pa.int64(), nullable=False, metadata={"comment": "catalog key"}),
-                        pa.field("title", pa.string()),
+                        pa.field("title", pa.dictionary(pa.int32(), pa.string())),
+                        pa.field("brand", pa.dictionary(pa.int32(), pa.string())),
                         pa.field("price", pa.decimal128(10, 2), metadata={"unit": "ARS"}),
                         pa.field("seen", pa.timestamp("ms", tz="UTC"))])
     import decimal
 
-    table = pa.table([pa.array(range(4), pa.int64()), pa.array(TITLES[:4]),
+    table = pa.table([pa.array(range(4), pa.int64()), pa.array(TITLES[:4]).dictionary_encode(),
+                      pa.array(["Bosch", "Bosch", "Hawk", None]).dictionary_encode(),
                       pa.array([decimal.Decimal("10.50")] * 4, pa.decimal128(10, 2)),
                       pa.array(np.arange(4), pa.timestamp("ms", tz="UTC"))], schema=schema)
     pq.write_table(table, tmp_path / "in.parquet")
     out = expect_scored([tmp_path / "in.parquet", tmp_path / "out.parquet", "--model", exported["mlp"]], tmp_path / "out.parquet")
-    for name in ("id", "price", "seen"):
+    assert out["brand"].to_pylist() == ["Bosch", "Bosch", "Hawk", None]
+    for name in ("id", "brand", "price", "seen"):
         assert out.schema.field(name) == schema.field(name) and out.schema.field(name).metadata == schema.field(name).metadata
 
 
@@ -362,3 +365,25 @@ def test_spark_refuses_invalid_utf8_titles_in_one_line(exported, tmp_path):
     result = score_cli(lake, tmp_path / "out", "--model", exported["mlp"], "--engine", "spark", "--spark-master", "local[2]")
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert "invalid UTF-8" in result.output and not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_a_run_blocked_on_a_fifo_within_two_seconds(exported, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fifo = tmp_path / "nobody-writes.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "out.parquet").write_bytes(b"yesterday")
+    proc = subprocess.Popen([sys.executable, "-m", "meli.score", str(fifo), str(tmp_path / "out.parquet"), "--model",
+                             str(exported["mlp"]), "--quiet"], stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # imports done, blocked opening the FIFO
+    assert proc.poll() is None
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - sent < 2.0
+    assert proc.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err, err
+    assert (tmp_path / "out.parquet").read_bytes() == b"yesterday"

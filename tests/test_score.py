@@ -185,13 +185,14 @@ def test_model_card_travels_inside_the_file(exported, trained):
 
 def test_export_stores_only_the_rows_a_title_can_reach(exported, trained):
     """One float16 table: padding, the shared zero row, the trained rows in use, one fused
-    row per word and head word; the ensemble's members side by side in it."""
+    row per word and head word; the ensemble's members side by side in it, then each row's
+    id count."""
     for kind in ("mlp", "ensemble"):
         ckpt = trained[kind].checkpoint
         tables = [t for t in onnx.load(exported[kind]).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
         assert len(tables) == 1, kind
         table = tables[0]
-        assert table.dims[1] == ckpt.model_config.embedding_dim * ckpt.members
+        assert table.dims[1] == ckpt.model_config.embedding_dim * ckpt.members + 1
         state = ckpt.build_model().state_dict()
         in_use = int(sum(v.ne(0).any(1) for k, v in state.items() if k.endswith("embedding.weight")).ne(0).sum())
         fused = sum(1 for t in ckpt.vocabulary if " " not in t)  # words and head words
