@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-determinism data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
@@ -34,6 +34,7 @@ help:
 	@echo "make score           score INPUT=... into SCORED=..."
 	@echo "make bench           titles/s and peak RSS by stage, vs a fastText pipeline (BENCH_ROWS=...)"
 	@echo "make bench-accuracy  this project's model vs classical baselines (DATA=folder)"
+	@echo "make bench-determinism  one title, one answer: $(OUTPUT) scored many ways (batch sizes, Spark, MLflow)"
 	@echo "make data            download the course's MeLi 2019 data (SBW=1: also SBW vectors)"
 
 $(BIN)/.installed: pyproject.toml
@@ -76,6 +77,9 @@ bench: venv
 bench-accuracy: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-accuracy.md
+
+bench-determinism: venv
+	$(BIN)/python bench/determinism.py --model "default=$(OUTPUT)" --write docs/results-determinism.md $(BENCH_ARGS)
 
 data: venv
 	$(BIN)/python -m meli.train.download --dest data $(if $(SBW),--sbw)

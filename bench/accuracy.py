@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -151,7 +152,7 @@ def main() -> None:
         from results import write_results
 
         write_results(args.write, "Accuracy against classical baselines (`make bench-accuracy`)",
-                      "python bench/accuracy.py " + " ".join(sys.argv[1:]), lines)
+                      "python bench/accuracy.py " + shlex.join(sys.argv[1:]), lines)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -339,7 +340,7 @@ def main() -> None:
         lines += ["", f"meli-score / fastText pipeline on {args.threads} cores: **{ratio}**"]
     print("\n" + "\n".join(lines))
     if args.write:
-        command = "python bench/score_speed.py " + " ".join(sys.argv[1:])
+        command = "python bench/score_speed.py " + shlex.join(sys.argv[1:])
         from results import write_results
 
         write_results(args.write, "Scoring speed and memory (`make bench`)", command, lines)
