@@ -56,7 +56,8 @@ def pyfunc_scores(model: str, catalog: pa.Table, folder: Path) -> pa.Table:
     from meli.score.mlflow_model import pyfunc_model_args
 
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    with mlflow.start_run(), pyfunc_model_args(Path(model), folder / "code") as args:
+    experiment = mlflow.create_experiment("meli-determinism", artifact_location=(folder / "mlruns").as_uri())
+    with mlflow.start_run(experiment_id=experiment), pyfunc_model_args(Path(model), folder / "code") as args:
         info = mlflow.pyfunc.log_model(**args)
     predicted = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"title": catalog["title"].to_pylist()}))
     return pa.table({"id": catalog["id"], "category": pa.array(predicted["category"].tolist(), pa.string()),
