@@ -24,6 +24,7 @@ decide.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,6 +63,7 @@ class ParityReport:
     batch_size: int
     min_length: int
     max_length: int
+    source: str = ""  # the file the titles came from
 
     @property
     def exact(self) -> bool:
@@ -93,7 +95,8 @@ class ParityReport:
 
     def summary(self) -> str:
         return (
-            f"parity on {self.rows} titles (lengths {self.min_length}..{self.max_length}, {', '.join(self.providers)}): "
+            f"parity on {self.rows:,} titles{' of ' + self.source if self.source else ''} "
+            f"(lengths {self.min_length}..{self.max_length}, {', '.join(self.providers)}): "
             f"max |diff| {self.max_abs_diff:.2e} (atol {self.atol:.0e}), mean {self.mean_abs_diff:.2e}, "
             f"top-1 agreement {self.top1_agreement:.4%} ({self.top1_mismatches} mismatches); "
             f"against the trained checkpoint ({self.precision} table, {self.matmuls} matrix products): "
@@ -103,7 +106,8 @@ class ParityReport:
 
 
 def check_parity(
-    ckpt: Checkpoint, onnx_model: OnnxModel, titles: pa.Array, *, atol: float = ATOL, batch_size: int = 256
+    ckpt: Checkpoint, onnx_model: OnnxModel, titles: pa.Array, *, atol: float = ATOL, batch_size: int = 256,
+    source: str | os.PathLike = "",
 ) -> ParityReport:
     from meli.export.onnx_export import scoring_module
 
@@ -150,6 +154,7 @@ def check_parity(
         batch_size=batch_size,
         min_length=int(all_lengths.min()),
         max_length=int(all_lengths.max()),
+        source=str(source),
     )
 
 

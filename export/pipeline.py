@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from meli.checkpoint import Checkpoint, load_checkpoint
+from meli.dataset import fingerprint, load_labelled
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import MeliError
 from meli.formats import AtomicWriter, iter_batches
@@ -47,16 +48,35 @@ def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, 
     return checkpoint_of_run(run_id or best_run_id(experiment))
 
 
-def parity_titles(path: str | Path | None, validation_source: str | None, max_rows: int | None) -> pa.Array:
-    """Titles for the parity check: the given file, else the run's validation file, else the demo's."""
+HELD_OUT = " (held out)"  # how a run without a validation file names its validation split
+
+
+@dataclass(frozen=True)
+class ParityTitles:
+    titles: pa.Array
+    source: Path
+
+
+def parity_titles(path: str | Path | None, validation_source: str | None, max_rows: int | None,
+                  checkpoint: Checkpoint | None = None) -> ParityTitles:
+    """Titles for the parity check: `path` (``--parity-data``), else the run's validation file
+    (for a split held out of the training file, that file's titles). Never a silent stand-in:
+    a run whose file is gone is an error that names it; the demo's titles serve the demo's
+    models only (recognised by their data fingerprint)."""
     if path is not None:
         source = Path(path)
         if not source.is_file():
             raise MeliError(f"{source}: no such file for the parity check")
-    elif validation_source and Path(validation_source).is_file():
-        source = Path(validation_source)
-    else:
+    elif validation_source:
+        source = Path(validation_source.removesuffix(HELD_OUT))
+        if not source.is_file():
+            raise MeliError(f"{source}: the run's validation file is not there (moved, or the run was trained from "
+                            "another folder); pass --parity-data FILE with titles to check parity on")
+    elif checkpoint is not None and checkpoint.provenance.get("data_fingerprint") == _demo_fingerprint():
         source = DEMO_DIR / "validation.jsonl.gz"
+    else:
+        raise MeliError("no titles for the parity check: this checkpoint names no validation file; "
+                        "pass --parity-data FILE")
     chunks, n = [], 0
     for batch in iter_batches(source):
         if "title" not in batch.schema.names:
@@ -67,8 +87,11 @@ def parity_titles(path: str | Path | None, validation_source: str | None, max_ro
             break
     titles = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
     titles = titles.filter(titles.is_valid())
-    log.info("parity titles: %s", source)
-    return titles.slice(0, max_rows) if max_rows else titles
+    return ParityTitles(titles.slice(0, max_rows) if max_rows else titles, source)
+
+
+def _demo_fingerprint() -> str:
+    return fingerprint(load_labelled(DEMO_DIR / "train.jsonl.gz"), load_labelled(DEMO_DIR / "validation.jsonl.gz"))
 
 
 @dataclass(frozen=True)
@@ -97,8 +120,8 @@ def export_model(
         proto = to_onnx(chosen.checkpoint, {"checkpoint": chosen.path.name}, precision=precision, quantize=quantize)
         data = proto.SerializeToString()
         onnx_model = load_onnx_model(data, provider=provider)
-        titles = parity_titles(parity_data, chosen.validation_source, parity_rows)
-        report = check_parity(chosen.checkpoint, onnx_model, titles)
+        titles = parity_titles(parity_data, chosen.validation_source, parity_rows, chosen.checkpoint)
+        report = check_parity(chosen.checkpoint, onnx_model, titles.titles, source=titles.source)
         log.info(report.summary())
         require_parity(report)
         writer.path.write_bytes(data)
@@ -129,7 +152,8 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
     if checkpoint is None and not run_id:
         raise MeliError(f"{model_path}: carries no MLflow run id; pass --checkpoint")
     chosen = choose_checkpoint(run_id=run_id, checkpoint=checkpoint)
-    report = check_parity(chosen.checkpoint, onnx_model, parity_titles(parity_data, chosen.validation_source, parity_rows))
+    titles = parity_titles(parity_data, chosen.validation_source, parity_rows, chosen.checkpoint)
+    report = check_parity(chosen.checkpoint, onnx_model, titles.titles, source=titles.source)
     log.info(report.summary())
     return report
 

@@ -127,7 +127,7 @@ def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
     assert table.schema.metadata[b"meli.mlflow_run_id"].decode() == best_id
 
     check = invoke(export_main, ["--check", "--quiet"])
-    assert check.exit_code == 0 and "int8 matrix products" in check.output
+    assert check.exit_code == 0 and "int8-row matrix products" in check.output
     agreement = float(check.output.split("top-1 agreement ")[-1].split("%")[0]) / 100
     assert agreement >= MIN_QUANTIZED_AGREEMENT
 
@@ -233,6 +233,10 @@ def test_failed_parity_writes_no_model(trained, exported, tmp_path):
     other = dataclasses.replace(ckpt, state_dict={k: v + 0.01 for k, v in ckpt.state_dict.items()})  # same shapes
     path = save_checkpoint(other, tmp_path / "other.pt")
     result = invoke(export_main, ["--check", "--output", exported["mlp"], "--checkpoint", path, "--quiet"])
+    assert result.exit_code == 1 and "no titles for the parity check" in result.output  # never a silent stand-in
+    validation = ROOT / "meli" / "resources" / "demo" / "validation.jsonl.gz"
+    result = invoke(export_main, ["--check", "--output", exported["mlp"], "--checkpoint", path, "--parity-data", validation,
+                                  "--quiet"])
     assert result.exit_code == 1 and "parity check failed" in result.output
 
 
@@ -300,3 +304,28 @@ def test_the_export_is_an_mlflow_pyfunc_model_and_the_serving_alias_is_gated(tra
     result = invoke(export_main, ["--quiet", "--run-id", worse_id, "--output", tmp_path / "worse.onnx", "--force"])
     assert "@champion moved from version 1 (--force)" in result.output
     assert str(client.get_model_version_by_alias("meli-categorizer", "champion").version) == "3"
+
+
+def test_parity_never_falls_back_to_other_titles(tmp_path, monkeypatch):
+    """The run records its data files by absolute path: the export finds them from another
+    folder and says which it checked on; once the file is gone it stops and names it."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "meli" / "resources" / "demo", data)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    result = invoke(train_main, ["--config", write_config(tmp_path), "--data", "../data", "--quiet", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copytree(tmp_path / "work" / "mlruns", tmp_path / "elsewhere" / "mlruns")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # ../data means nothing here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    out = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "m.onnx"])
+    assert out.exit_code == 0, out.output
+    assert f"parity on 600 titles of {(data / 'validation.jsonl.gz').resolve()}" in out.output
+    (data / "validation.jsonl.gz").unlink()
+    gone = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "m2.onnx"])
+    assert gone.exit_code == 1 and gone.output.count("\n") == 1
+    assert "validation.jsonl.gz: the run's validation file is not there" in gone.output and "--parity-data" in gone.output
+    assert not (tmp_path / "m2.onnx").exists()

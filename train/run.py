@@ -115,8 +115,9 @@ def run_training(
             run.tags({
                 FINGERPRINT_TAG: fp,
                 MODEL_TAG: config.model,
-                TRAIN_SOURCE_TAG: str(source.train),
-                VALIDATION_SOURCE_TAG: str(source.validation or f"{source.train} (held out)"),
+                # absolute: meli-export finds them from any folder
+                TRAIN_SOURCE_TAG: str(source.train.resolve()),
+                VALIDATION_SOURCE_TAG: str(source.validation.resolve() if source.validation else f"{source.train.resolve()} (held out)"),
             })
             run.params(config.flat())
             run.params({"data.train_rows": len(train), "data.validation_rows": len(validation),
