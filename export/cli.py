@@ -26,10 +26,11 @@ from meli.tracking import REGISTERED_NAME
 @click.option("--register-name", default=REGISTERED_NAME, show_default=True, help="MLflow registered model name.")
 @click.option("--no-register", is_flag=True, help="Do not log the export to MLflow or register it.")
 @click.option("--table-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="An MLP's scoring table: fp16 (half the file; probabilities within ~3e-4 of the checkpoint's) "
-                   "or fp32 (within 1e-5, twice the size).")
+              help="An MLP's scoring table: fp16 (half the file, sums exact in any order; the parity check reports "
+                   "how far its probabilities move from the checkpoint's) or fp32 (within 1e-5 of the checkpoint, twice "
+                   "the size, float products).")
 @click.option("--quantize/--no-quantize", default=True, show_default=True,
-              help="int8 matrix products with a scale per title (mean-pooling MLPs): faster on CPUs, and a title's "
+              help="int8 matrix products with a scale per title (mean-pooling MLPs, float16 table): faster on CPUs, and a title's "
                    "answer still depends on the title alone; the parity check reports how far its probabilities "
                    "and categories move from the checkpoint's. --no-quantize: float32 products (the table stays "
                    "as --table-precision says).")

@@ -11,10 +11,10 @@ trained model computes on the full ids.
 
 The table keeps only the rows a title can reach: rows training never touched (zero, most
 hash buckets) share one zero row that still counts 1, and padding is a zero row that counts
-0. It is stored as float16 (``precision = "fp16"``, the default: half the bytes, and the
-fastest to read in onnxruntime of the formats tried, ahead of int8 with per-row scales; the
-rounding moves probabilities by ~1e-4 to 3e-4, measured and reported by the parity check) or as
-float32 (``"fp32"``: the checkpoint's outputs to float rounding).
+0. It is stored as float16 on a fixed grid (``precision = "fp16"``, the default: half the
+bytes, the fastest to read in onnxruntime of the formats tried, and sums that are exact in any
+order, see `on_grid`; the rounding's effect on probabilities is measured and reported by the
+parity check) or as float32 (``"fp32"``: the checkpoint's outputs to float rounding).
 """
 
 from __future__ import annotations
@@ -94,6 +94,23 @@ class CompactMLP(nn.Module):
         return torch.softmax(scores, dim=-1)  # (B, n_labels)
 
 
+GRID = 2.0 ** -14  # every float16 table value is a whole multiple of this
+
+
+def on_grid(table: torch.Tensor) -> torch.Tensor:
+    """`table` as float16 whose every value is a whole multiple of `GRID`: float16 values of
+    magnitude 2**-4 and up already are; smaller ones are rounded to the grid (by at most
+    2**-15). Sums of such values are exact in float32 while they stay below 2**24 * GRID =
+    1,024 in magnitude (sixty of the largest fused rows), so a title's pooled sum is the same
+    bit for bit in any order of addition: in any batch, at any padding, in torch or in
+    onnxruntime, whose reduction order changes with the batch's shape. That is what lets the
+    int8 products' per-title rounding see the same inputs every time."""
+    half = table.to(torch.float16)
+    small = half.abs() < 2.0 ** -4
+    snapped = torch.round(half.to(torch.float64) / GRID) * GRID
+    return torch.where(small, snapped.to(torch.float16), half)
+
+
 def compactable(model: nn.Module) -> bool:
     """Mean-pooling MLPs (and ensembles of them) can read compact ids; CNNs and attention cannot."""
     members = list(model.members) if isinstance(model, Ensemble) else [model]
@@ -145,7 +162,8 @@ def compact_mlp(model: nn.Module, tokenizer: Tokenizer, precision: Precision = "
     remap[torch.tensor(fused_ids, dtype=torch.int64)] = torch.arange(2 + len(used_ids), len(table))
     if precision not in PRECISIONS:
         raise ValueError(f"unknown table precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    pooled = PooledTable(remap, table.to(PRECISIONS[precision]), count)
+    stored = on_grid(table) if precision == "fp16" else table.to(PRECISIONS[precision])
+    pooled = PooledTable(remap, stored, count)
     heads = [m.head for m in members]
     stats = CompactionStats(n_ids, len(table), len(fused_ids), precision)
     return CompactMLP(pooled, heads, members[0].config.embedding_dim, temperature).eval(), stats

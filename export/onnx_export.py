@@ -83,17 +83,20 @@ def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: P
     `quantize`: int8 matrix products with a scale per title (`meli.export.quantize`;
     `meli-export` turns it on unless ``--no-quantize``): faster on CPUs, as deterministic as
     float ones; the parity check measures what they cost against the checkpoint. Only for
-    models that read compact ids (mean-pooling MLPs): there the twin computes every input
-    of a product bit for bit as onnxruntime does. A CNN's convolutions round differently in
-    torch and onnxruntime, so an input can land on the other side of a rounding step; CNNs
-    and attention pooling keep float products, whose differences stay at float rounding."""
+    models that read compact ids (mean-pooling MLPs) with the float16 table: its sums are
+    exact in any order (`meli.export.compaction.on_grid`), so every input of a product is the
+    same bit for bit in any batch, in torch as in onnxruntime, and per-title rounding cannot
+    land on the other side of a step. A float32 table's sums, and a CNN's convolutions, round
+    differently with the batch's shape: those keep float products, whose differences stay at
+    float rounding (~1e-7)."""
     model, encoding, precision = scoring_module(ckpt, precision)
     twin = None
-    if quantize and encoding == "compact":
+    if quantize and encoding == "compact" and precision == "fp16":
         model = fold_temperature(model)
         twin = int8_twin(model)
     elif quantize:
-        log.info("int8 matrix products are for mean-pooling MLPs; this %s keeps float products", ckpt.model_kind)
+        log.info("int8 matrix products are for mean-pooling MLPs with a float16 table; this %s keeps float products",
+                 ckpt.model_kind if encoding != "compact" else "float32 table")
     # an example with batch > 1 and a length that no axis could be mistaken for a constant
     example = torch.randint(2, ckpt.model_config.n_ids, (3, 7), dtype=torch.int64)
     dims = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}

@@ -50,7 +50,7 @@ def catalog(titles, tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(exported, exported_float, trained, tmp_path_factory):
     """Every kind of file meli-export writes: by default (the MLP and an ensemble), with a
-    float32 table, with float products, and a CNN."""
+    float32 table (which keeps float products), with float products, and a CNN."""
     from meli.export.onnx_export import to_onnx
 
     folder = tmp_path_factory.mktemp("kinds")

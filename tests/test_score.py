@@ -141,14 +141,34 @@ def test_a_graph_that_lost_its_temperature_fails_parity(quantize, trained, demo_
     assert check_parity(calibrated, good, demo_splits[1].titles).passed
 
 
-def test_int8_products_are_for_the_mlp_only(trained):
-    """A CNN's convolutions round differently in torch and onnxruntime, so its export keeps
-    float products (exactly held to its torch module) even when quantizing is asked for."""
+def test_the_float16_table_sums_exactly_in_any_order(trained):
+    """Every value of the default table is a whole multiple of the grid, so float32 sums of a
+    title's rows do not depend on the order of addition (onnxruntime's changes with the
+    batch's shape): the premise of int8 products that depend on the title alone."""
+    from meli.export.compaction import GRID
+
+    module, _, _ = scoring_module(trained["mlp"].checkpoint, "fp16")
+    table = module.pooled.table
+    assert table.dtype == torch.float16
+    steps = table.to(torch.float64) / GRID
+    assert torch.equal(steps, steps.round())
+    rng = np.random.default_rng(0)
+    rows = table[torch.from_numpy(rng.integers(0, len(table), (500, 40)))].to(torch.float32)  # (500, 40, width + 1)
+    forward = rows.sum(1)
+    backward = rows.flip(1).cumsum(1)[:, -1]
+    pairwise = rows[:, 0::2].sum(1) + rows[:, 1::2].sum(1)
+    assert torch.equal(forward, backward) and torch.equal(forward, pairwise)
+
+
+def test_int8_products_are_for_the_mlp_with_a_float16_table_only(trained):
+    """A CNN's convolutions and a float32 table's sums round differently with the batch's
+    shape, so those exports keep float products even when quantizing is asked for."""
     from meli.export.onnx_export import to_onnx
 
-    proto = to_onnx(trained["cnn"].checkpoint, quantize=True)
-    assert not {"MatMulIntegerToFloat", "QuantizeLinear"} & {n.op_type for n in proto.graph.node}
-    assert load_onnx_model(proto.SerializeToString(), "cpu").card.matmuls == "fp32"
+    for proto in (to_onnx(trained["cnn"].checkpoint, quantize=True),
+                  to_onnx(trained["mlp"].checkpoint, precision="fp32", quantize=True)):
+        assert not {"MatMulIntegerToFloat", "QuantizeLinear"} & {n.op_type for n in proto.graph.node}
+        assert load_onnx_model(proto.SerializeToString(), "cpu").card.matmuls == "fp32"
 
 
 def test_a_file_with_dynamic_int8_quantization_loads_with_a_warning(exported_float, tmp_path, caplog):
