@@ -227,3 +227,29 @@ def test_spark_and_its_udf_answer_as_meli_score(models, catalog, tmp_path):
     got = np.array([np.nan if r["probability"] is None else r["probability"] for r in rows], dtype=np.float64)
     want = expected["probability"].to_numpy(zero_copy_only=False).astype(np.float64)
     assert np.array_equal(np.isnan(got), np.isnan(want)) and np.nanmax(np.abs(got - want)) <= ATOL
+
+
+@pytest.mark.spark
+def test_a_standalone_spark_cluster_answers_as_meli_score(models, catalog, tmp_path):
+    """Master and worker on loopback, from the installed pyspark; meli-score --engine spark in
+    a process of its own (a fresh driver), every row, the same answers."""
+    pytest.importorskip("pyspark", reason="pip install 'meli-categorizer[spark]'")
+    import subprocess
+    import sys
+
+    from spark_cluster import standalone_cluster
+
+    reference = scored(catalog, models["default"], tmp_path, "ref.parquet")
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    table = pq.read_table(catalog)
+    for part, start in enumerate(range(0, table.num_rows, 2000)):
+        pq.write_table(table.slice(start, 2000), lake / f"part-{part:05d}.parquet")
+    (tmp_path / "cluster").mkdir()
+    with standalone_cluster(tmp_path / "cluster") as master:
+        proc = subprocess.run([sys.executable, "-m", "meli.score", str(lake), str(tmp_path / "out"), "--model",
+                               str(models["default"]), "--engine", "spark", "--spark-master", master, "--top-k", "3",
+                               "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"on Spark {master}" in proc.stderr
+    assert_same_answers(pq.read_table(tmp_path / "out"), reference)
