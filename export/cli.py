@@ -34,8 +34,9 @@ from meli.tracking import REGISTERED_NAME
                    "answer still depends on the title alone; the parity check reports how far its probabilities "
                    "and categories move from the checkpoint's. --no-quantize: float32 products (the table stays "
                    "as --table-precision says).")
-@click.option("--force", is_flag=True, help="Move the serving alias @champion to this export even if its validation "
-              "balanced accuracy is below the current champion's.")
+@click.option("--force", is_flag=True, help="Move the serving alias @champion to this export whatever the gate says "
+              "(the gate moves it only from a model of the same data that scores no better on this export's "
+              "validation titles).")
 @click.option("--check", is_flag=True, help="Only check parity of an existing --output against its checkpoint.")
 @click.option("--quiet", is_flag=True, help="Only errors and the final line.")
 @reports_errors(interrupted=lambda kw: f"{kw['output']} left as it was")

@@ -37,7 +37,7 @@ from meli.onnx_model import OnnxModel
 
 ATOL = 1e-5
 MIN_ROUNDED_AGREEMENT = 0.999  # a float16 table
-MIN_QUANTIZED_AGREEMENT = 0.995  # int8 products: held to their twin at ATOL, this is a sanity bound
+MIN_QUANTIZED_AGREEMENT = 0.98  # int8 products: held to their twin at ATOL; rounding may flip a weak model's near-ties
 # the largest change of a probability against the trained checkpoint that rounding may make
 MAX_ROUNDED_DIFF = {"fp16": 5e-3, "int8-row": 0.05, "int8": 0.1}
 LEGACY_DYNAMIC = "int8"  # onnxruntime's dynamic quantization: no twin, not deterministic

@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from meli.checkpoint import Checkpoint, load_checkpoint
@@ -17,7 +18,9 @@ from meli.errors import MeliError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import load_onnx_model
 from meli.calibration import coverage_table
-from meli.tracking import (EXPORT_ARTIFACTS, REGISTERED_NAME, VALIDATION_SOURCE_TAG, Registration, add_to_run, best_run_id,
+from meli.metrics import balanced_accuracy
+from meli.tracking import (EXPORT_ARTIFACTS, REGISTERED_NAME, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
+                           add_to_run, best_run_id,
                            has_run, register_pyfunc, run_checkpoint)
 from meli.export.compaction import Precision
 from meli.export.onnx_export import signature, to_onnx
@@ -129,7 +132,7 @@ def export_model(
     registered = None
     if chosen.run_id is not None and register_as:
         registered = log_export(chosen.run_id, output, report, signature(proto), register_as, chosen.checkpoint.temperature,
-                                force)
+                                force, labelled_measure(titles.source))
     return ExportOutcome(output, report, chosen.run_id, registered)
 
 
@@ -158,8 +161,34 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
     return report
 
 
+def labelled_measure(source: Path) -> Measure | None:
+    """How the serving gate scores an exported file: its balanced accuracy on the labelled
+    titles of `source` (the candidate's validation file), read the way meli-score reads them.
+    None when the file has no categories."""
+    try:
+        split = load_labelled(source)
+    except MeliError:
+        return None
+    truth = split.categories.to_pylist()
+    labels = {c: i for i, c in enumerate(sorted(set(truth)))}
+    y_true = np.array([labels[c] for c in truth])
+
+    def measure(model_file: Path) -> Measured:
+        model = load_onnx_model(model_file, provider="cpu")
+        tokenizer = model.card.tokenizer()
+        names = model.card.labels
+        predicted = []
+        for start in range(0, len(split), 4096):
+            enc = tokenizer.encode_batch(split.titles.slice(start, 4096), compact=model.card.compact)
+            predicted.extend(names[i] for i in model.predict(enc.ids).argmax(1))
+        y_pred = np.array([labels.get(c, -1) for c in predicted])
+        return Measured(balanced_accuracy(y_true, y_pred), len(split), str(source))
+
+    return measure
+
+
 def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str, temperature: float = 1.0,
-               force: bool = False) -> Registration | None:
+               force: bool = False, measure: Measure | None = None) -> Registration | None:
     """Log the export to the checkpoint's run (parity report, signature, and the model as an
     MLflow pyfunc model: `meli.score.mlflow_model`) and register it (`meli.tracking.register_pyfunc`:
     ``@latest-export`` always, ``@champion`` through its quality gate)."""
@@ -176,4 +205,4 @@ def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name:
             "parity_max_abs_diff": report.max_abs_diff, "parity_top1_agreement": report.top1_agreement,
             "parity_checkpoint_top1_agreement": report.checkpoint_top1_agreement, "export_temperature": temperature})
         with pyfunc_model_args(output, t / "code") as args:
-            return register_pyfunc(run_id, name, report.summary(), force, **args)
+            return register_pyfunc(run_id, name, report.summary(), force, candidate=output, measure=measure, **args)

@@ -22,7 +22,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from meli.errors import MeliError, ModelFileError, first_line
@@ -42,7 +42,7 @@ CHECKPOINT_ARTIFACTS = "checkpoint"  # <run_id>.pt: the one copy of the checkpoi
 REPORT_ARTIFACTS = "report"  # curves, per-category and coverage tables, calibration plot
 EXPORT_ARTIFACTS = "export"  # parity_report.json, signature.json
 BEST_PREFIX = "best_"  # the selection fit's metrics at its best epoch, logged once per run
-BEST_METRIC = "best_val_balanced_accuracy"  # how meli-export picks a run and gates @champion
+BEST_METRIC = "best_val_balanced_accuracy"  # how meli-export picks a run
 REGISTERED_NAME = "meli-categorizer"
 LATEST_ALIAS = "latest-export"  # always the newest export
 SERVING_ALIAS = "champion"  # moves only to an export at least as accurate (or --force)
@@ -274,10 +274,24 @@ def add_to_run(run_id: str, files, folder: str, metrics: dict[str, float]) -> No
         client.log_metric(run_id, key, value)
 
 
-def register_pyfunc(run_id: str, registered_name: str, description: str, force: bool, **log_model_args) -> Registration:
+Measure = Callable[[Path], "Measured"]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A model file's balanced accuracy on the candidate's labelled titles."""
+
+    balanced_accuracy: float
+    titles: int
+    source: str
+
+
+def register_pyfunc(run_id: str, registered_name: str, description: str, force: bool, *, candidate: Path,
+                    measure: Measure | None = None, **log_model_args) -> Registration:
     """Log a pyfunc model (``mlflow.pyfunc.log_model(**log_model_args)``) to the run, register
-    it as a new version of `registered_name`, point `LATEST_ALIAS` at it, and move `SERVING_ALIAS` to it
-    only if its run's `BEST_METRIC` is not below the current holder's (or `force`)."""
+    it as a new version of `registered_name`, point `LATEST_ALIAS` at it, and move `SERVING_ALIAS`
+    to it through the gate (`_serving_decision`): only a model of the same data, measured on the
+    same titles as the `candidate` file, and no worse (or with `force`)."""
     import mlflow
 
     name = registered_name
@@ -291,7 +305,7 @@ def register_pyfunc(run_id: str, registered_name: str, description: str, force: 
         version = mlflow.register_model(info.model_uri, name).version
     client.update_model_version(name, version, description=description)
     client.set_registered_model_alias(name, LATEST_ALIAS, version)
-    serving, reason = _serving_decision(client, name, client.get_run(run_id), force)
+    serving, reason = _serving_decision(client, name, client.get_run(run_id), force, candidate, measure)
     if serving:
         client.set_registered_model_alias(name, SERVING_ALIAS, version)
     log.info("registered %s version %s (alias %s); %s", name, version, LATEST_ALIAS, reason)
@@ -313,21 +327,43 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _serving_decision(client, name: str, run, force: bool) -> tuple[bool, str]:
-    """The quality gate on the serving alias: (move it?, why)."""
-    new = run.data.metrics.get(BEST_METRIC)
+def _serving_decision(client, name: str, run, force: bool, candidate: Path, measure: Measure | None) -> tuple[bool, str]:
+    """The quality gate on the serving alias: (move it?, why). A champion of other data, or
+    one whose run or file cannot be read, is never replaced without `force`; one of the same
+    data is replaced when the candidate file scores at least as well on the candidate's
+    labelled titles, both exported files scored the same way."""
     try:
         current = client.get_model_version_by_alias(name, SERVING_ALIAS)
     except Exception:  # noqa: BLE001 - no version holds the alias yet
         return True, f"@{SERVING_ALIAS} set: no version held it"
-    held = client.get_run(current.run_id).data.metrics.get(BEST_METRIC) if current.run_id else None
     if force:
         return True, f"@{SERVING_ALIAS} moved from version {current.version} (--force)"
-    if held is None or (new is not None and new >= held):
-        return True, (f"@{SERVING_ALIAS} moved from version {current.version}: validation balanced accuracy "
-                      f"{_fmt(new)} >= {_fmt(held)}")
-    return False, (f"@{SERVING_ALIAS} stays on version {current.version}: its validation balanced accuracy {_fmt(held)} "
-                   f"is above this export's {_fmt(new)} (--force moves it anyway)")
+    stays = f"@{SERVING_ALIAS} stays on version {current.version}"
+    try:
+        held = client.get_run(current.run_id)
+    except Exception as e:  # noqa: BLE001 - deleted run, other store
+        return False, f"{stays}: its run cannot be read ({first_line(e)[:120]}); --force moves it"
+    mine, theirs = run.data.tags.get(FINGERPRINT_TAG), held.data.tags.get(FINGERPRINT_TAG)
+    if not mine or mine != theirs:
+        return False, (f"{stays}: it was trained on other data (data fingerprint {theirs or 'unknown'}, this export's "
+                       f"{mine or 'unknown'}); register this one under another --register-name, or --force")
+    if measure is None:
+        return False, f"{stays}: no labelled titles to compare the two on; --force moves it"
+    try:
+        import mlflow
+
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{current.version}"))
+        files = sorted(folder.rglob("*.onnx"))
+        if not files:
+            raise ModelFileError(f"version {current.version} holds no .onnx file")
+        champion, challenger = measure(files[0]), measure(candidate)
+    except Exception as e:  # noqa: BLE001 - an unreadable artifact or model file
+        return False, f"{stays}: its model could not be scored ({first_line(e)[:160]}); --force moves it"
+    figures = (f"balanced accuracy on {challenger.titles:,} titles of {challenger.source}: this export "
+               f"{_fmt(challenger.balanced_accuracy)}, version {current.version} {_fmt(champion.balanced_accuracy)}")
+    if challenger.balanced_accuracy >= champion.balanced_accuracy:
+        return True, f"@{SERVING_ALIAS} moved from version {current.version}: {figures}"
+    return False, f"{stays}: {figures} (--force moves it anyway)"
 
 
 def _fmt(x: float | None) -> str:

@@ -297,6 +297,7 @@ def test_the_export_is_an_mlflow_pyfunc_model_and_the_serving_alias_is_gated(tra
     result = invoke(export_main, ["--quiet", "--run-id", worse_id, "--output", tmp_path / "worse.onnx"])
     assert result.exit_code == 0, result.output
     assert "models:/meli-categorizer/2" in result.output and "@champion stays on version 1" in result.output
+    assert "balanced accuracy on 600 titles of" in result.output  # both exported files, scored on the same titles
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("meli-categorizer", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("meli-categorizer", "latest-export").version) == "2"
@@ -329,3 +330,32 @@ def test_parity_never_falls_back_to_other_titles(tmp_path, monkeypatch):
     assert gone.exit_code == 1 and gone.output.count("\n") == 1
     assert "validation.jsonl.gz: the run's validation file is not there" in gone.output and "--parity-data" in gone.output
     assert not (tmp_path / "m2.onnx").exists()
+
+
+def test_a_model_of_other_data_never_takes_the_serving_alias(tmp_path):
+    """The demo trained and exported into a store whose champion was trained on other data
+    (here: a subset of the demo) is registered, but @champion stays where it is."""
+    import mlflow
+
+    from meli.dataset import load_labelled
+
+    data = tmp_path / "other"
+    data.mkdir()
+    demo = ROOT / "meli" / "resources" / "demo"
+    for split in ("train", "validation"):
+        rows = load_labelled(demo / f"{split}.jsonl.gz")
+        write_jsonl(data / f"{split}.jsonl", [{"title": t, "category": c} for t, c in
+                                                 zip(rows.titles.to_pylist()[::2], rows.categories.to_pylist()[::2])])
+    first = invoke(train_main, ["--config", write_config(tmp_path), "--data", data, "--quiet"])
+    assert first.exit_code == 0, first.output
+    exported = invoke(export_main, ["--quiet", "--experiment", "meli-other", "--output", tmp_path / "a.onnx"])
+    assert exported.exit_code == 0, exported.output
+    demo_run = invoke(train_main, ["--config", write_config(tmp_path), "--quiet"])
+    assert demo_run.exit_code == 0, demo_run.output
+    result = invoke(export_main, ["--quiet", "--experiment", "meli-demo", "--output", tmp_path / "b.onnx"])
+    assert result.exit_code == 0, result.output
+    assert "@champion stays on version 1: it was trained on other data" in result.output
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("meli-categorizer", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("meli-categorizer", "latest-export").version) == "2"
