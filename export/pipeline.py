@@ -142,10 +142,13 @@ def calibration_summary(ckpt: Checkpoint) -> str:
     table = coverage_table(m)
     if not table:
         return f"temperature {ckpt.temperature:.3f} (no calibration report in this checkpoint)"
+    folds = int(m.get("calibration_folds", 1))
+    how = (f"out of sample ({folds}-fold cross-fit: each title calibrated by a temperature fitted on the other "
+           f"fold{'s' if folds > 2 else ''})" if folds > 1 else "in sample (the titles the temperature was fitted on)")
     return (f"calibration: temperature {ckpt.temperature:.3f} in the graph, fitted on validation by the train-only fit; "
-            f"expected calibration error {m['calibration_ece_before']:.4f} -> {m['calibration_ece_after']:.4f}; "
-            f"{m['calibration_coverage_at_99_after']:.1%} of validation titles at 99% accuracy\n"
-            f"coverage on validation (train-only fit), calibrated:\n{table}")
+            f"measured {how}: expected calibration error {m['calibration_ece_before']:.4f} -> "
+            f"{m['calibration_ece_after']:.4f}; {m['calibration_coverage_at_99_after']:.1%} of validation titles at 99% "
+            f"accuracy\ncoverage on validation (train-only fit), calibrated, {how.split(' (')[0]}:\n{table}")
 
 
 def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_data=None, parity_rows=None, provider="cpu") -> ParityReport:

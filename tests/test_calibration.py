@@ -52,6 +52,23 @@ def test_calibration_lowers_the_error_and_keeps_every_ranking():
     assert c.metrics()["calibration_temperature"] == c.temperature
 
 
+def test_the_reported_figures_are_measured_out_of_sample():
+    """Each title's calibrated probability comes from a temperature fitted on the other fold:
+    the reported ECE is the cross-fitted one, not the in-sample one the shipped T gives."""
+    scores, y = synthetic(temperature=2.5, seed=3)
+    c = calibrate(scores, y)
+    assert c.folds == 2 and c.metrics()["calibration_folds"] == 2
+    fold = np.random.default_rng(0).permutation(len(y)) % 2
+    crossed = np.empty((len(y), scores.shape[1]))
+    for k in (0, 1):
+        crossed[fold == k] = softmax(scores[fold == k], fit_temperature(scores[fold != k], y[fold != k]))
+    assert c.ece_after == pytest.approx(expected_calibration_error(crossed, y))
+    assert c.ece_after != pytest.approx(expected_calibration_error(softmax(scores, c.temperature), y), abs=1e-9)
+    assert c.temperature == fit_temperature(scores, y)  # what ships: fitted on every title
+    few = calibrate(scores[:30], y[:30])
+    assert few.folds == 1  # too few titles to cut: said so (the export prints "in sample")
+
+
 def test_ece_coverage_and_coverage_at_accuracy_by_hand():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
     y = np.array([0, 1, 1, 1])
