@@ -6,7 +6,7 @@ comes together can be stored as one row holding the group's sum, with the group'
 its count. The compact encoding (`meli.tokenizer.Tokenizer`) uses that for the two groups
 that make up most ids: a known word together with all its character n-grams (one *fused*
 row instead of ~16), and a known head token written ``head_repeat`` times (one row). A title
-then reaches the graph as ~20 ids instead of ~110, and the graph computes what the
+then reaches the graph as a few ids instead of all of them, and the graph computes what the
 trained model computes on the full ids.
 
 The table keeps only the rows a title can reach: rows training never touched (zero, most

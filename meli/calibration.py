@@ -9,12 +9,11 @@ probabilities use a temperature fitted on the other fold (`calibrate`).
 The fit minimises the log loss of the *top* probability as a forecast of "the predicted
 category is right" (`top_label_log_loss`): that is the number a team thresholds, and the
 loss is a proper scoring rule for it, smooth in ``T``. (The usual full negative
-log-likelihood calibrates all 632 probabilities at once and leaves the top one slightly less
-calibrated: on the default model's validation titles ECE 0.0202 against 0.0194.) Dividing
+log-likelihood calibrates all the probabilities at once and left the top one slightly less
+calibrated on the default model's validation titles.) Dividing
 by one positive number keeps every title's ranking of the categories, so the predicted
 category never changes. ``scores`` are a model's logits (an ensemble's: the log of its mean
-probability, `meli.models.Ensemble`). (The comparison of the two losses above is an
-in-sample figure from an earlier default model, kept as the reason for the choice.)
+probability, `meli.models.Ensemble`).
 
 The expected calibration error (ECE) uses 15 equal-width bins of the top probability: the
 mean over titles of |accuracy − mean probability| within each title's bin. The coverage

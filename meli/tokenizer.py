@@ -176,7 +176,7 @@ class Tokenizer:
       (``i`` its vocabulary index) that stands for the word and all its character n-grams,
       and each known head token one fused id that stands for its ``head_repeat`` copies; the
       export stores each fused row as the sum of the rows it stands for, with their count,
-      so a mean-pooled model computes the same thing from ~15 ids as from ~115.
+      so a mean-pooled model computes the same thing from a few ids as from all of them.
       Titles whose full ids would be truncated keep their full ids.
     """
 

@@ -365,7 +365,7 @@ def train_and_refit(
     checkpoint.metrics = {**selection.checkpoint.metrics, "refit_epochs": float(sum(epochs) / len(epochs))}
     checkpoint.provenance["refit"] = "train+validation"
     # The refit model has seen the validation titles: a temperature fitted on them would be
-    # too low (over-confident). It repeats the selection fit's recipe on 17% more titles, so
+    # too low (over-confident). It repeats the selection fit's recipe on a few more titles, so
     # it takes the selection fit's temperature, fitted on titles that fit never saw.
     checkpoint.spec = dataclasses.replace(checkpoint.spec, temperature=selection.checkpoint.temperature)
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
