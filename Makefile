@@ -76,7 +76,7 @@ bench: venv
 
 bench-accuracy: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
-	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-accuracy.md
+	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --seeds 3 --write docs/results-accuracy.md $(BENCH_ARGS)
 
 bench-determinism: venv
 	$(BIN)/python bench/determinism.py --model "default=$(OUTPUT)" --write docs/results-determinism.md $(BENCH_ARGS)
