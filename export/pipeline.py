@@ -16,10 +16,10 @@ from meli.dataset import fingerprint, load_labelled
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import MeliError
 from meli.formats import AtomicWriter, iter_batches
-from meli.onnx_model import load_onnx_model
+from meli.onnx_model import file_sha256, load_onnx_model
 from meli.calibration import coverage_table
 from meli.metrics import balanced_accuracy
-from meli.tracking import (EXPORT_ARTIFACTS, REGISTERED_NAME, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
+from meli.tracking import (EXPORT_ARTIFACTS, REGISTERED_NAME, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
                            add_to_run, best_run_id,
                            has_run, register_pyfunc, run_checkpoint)
 from meli.export.compaction import Precision
@@ -37,11 +37,13 @@ class ChosenCheckpoint:
     path: Path
     run_id: str | None  # None: a checkpoint file outside MLflow
     validation_source: str | None
+    validation_sha256: str | None = None  # the file's bytes when the run read it
 
 
 def checkpoint_of_run(run_id: str) -> ChosenCheckpoint:
     local, tags = run_checkpoint(run_id)
-    return ChosenCheckpoint(load_checkpoint(local), local, run_id, tags.get(VALIDATION_SOURCE_TAG))
+    return ChosenCheckpoint(load_checkpoint(local), local, run_id, tags.get(VALIDATION_SOURCE_TAG),
+                            tags.get(VALIDATION_SHA256_TAG))
 
 
 def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, checkpoint: str | Path | None = None) -> ChosenCheckpoint:
@@ -61,7 +63,7 @@ class ParityTitles:
 
 
 def parity_titles(path: str | Path | None, validation_source: str | None, max_rows: int | None,
-                  checkpoint: Checkpoint | None = None) -> ParityTitles:
+                  checkpoint: Checkpoint | None = None, validation_sha256: str | None = None) -> ParityTitles:
     """Titles for the parity check: `path` (``--parity-data``), else the run's validation file
     (for a split held out of the training file, that file's titles). Never a silent stand-in:
     a run whose file is gone is an error that names it; the demo's titles serve the demo's
@@ -75,6 +77,9 @@ def parity_titles(path: str | Path | None, validation_source: str | None, max_ro
         if not source.is_file():
             raise MeliError(f"{source}: the run's validation file is not there (moved, or the run was trained from "
                             "another folder); pass --parity-data FILE with titles to check parity on")
+        if validation_sha256 and file_sha256(source) != validation_sha256:
+            raise MeliError(f"{source}: the run's validation file has changed since the run read it (SHA-256 differs); "
+                            "pass --parity-data FILE with titles to check parity on")
     elif checkpoint is not None and checkpoint.provenance.get("data_fingerprint") == _demo_fingerprint():
         source = DEMO_DIR / "validation.jsonl.gz"
     else:
@@ -123,7 +128,7 @@ def export_model(
         proto = to_onnx(chosen.checkpoint, {"checkpoint": chosen.path.name}, precision=precision, quantize=quantize)
         data = proto.SerializeToString()
         onnx_model = load_onnx_model(data, provider=provider)
-        titles = parity_titles(parity_data, chosen.validation_source, parity_rows, chosen.checkpoint)
+        titles = parity_titles(parity_data, chosen.validation_source, parity_rows, chosen.checkpoint, chosen.validation_sha256)
         report = check_parity(chosen.checkpoint, onnx_model, titles.titles, source=titles.source)
         log.info(report.summary())
         require_parity(report)
@@ -158,7 +163,7 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
     if checkpoint is None and not run_id:
         raise MeliError(f"{model_path}: carries no MLflow run id; pass --checkpoint")
     chosen = choose_checkpoint(run_id=run_id, checkpoint=checkpoint)
-    titles = parity_titles(parity_data, chosen.validation_source, parity_rows, chosen.checkpoint)
+    titles = parity_titles(parity_data, chosen.validation_source, parity_rows, chosen.checkpoint, chosen.validation_sha256)
     report = check_parity(chosen.checkpoint, onnx_model, titles.titles, source=titles.source)
     log.info(report.summary())
     return report

@@ -308,8 +308,9 @@ def test_the_export_is_an_mlflow_pyfunc_model_and_the_serving_alias_is_gated(tra
 
 
 def test_parity_never_falls_back_to_other_titles(tmp_path, monkeypatch):
-    """The run records its data files by absolute path: the export finds them from another
-    folder and says which it checked on; once the file is gone it stops and names it."""
+    """The run records its data files by absolute path and content hash: the export finds them
+    from another folder and says which it checked on; once the file changed or is gone it
+    stops and names it."""
     import shutil
 
     data = tmp_path / "data"
@@ -325,6 +326,13 @@ def test_parity_never_falls_back_to_other_titles(tmp_path, monkeypatch):
     out = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "m.onnx"])
     assert out.exit_code == 0, out.output
     assert f"parity on 600 titles of {(data / 'validation.jsonl.gz').resolve()}" in out.output
+    import gzip
+
+    original = (data / "validation.jsonl.gz").read_bytes()
+    lines = gzip.decompress(original).splitlines(keepends=True)
+    (data / "validation.jsonl.gz").write_bytes(gzip.compress(b"".join(lines[:-1])))  # one title fewer
+    changed = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "m2.onnx"])
+    assert changed.exit_code == 1 and "validation file has changed since the run read it" in changed.output
     (data / "validation.jsonl.gz").unlink()
     gone = invoke(export_main, ["--quiet", "--no-register", "--output", tmp_path / "m2.onnx"])
     assert gone.exit_code == 1 and gone.output.count("\n") == 1

@@ -16,8 +16,9 @@ from meli.dataset import DataFilter, LabelledSplit, fingerprint, load_labelled, 
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import InputError, OutputError, SettingError
 from meli.formats import detect_format
+from meli.onnx_model import file_sha256
 from meli.tracking import (BEST_PREFIX, CHECKPOINT_ARTIFACTS, DEVICE_TAG, FINGERPRINT_TAG, MODEL_TAG, REPORT_ARTIFACTS,
-                           TRAIN_SOURCE_TAG, VALIDATION_SOURCE_TAG, RunRecorder, check_store, experiment_for, store_errors,
+                           TRAIN_SOURCE_TAG, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, RunRecorder, check_store, experiment_for, store_errors,
                            tracking_uri)
 from meli.train.config import TrainConfig
 from meli.metrics import confused_pairs
@@ -118,6 +119,7 @@ def run_training(
                 # absolute: meli-export finds them from any folder
                 TRAIN_SOURCE_TAG: str(source.train.resolve()),
                 VALIDATION_SOURCE_TAG: str(source.validation.resolve() if source.validation else f"{source.train.resolve()} (held out)"),
+                VALIDATION_SHA256_TAG: file_sha256(source.validation or source.train),
             })
             run.params(config.flat())
             run.params({"data.train_rows": len(train), "data.validation_rows": len(validation),
