@@ -33,7 +33,6 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from meli.export.compaction import CompactMLP
-from meli.models import Calibrated, Ensemble
 
 X_QMAX = 127  # activations: |q| <= 127
 W_QMAX = {False: 63, True: 127}  # weights, by whether the input is unsigned (after a ReLU): see above
@@ -103,25 +102,18 @@ def _linears(module: nn.Module) -> list[tuple[str, nn.Linear, bool]]:
 
 
 def fold_temperature(module: nn.Module) -> nn.Module:
-    """A copy of a one-model scoring module with its temperature divided into the last
-    layer's weights and bias (one pass over the scores less in the graph); ensembles, whose
+    """A copy of a one-model `CompactMLP` with its temperature divided into the last layer's
+    weights and bias (one pass over the scores less in the graph). Ensembles, whose
     temperature divides a log mean probability, are returned as they are."""
-    t = getattr(module, "temperature", 1.0)
-    if t == 1.0:
-        return module
-    if isinstance(module, CompactMLP) and len(module.heads) == 1:
-        head = module.heads[0]
-    elif isinstance(module, Calibrated) and not isinstance(module.model, Ensemble) and hasattr(module.model, "head"):
-        head = module.model.head
-    else:
+    if not isinstance(module, CompactMLP) or len(module.heads) != 1 or module.temperature == 1.0:
         return module
     folded = copy.deepcopy(module)
-    last = (folded.heads[0] if isinstance(folded, CompactMLP) else folded.model.head)[len(head) - 1]
+    last = folded.heads[0][-1]
     if not isinstance(last, nn.Linear):
         return module
     with torch.no_grad():
-        last.weight.div_(t)
-        last.bias.div_(t)
+        last.weight.div_(module.temperature)
+        last.bias.div_(module.temperature)
     folded.temperature = 1.0
     return folded
 
