@@ -19,7 +19,7 @@ from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import file_sha256, load_onnx_model
 from meli.calibration import coverage_table
 from meli.metrics import balanced_accuracy
-from meli.tracking import (EXPORT_ARTIFACTS, REGISTERED_NAME, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
+from meli.tracking import (EXPORT_ARTIFACTS, HELD_OUT, REGISTERED_NAME, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
                            add_to_run, best_run_id,
                            has_run, register_pyfunc, run_checkpoint)
 from meli.export.compaction import Precision
@@ -51,9 +51,6 @@ def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, 
         ckpt = load_checkpoint(checkpoint)
         return ChosenCheckpoint(ckpt, Path(checkpoint), ckpt.provenance.get("mlflow_run_id"), None)
     return checkpoint_of_run(run_id or best_run_id(experiment))
-
-
-HELD_OUT = " (held out)"  # how a run without a validation file names its validation split
 
 
 @dataclass(frozen=True)
@@ -171,8 +168,9 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
 
 def labelled_measure(source: Path) -> Measure | None:
     """How the serving gate scores an exported file: its balanced accuracy on the labelled
-    titles of `source` (the candidate's validation file), read the way meli-score reads them.
-    None when the file has no categories."""
+    titles of `source` (the candidate's validation file), scored as meli-score scores them
+    (`meli.score.core.Scorer`: a title with no known token gets no category). None when the
+    file has no categories."""
     try:
         split = load_labelled(source)
     except MeliError:
@@ -182,14 +180,12 @@ def labelled_measure(source: Path) -> Measure | None:
     y_true = np.array([labels[c] for c in truth])
 
     def measure(model_file: Path) -> Measured:
-        model = load_onnx_model(model_file, provider="cpu")
-        tokenizer = model.card.tokenizer()
-        names = model.card.labels
-        predicted = []
-        for start in range(0, len(split), 4096):
-            enc = tokenizer.encode_batch(split.titles.slice(start, 4096), compact=model.card.compact)
-            predicted.extend(names[i] for i in model.predict(enc.ids).argmax(1))
-        y_pred = np.array([labels.get(c, -1) for c in predicted])
+        from meli.score.core import ScoreOptions, Scorer
+
+        scorer = Scorer(load_onnx_model(model_file, provider="cpu"), ScoreOptions(keep_columns=()))
+        predicted = pa.Table.from_batches(scorer.score_batches(
+            pa.record_batch({"title": split.titles.slice(start, 16_384)}) for start in range(0, len(split), 16_384)))
+        y_pred = np.array([labels.get(c, -1) for c in predicted.column("category").to_pylist()])
         return Measured(balanced_accuracy(y_true, y_pred), len(split), str(source))
 
     return measure

@@ -236,7 +236,7 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
             f = pq.ParquetFile(part.path)
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
-        values = [pa.scalar(v, pa.string()) for _, v in part.partition]
+        values = [pa.scalar(v, pa.string()) for _, v in part.partition]  # one per partition column
         rows = 0
         try:
             for batch in f.iter_batches(batch_size=batch_size):
@@ -244,9 +244,8 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
                 _check_utf8(batch, lambda i: f"{part.path}: row {rows + i + 1}" if i is not None else str(part.path))
                 rows += batch.num_rows
                 if values:
-                    batch = pa.RecordBatch.from_arrays(
-                        batch.columns + [pa.array([v.as_py()] * batch.num_rows, pa.string()) for v in values],
-                        schema=with_partitions)
+                    batch = pa.RecordBatch.from_arrays(batch.columns + [pa.repeat(v, batch.num_rows) for v in values],
+                                                       schema=with_partitions)
                 yield batch
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
@@ -390,7 +389,7 @@ def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...])
         raise InputError(_explain_jsonl(path, string_columns) or f"{path}: unreadable JSON Lines ({first_line(e)})") from e
 
 
-def _jsonl_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
+def _line_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
     """(number of its first line, bytes) of runs of whole lines, about JSONL_CHUNK at a time
     (JSON Lines and CSV alike)."""
     opener = gzip.open if _compression(path) else open
@@ -412,7 +411,7 @@ def _jsonl_schema(path: Path, string_columns: tuple[str, ...]) -> tuple[pa.Schem
     """The schema of every record of the file, unified as Arrow promotes types (null to any,
     int64 to float64, structs merged), with `string_columns` as strings; and the longest line."""
     schemas, longest = [], 0
-    for first, chunk in _jsonl_chunks(path):
+    for first, chunk in _line_chunks(path):
         longest = max(longest, _longest_line(chunk))
         if not chunk.strip():
             continue
@@ -513,7 +512,7 @@ def _csv_batches(path: Path, batch_size: int, string_columns: tuple[str, ...] = 
             f"{path}: CSV without a {(string_columns or ('title',))[0]!r} column in its header; a header-less CSV must have "
             f"exactly the columns {','.join(HEADERLESS_CSV_COLUMNS)} (found {len(header)} columns)"
         )
-    longest = max((_longest_line(chunk) for _, chunk in _jsonl_chunks(path)), default=0)  # a row must fit a block
+    longest = max((_longest_line(chunk) for _, chunk in _line_chunks(path)), default=0)  # a row must fit a block
     read = pcsv.ReadOptions(
         column_names=names, skip_rows=1 if has_header else 0, block_size=max(1 << 20, batch_size * 128, 2 * longest + 2)
     )

@@ -37,6 +37,7 @@ FINGERPRINT_TAG = "meli.data_fingerprint"  # runs on different data never share 
 MODEL_TAG = "meli.model"  # mlp | cnn
 TRAIN_SOURCE_TAG = "meli.train_source"
 VALIDATION_SOURCE_TAG = "meli.validation_source"  # meli-export's default parity titles (absolute path)
+HELD_OUT = " (held out)"  # VALIDATION_SOURCE_TAG of a run without a validation file: the train file + this
 VALIDATION_SHA256_TAG = "meli.validation_sha256"  # that file's bytes as the run read them: checked at export
 DEVICE_TAG = "meli.device"
 CHECKPOINT_ARTIFACTS = "checkpoint"  # <run_id>.pt: the one copy of the checkpoint

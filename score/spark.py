@@ -67,7 +67,7 @@ def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options
         yield pa.RecordBatch.from_arrays(out.columns, schema=schema)
 
 
-_OUR_ERROR = re.compile(r"(?:InputError|ModelFileError|SettingError|OutputError): (.+)")
+_OUR_ERROR = re.compile(rf"(?:{'|'.join(c.__name__ for c in MeliError.__subclasses__())}): (.+)")
 
 
 def spark_reason(e: BaseException) -> str:

@@ -17,7 +17,7 @@ from meli.demo_catalog import DEMO_DIR
 from meli.errors import InputError, OutputError, SettingError
 from meli.formats import detect_format
 from meli.onnx_model import file_sha256
-from meli.tracking import (BEST_PREFIX, CHECKPOINT_ARTIFACTS, DEVICE_TAG, FINGERPRINT_TAG, MODEL_TAG, REPORT_ARTIFACTS,
+from meli.tracking import (HELD_OUT, BEST_PREFIX, CHECKPOINT_ARTIFACTS, DEVICE_TAG, FINGERPRINT_TAG, MODEL_TAG, REPORT_ARTIFACTS,
                            TRAIN_SOURCE_TAG, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, RunRecorder, check_store, experiment_for, store_errors,
                            tracking_uri)
 from meli.train.config import TrainConfig
@@ -118,7 +118,7 @@ def run_training(
                 MODEL_TAG: config.model,
                 # absolute: meli-export finds them from any folder
                 TRAIN_SOURCE_TAG: str(source.train.resolve()),
-                VALIDATION_SOURCE_TAG: str(source.validation.resolve() if source.validation else f"{source.train.resolve()} (held out)"),
+                VALIDATION_SOURCE_TAG: str(source.validation.resolve() if source.validation else f"{source.train.resolve()}{HELD_OUT}"),
                 VALIDATION_SHA256_TAG: file_sha256(source.validation or source.train),
             })
             run.params(config.flat())
