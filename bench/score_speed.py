@@ -8,8 +8,8 @@ nightly job would run it, polling the child's peak RSS, and prints one Markdown 
 
 - read only: the Parquet file in meli-score's batches (the floor under everything);
 - tokenize only: read + the compiled tokenizer, in the encoding the model reads;
-- model only: onnxruntime on pre-encoded titles in length-sorted batches of 1,024
-  (encoding not timed);
+- model only: onnxruntime on pre-encoded titles in meli-score's length-sorted
+  runs (encoding not timed);
 - ``meli-score`` end to end: read, tokenize, infer, write Parquet; start-up and model load included;
 - the fastText pipeline on every core, as a user with this machine would run it: a fastText
   model trained on the same labelled titles (word bigrams, dim 100, 25 epochs, lr 1.0), one

@@ -28,12 +28,12 @@ from meli.tracking import REGISTERED_NAME
 @click.option("--table-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="An MLP's scoring table: fp16 (half the file, sums exact in any order; the parity check reports "
                    "how far its probabilities move from the checkpoint's) or fp32 (within 1e-5 of the checkpoint, twice "
-                   "the size, float products).")
+                   "the bytes, float products).")
 @click.option("--quantize/--no-quantize", default=True, show_default=True,
               help="int8 matrix products with a scale per title (mean-pooling MLPs, float16 table): faster on CPUs, and a title's "
                    "answer still depends on the title alone; the parity check reports how far its probabilities "
-                   "and categories move from the checkpoint's. --no-quantize: float32 products (the table stays "
-                   "as --table-precision says).")
+                   "and categories move from the checkpoint's. --no-quantize: float matrix products (the "
+                   "table keeps its --table-precision).")
 @click.option("--force", is_flag=True, help="Move the serving alias @champion to this export whatever the gate says "
               "(the gate moves it only from a model of the same data that scores no better on this export's "
               "validation titles).")

@@ -5,7 +5,7 @@ hidden layers. Both the sum and the count are additive, so any group of ids that
 comes together can be stored as one row holding the group's sum, with the group's size as
 its count. The compact encoding (`meli.tokenizer.Tokenizer`) uses that for the two groups
 that make up most ids: a known word together with all its character n-grams (one *fused*
-row instead of ~16), and a known head token written ``head_repeat`` times (one row). A title
+row instead of one per n-gram), and a known head token written ``head_repeat`` times (one row). A title
 then reaches the graph as a few ids instead of all of them, and the graph computes what the
 trained model computes on the full ids.
 
@@ -101,7 +101,7 @@ def on_grid(table: torch.Tensor) -> torch.Tensor:
     """`table` as float16 whose every value is a whole multiple of `GRID`: float16 values of
     magnitude 2**-4 and up already are; smaller ones are rounded to the grid (by at most
     2**-15). Sums of such values are exact in float32 while they stay below 2**24 * GRID =
-    1,024 in magnitude (sixty of the largest fused rows), so a title's pooled sum is the same
+    1,024 in magnitude, so a title's pooled sum is the same
     bit for bit in any order of addition: in any batch, at any padding, in torch or in
     onnxruntime, whose reduction order changes with the batch's shape. That is what lets the
     int8 products' per-title rounding see the same inputs every time."""

@@ -88,7 +88,7 @@ def to_onnx(ckpt: Checkpoint, extra_provenance: dict | None = None, precision: P
     same bit for bit in any batch, in torch as in onnxruntime, and per-title rounding cannot
     land on the other side of a step. A float32 table's sums, and a CNN's convolutions, round
     differently with the batch's shape: those keep float products, whose differences stay at
-    float rounding (~1e-7)."""
+    float rounding (within parity's 1e-5 bound)."""
     model, encoding, precision = scoring_module(ckpt, precision)
     twin = None
     if quantize and encoding == "compact" and precision == "fp16":

@@ -8,13 +8,19 @@ column is read as a string.
 
 Every reader yields batches in file order with bounded memory, so a file of any size can be
 streamed; `read_table` is the same stream gathered up for data that fits in memory.
-Outputs are written to a temporary file beside the target and renamed at the end
+
+Outputs: Parquet (zstd) or JSON Lines (`batch_writer`, `json_lines`), written batch by batch;
+the commands write to a temporary file beside the target and rename it at the end
 (`AtomicWriter`), so a failed or killed run never leaves a half-written file.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
+import datetime as dt
+import decimal
 import gzip
 import io
 import json
@@ -29,6 +35,7 @@ from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
@@ -543,6 +550,47 @@ def _csv_header(path: Path) -> list[str] | None:
 def _split(batch: pa.RecordBatch, batch_size: int) -> Iterator[pa.RecordBatch]:
     for start in range(0, batch.num_rows, batch_size):
         yield batch.slice(start, batch_size)
+
+
+@contextlib.contextmanager
+def batch_writer(path: Path, schema: pa.Schema, fmt: Format, gzipped: bool = False) -> Iterator[Callable[[pa.RecordBatch], None]]:
+    """Write record batches of `schema` to `path` as Parquet (zstd) or JSON Lines (gzipped
+    when `gzipped`): ``with batch_writer(...) as write: write(batch)``."""
+    if fmt == "parquet":
+        with pq.ParquetWriter(path, schema, compression="zstd") as w:
+            yield w.write_batch
+    elif fmt == "jsonl":
+        opener = gzip.open if gzipped else open
+        with opener(path, "wt", encoding="utf-8") as f:
+            yield lambda batch: f.writelines(json_lines(batch))
+    else:
+        raise OutputError(f"{path}: {fmt} is not an output format (Parquet or JSON Lines)")
+
+
+def json_lines(batch: pa.RecordBatch) -> Iterator[str]:
+    """One JSON object per row. Values JSON has no type for are written as text: timestamps,
+    dates and times in ISO 8601, decimals exactly as their digits, bytes in base64; NaN and
+    infinities (not JSON) as null."""
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_floating(column.type):
+            column = pc.if_else(pc.is_finite(column), column, pa.scalar(None, column.type))
+        columns.append(column)
+    rows = pa.RecordBatch.from_arrays(columns, schema=batch.schema).to_pylist()
+    return (json.dumps(row, ensure_ascii=False, default=_json_value) + "\n" for row in rows)
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"a {type(value).__name__} value has no JSON form")
+
 
 
 class AtomicWriter:

@@ -5,7 +5,7 @@ Both take ``token_ids`` (B, T) int64 with 0 = padding and return class scores (B
 rebuilt from their config alone (``build_model(kind, config)``): no files are opened in a
 constructor, so a checkpoint or an export needs nothing but the checkpoint.
 
-Export-minded choices (see DESIGN.md): ``nn.Embedding(padding_idx=0)`` + masked mean instead of
+Export-minded choices (see docs/design.md): ``nn.Embedding(padding_idx=0)`` + masked mean instead of
 ``nn.EmbeddingBag`` (which exports as a slow ONNX Loop), and the CNN pads its input inside
 ``forward`` so that titles shorter than the widest kernel still work.
 """

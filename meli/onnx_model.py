@@ -1,6 +1,6 @@
 """The exported model file: what it carries, and onnxruntime sessions over it.
 
-A ``model.onnx`` is self-sufficient (DESIGN contract 4): besides the graph
+A ``model.onnx`` is self-sufficient (docs/design.md, "The model file"): besides the graph
 (``token_ids`` int64 ``[batch, sequence]`` → ``probabilities`` float32 ``[batch, n_labels]``)
 its ``metadata_props`` hold the tokenizer config, vocabulary, labels, model config and
 provenance as JSON, so scoring needs nothing but the file. This module needs onnxruntime

@@ -3,8 +3,8 @@
 `Scorer.score_batch` takes a batch of input rows and returns one output row per input row,
 in order: the kept input columns, ``category`` (string) and ``probability`` (float32), and
 with ``top_k`` the lists ``top_categories`` / ``top_probabilities``. It has no I/O of its own,
-so the same code runs in ``meli-score`` and inside Spark's ``mapInArrow`` (see
-`score_arrow_batches`).
+so the same code runs in ``meli-score`` and inside Spark's ``mapInArrow`` (`meli.score.spark`;
+`score_arrow_batches` wraps it for a pipeline of your own).
 
 Rows whose title is null, empty, or yields no known token (nothing for the model to go on)
 get a null ``category`` and ``probability``: marked, counted, never a crash. With
@@ -207,7 +207,7 @@ def length_runs(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[
 def score_arrow_batches(
     batches: Iterable[pa.RecordBatch], model_path: str, options: ScoreOptions = ScoreOptions(), provider: str = "auto", threads: int | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """For Spark: ``df.mapInArrow(lambda it: score_arrow_batches(it, "model.onnx"), schema)``.
+    """For your own ``mapInArrow``: ``df.mapInArrow(lambda it: score_arrow_batches(it, "model.onnx"), schema)``.
 
     Opens the model once per call (once per partition in Spark) and streams the batches.
     """

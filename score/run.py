@@ -9,13 +9,8 @@ beside the target, renamed at the end: an error or a kill leaves any previous ou
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import datetime as dt
-import decimal
-import gzip
-import json
 import logging
 import os
 import queue
@@ -35,7 +30,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from meli.errors import InputError, MeliError, OutputError, SettingError, first_line
-from meli.formats import NOT_DATA, AtomicWriter, check_name_length, detect_format, iter_batches, parquet_parts
+from meli.formats import (NOT_DATA, AtomicWriter, batch_writer, check_name_length, detect_format, iter_batches, json_lines,
+                          parquet_parts)
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
 from meli.score.core import Scorer, ScoreOptions
@@ -144,15 +140,11 @@ class _OutputFile:
                 while (b := self.queue.get()) is not _DONE:
                     sys.stdout.writelines(json_lines(b))
                     sys.stdout.flush()
-            elif self.format == "parquet":
-                with pq.ParquetWriter(self.path, self.schema, compression="zstd") as w:
-                    while (b := self.queue.get()) is not _DONE:
-                        w.write_batch(b)
-            else:
-                opener = gzip.open if self.target.name.lower().endswith(".gz") else open
-                with opener(self.path, "wt", encoding="utf-8") as f:
-                    while (b := self.queue.get()) is not _DONE:
-                        f.writelines(json_lines(b))
+                return
+            gzipped = self.target.name.lower().endswith(".gz")
+            with batch_writer(self.path, self.schema, self.format, gzipped) as write:
+                while (b := self.queue.get()) is not _DONE:
+                    write(b)
         except (OSError, pa.ArrowException) as e:
             raise OutputError(f"{self.target}: cannot write ({_reason(e)})") from e
 
@@ -180,31 +172,6 @@ class _OutputFile:
     def abort(self) -> None:
         """Stop the writer after a failure elsewhere; the caller's error is the one that counts."""
         self._stop()
-
-
-def json_lines(batch: pa.RecordBatch) -> Iterator[str]:
-    """One JSON object per row. Values JSON has no type for are written as text: timestamps,
-    dates and times in ISO 8601, decimals exactly as their digits, bytes in base64; NaN and
-    infinities (not JSON) as null."""
-    columns = []
-    for column in batch.columns:
-        if pa.types.is_floating(column.type):
-            column = pc.if_else(pc.is_finite(column), column, pa.scalar(None, column.type))
-        columns.append(column)
-    rows = pa.RecordBatch.from_arrays(columns, schema=batch.schema).to_pylist()
-    return (json.dumps(row, ensure_ascii=False, default=_json_value) + "\n" for row in rows)
-
-
-def _json_value(value: object) -> object:
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode("ascii")
-    raise TypeError(f"a {type(value).__name__} value has no JSON form")
 
 
 def _reason(e: BaseException) -> str:

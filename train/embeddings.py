@@ -1,6 +1,6 @@
 """Initial word vectors for the embedding table.
 
-- ``random``: torch's default init (nothing to do here);
+- ``random``: the table's own init, N(0, ``embedding_init_std``) (nothing to do here);
 - ``word2vec`` / ``fasttext``: trained with gensim on the training titles' words, as the
   course's students did;
 - ``pretrained``: a word2vec text file such as SBW (``SBW-vectors-300-min5.txt.bz2``),

@@ -3,8 +3,8 @@
 Mini-batches are padded to their own longest title. The embedding table is large (words,
 bigrams and hashed n-gram buckets) and each batch touches few rows of it, so only those
 rows are updated, with SparseAdam's arithmetic (`meli.train.row_adam`); the rest of the network
-gets the configured optimizer. That makes an epoch on 2 CPU cores ~15x faster than a dense
-AdamW over the whole table.
+gets the configured optimizer, so a step costs what the batch touches, not what the table
+holds.
 Validation runs after every epoch; the epoch with the best balanced accuracy is kept, and
 training stops after `patience` epochs without improvement.
 """
@@ -344,7 +344,7 @@ def train_and_refit(
     if distilling:
         # The student alone is refit, still taught by the members' selection fits: the real
         # titles' targets mix their probabilities with the true label, so the validation
-        # titles' labels reach it (refitting every member too would cost ~7 more minutes).
+        # titles' labels reach it, and the members are not refit: each would cost a full fit.
         log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
         final = train_model(dataclasses.replace(student_config, epochs=selection.best_epoch), combined, validation,
                             provenance=provenance, quiet=quiet, keep="last", on_epoch=_tagged(on_refit_epoch, STUDENT),
