@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-determinism data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-determinism bench-export data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
@@ -35,6 +35,7 @@ help:
 	@echo "make bench           titles/s and peak RSS by stage, vs a fastText pipeline (BENCH_ROWS=...)"
 	@echo "make bench-accuracy  this project's model vs classical baselines (DATA=folder)"
 	@echo "make bench-determinism  one title, one answer: $(OUTPUT) scored many ways (batch sizes, Spark, MLflow)"
+	@echo "make bench-export    parity and calibration of $(OUTPUT), re-measured against its checkpoint"
 	@echo "make data            download the course's MeLi 2019 data (SBW=1: also SBW vectors)"
 
 $(BIN)/.installed: pyproject.toml
@@ -80,6 +81,9 @@ bench-accuracy: venv
 
 bench-determinism: venv
 	$(BIN)/python bench/determinism.py --model "default=$(OUTPUT)" --write docs/results-determinism.md $(BENCH_ARGS)
+
+bench-export: venv
+	$(BIN)/python bench/export_figures.py --model "default=$(OUTPUT)" --write docs/results-export.md $(BENCH_ARGS)
 
 data: venv
 	$(BIN)/python -m meli.train.download --dest data $(if $(SBW),--sbw)

@@ -22,7 +22,6 @@ import dataclasses
 import datetime as dt
 import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -165,8 +164,7 @@ def main() -> None:
     if args.write:
         from results import write_results
 
-        write_results(args.write, "Accuracy against classical baselines (`make bench-accuracy`)",
-                      "python bench/accuracy.py " + shlex.join(sys.argv[1:]), lines)
+        write_results(args.write, "Accuracy against classical baselines (`make bench-accuracy`)", lines)
 
 
 if __name__ == "__main__":

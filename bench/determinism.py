@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -111,8 +110,7 @@ def main() -> None:
     if args.write:
         from results import write_results
 
-        write_results(args.write, "Same title, same answer (`make bench-determinism`)",
-                      "python bench/determinism.py " + shlex.join(sys.argv[1:]), lines)
+        write_results(args.write, "Same title, same answer (`make bench-determinism`)", lines)
 
 
 if __name__ == "__main__":

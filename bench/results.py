@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from pathlib import Path
 
 
-def write_results(path: Path, title: str, command: str, lines: list[str]) -> None:
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as one would type it from the repository root: the script
+    and every path argument relative to the current folder (no machine's absolute paths)."""
+    argv = list(sys.argv if argv is None else argv)
+
+    def shown(arg: str) -> str:
+        name, eq, value = arg.partition("=")
+        if eq and os.path.isabs(value):  # NAME=/abs/path (the --compare and --model forms)
+            return f"{name}={os.path.relpath(value)}"
+        return os.path.relpath(arg) if os.path.isabs(arg) else arg
+
+    return "python " + shlex.join([os.path.relpath(argv[0]), *map(shown, argv[1:])])
+
+
+def write_results(path: Path, title: str, lines: list[str]) -> None:
     """A results page: its title, the command that wrote it, then the table."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {title}\n\nWritten by `{command}`; rerun it to regenerate this page.\n\n"
+    path.write_text(f"# {title}\n\nWritten by `{command_line()}`; rerun it to regenerate this page.\n\n"
                     + "\n".join(lines) + "\n", encoding="utf-8")

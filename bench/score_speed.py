@@ -20,8 +20,8 @@ nightly job would run it, polling the child's peak RSS, and prints one Markdown 
 
 and the ratio of meli-score to that pipeline. ``--compare NAME=FILE`` (repeatable) scores the
 same catalog end to end with other model files (another export of the same run, say) through
-this meli-score; ``--previous DIR --previous-model FILE`` with the ``meli-score`` of another
-checkout (an earlier version of this repository) and its model, in the same run.
+this meli-score; ``--previous REV --previous-model FILE`` with the ``meli-score`` of an earlier version
+of this repository (a git revision, unpacked with ``git archive``) and its model, in the same run.
 
     python bench/score_speed.py --model artifacts/model.onnx --rows 2000000 --threads 2
 """
@@ -32,7 +32,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -165,6 +164,27 @@ def run_stage(args) -> None:
 
 
 # ----------------------------------------------------------------------------- the parent
+
+def checkout(revision: str, folder: Path) -> Path:
+    """This repository's files at `revision`, unpacked into `folder` and laid out as installed
+    (``pyproject.toml``'s package-dir: ``meli.score`` is the top-level ``score/``), so that
+    ``python -m meli.score`` runs that version with this interpreter's packages."""
+    import tomllib
+
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", revision], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        sys.exit(f"--previous {revision}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    dirs = tomllib.loads((folder / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {}).get("package-dir", {})
+    for package, source in dirs.items():
+        target = folder / package.replace(".", "/")
+        if not target.exists():
+            target.symlink_to(folder / source, target_is_directory=True)
+    return folder
+
+
 def run_measured(cmd: list[str]) -> tuple[str, float, float]:
     """Run `cmd`; (its stdout, wall seconds, peak RSS in MiB polled from /proc VmHWM).
 
@@ -249,7 +269,7 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench: docs/results-speed.md)")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
                     help="also score the catalog end to end with this model file (repeatable)")
-    ap.add_argument("--previous", type=Path, help="a checkout of an earlier version: its meli-score joins the table")
+    ap.add_argument("--previous", help="a git revision of this repository (a commit, a tag): its meli-score joins the table")
     ap.add_argument("--previous-model", type=Path, help="the model file for --previous")
     ap.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # a child's work
     ap.add_argument("--catalog", help=argparse.SUPPRESS)
@@ -284,10 +304,10 @@ def main() -> None:
         child("model", f"model only (onnxruntime {args.provider}, {args.threads} threads)",
               f"{min(args.rows, args.model_rows):,} pre-encoded titles in meli-score's length-sorted runs",
               "--model-rows", str(args.model_rows))
-        def meli_score(what: str, model: str, note: str) -> float:
+        def meli_score(what: str, model: str, note: str, *extra: str) -> float:
             scored = Path(tmp) / "scored.parquet"
             out, seconds, peak = run_measured([sys.executable, "-m", "meli.score", str(catalog), str(scored), "--model", model,
-                                               "--threads", str(args.threads), "--provider", args.provider, "--quiet"])
+                                               "--threads", str(args.threads), "--provider", args.provider, "--quiet", *extra])
             rate = args.rows / seconds
             rows.append((what, rate, peak, note))
             print(f"{what}: {rate:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
@@ -295,6 +315,8 @@ def main() -> None:
 
         ours = meli_score("**meli-score end to end**", args.model,
                           f"{card.matmuls} products, model file {size_mb:.1f} MB; start-up and model load included")
+        report = meli_score("meli-score --report (the nightly report)", args.model,
+                            "the same run, also writing the HTML and JSON report", "--report", str(Path(tmp) / "report.html"))
         for entry in args.compare:
             name, _, path = entry.partition("=")
             other = load_onnx_model(path, provider="cpu").card
@@ -302,18 +324,22 @@ def main() -> None:
                        f"{other.matmuls} products, model file {Path(path).stat().st_size / 1e6:.1f} MB")
         if args.previous:
             prev_out = Path(tmp) / "previous.parquet"
-            # checkouts before the stages moved under the meli namespace have a top-level score package
-            module = "score" if (args.previous / "score" / "__main__.py").is_file() and \
-                "package-dir" not in (args.previous / "pyproject.toml").read_text() else "meli.score"
-            cmd = [sys.executable, "-m", module, str(catalog), str(prev_out), "--model", str(args.previous_model.resolve()),
+            prev_root = checkout(args.previous, Path(tmp) / "previous")
+            cmd = [sys.executable, "-m", "meli.score", str(catalog), str(prev_out), "--model", str(args.previous_model.resolve()),
                    "--threads", str(args.threads), "--provider", args.provider, "--quiet"]
+            env = {**os.environ, "PYTHONPATH": str(prev_root)}
+            # a first run on a few rows compiles its tokenizer kernels into its own cache, as ours already are
+            warm = Path(tmp) / "warm.parquet"
+            pq.write_table(pq.ParquetFile(catalog).read_row_group(0).slice(0, 100), warm)
+            subprocess.run([*cmd[:3], str(warm), str(Path(tmp) / "warm-out.parquet"), *cmd[5:]], cwd=prev_root, env=env,
+                           capture_output=True, check=False)
             t = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=args.previous, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(cmd, cwd=prev_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             peak = _poll_peak(proc)
             if proc.returncode != 0:
                 sys.exit(f"previous meli-score failed:\n{proc.stderr.read()}")
             rate = args.rows / (time.perf_counter() - t)
-            rows.append((f"previous meli-score ({args.previous.name})", rate, peak,
+            rows.append((f"previous meli-score (version {args.previous})", rate, peak,
                          f"model file {args.previous_model.stat().st_size / 1e6:.0f} MB"))
             print(f"previous meli-score: {rate:,.0f} titles/s, peak RSS {peak:,.0f} MiB", file=sys.stderr)
         ratio = ""
@@ -338,12 +364,13 @@ def main() -> None:
     lines += [f"| {what} | {rate:,.0f} | {peak:,.0f} MiB | {note} |" for what, rate, peak, note in rows]
     if ratio:
         lines += ["", f"meli-score / fastText pipeline on {args.threads} cores: **{ratio}**"]
+    lines += ["", f"`--report` costs {1 - report / ours:.1%} of meli-score's end-to-end rate (time per title "
+              f"{ours / report - 1:+.1%})"]
     print("\n" + "\n".join(lines))
     if args.write:
-        command = "python bench/score_speed.py " + shlex.join(sys.argv[1:])
         from results import write_results
 
-        write_results(args.write, "Scoring speed and memory (`make bench`)", command, lines)
+        write_results(args.write, "Scoring speed and memory (`make bench`)", lines)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from meli.checkpoint import Checkpoint, load_checkpoint
-from meli.dataset import fingerprint, load_labelled
+from meli.dataset import TRAIN_MIX, fingerprint, load_labelled
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import MeliError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import file_sha256, load_onnx_model
 from meli.calibration import coverage_table
 from meli.metrics import balanced_accuracy
-from meli.tracking import (EXPORT_ARTIFACTS, HELD_OUT, REGISTERED_NAME, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
+from meli.tracking import (EXPORT_ARTIFACTS, HELD_OUT, REGISTERED_NAME, TRAIN_SOURCE_TAG, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
                            add_to_run, best_run_id,
                            has_run, register_pyfunc, run_checkpoint)
 from meli.export.compaction import Precision
@@ -38,12 +38,25 @@ class ChosenCheckpoint:
     run_id: str | None  # None: a checkpoint file outside MLflow
     validation_source: str | None
     validation_sha256: str | None = None  # the file's bytes when the run read it
+    train_source: str | None = None
+
+    def provenance(self) -> dict[str, str]:
+        """What the export adds to the card's provenance: the checkpoint's file name, and the
+        training mix when the checkpoint predates it and the run's training file is still there."""
+        extra = {"checkpoint": self.path.name}
+        if TRAIN_MIX not in self.checkpoint.provenance and self.train_source:
+            source = Path(self.train_source.removesuffix(HELD_OUT))
+            try:
+                extra[TRAIN_MIX] = json.dumps(load_labelled(source).category_counts(), ensure_ascii=False)
+            except MeliError as e:
+                log.warning("no training category mix in the model file (the nightly report's drift needs it): %s", e)
+        return extra
 
 
 def checkpoint_of_run(run_id: str) -> ChosenCheckpoint:
     local, tags = run_checkpoint(run_id)
     return ChosenCheckpoint(load_checkpoint(local), local, run_id, tags.get(VALIDATION_SOURCE_TAG),
-                            tags.get(VALIDATION_SHA256_TAG))
+                            tags.get(VALIDATION_SHA256_TAG), tags.get(TRAIN_SOURCE_TAG))
 
 
 def choose_checkpoint(experiment: str | None = None, run_id: str | None = None, checkpoint: str | Path | None = None) -> ChosenCheckpoint:
@@ -122,7 +135,7 @@ def export_model(
     output = Path(output)
     writer = AtomicWriter(output)  # fails now, before any work, on a missing or read-only folder
     with writer:
-        proto = to_onnx(chosen.checkpoint, {"checkpoint": chosen.path.name}, precision=precision, quantize=quantize)
+        proto = to_onnx(chosen.checkpoint, chosen.provenance(), precision=precision, quantize=quantize)
         data = proto.SerializeToString()
         onnx_model = load_onnx_model(data, provider=provider)
         titles = parity_titles(parity_data, chosen.validation_source, parity_rows, chosen.checkpoint, chosen.validation_sha256)

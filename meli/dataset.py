@@ -27,6 +27,11 @@ class DataFilter:
     label_qualities: tuple[str, ...] = ()  # e.g. ("reliable",); empty keeps all
 
 
+# provenance key (checkpoint, then model card): the training split's titles per category, as
+# JSON; the nightly report compares a catalog's predicted categories with it
+TRAIN_MIX = "train_category_counts"
+
+
 @dataclass(frozen=True)
 class LabelledSplit:
     """Titles and their category names, as Arrow string arrays of equal length."""
@@ -37,6 +42,11 @@ class LabelledSplit:
 
     def __len__(self) -> int:
         return len(self.titles)
+
+    def category_counts(self) -> dict[str, int]:
+        """Titles per category, in the categories' sorted order: the split's category mix."""
+        counts = self.categories.value_counts()
+        return dict(sorted(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
 def load_labelled(path: str | Path, data_filter: DataFilter = DataFilter()) -> LabelledSplit:

@@ -47,6 +47,7 @@ BEST_PREFIX = "best_"  # the selection fit's metrics at its best epoch, logged o
 BEST_METRIC = "best_val_balanced_accuracy"  # how meli-export picks a run
 REGISTERED_NAME = "meli-categorizer"
 LATEST_ALIAS = "latest-export"  # always the newest export
+SCORING_EXPERIMENT = "meli-scoring"  # meli-score --track: one run per scoring run, for comparing nights
 SERVING_ALIAS = "champion"  # moves only to an export at least as accurate (or --force)
 
 
@@ -207,6 +208,24 @@ class RunRecorder:
 
         parsed = urlparse(mlflow.get_artifact_uri(path_in_run))
         return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else parsed.geturl()
+
+
+def log_scoring_run(metrics: dict[str, float], tags: dict[str, str], files, run_name: str) -> str:
+    """One run in `SCORING_EXPERIMENT` (made on first use): `metrics`, `tags`, `files` as
+    artifacts under ``report/``. Returns the run id."""
+    import mlflow
+
+    client = mlflow_client()
+    with store_errors(), _quiet():
+        # by id, not mlflow.set_experiment: that would leave this experiment active for the process
+        found = client.get_experiment_by_name(SCORING_EXPERIMENT)
+        experiment_id = found.experiment_id if found else client.create_experiment(SCORING_EXPERIMENT)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+            mlflow.set_tags(tags)
+            mlflow.log_metrics(metrics)
+            for path in files:
+                mlflow.log_artifact(str(path), artifact_path="report")
+        return run.info.run_id
 
 
 # ----------------------------------------------------------------------------- reading runs

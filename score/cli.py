@@ -6,6 +6,7 @@ import click
 
 from meli import __version__
 from meli.command import reports_errors, setup_logging
+from meli.score.report import EXIT_DRIFT, DriftRules
 
 MAX_BATCH = 1 << 24  # rows: far beyond what memory allows for titles, well inside Arrow's and onnxruntime's limits
 MAX_THREADS = 1024
@@ -38,11 +39,22 @@ MAX_THREADS = 1024
                    "'meli-categorizer[spark]'); OUTPUT is then a folder of Parquet part files.")
 @click.option("--spark-master", default=None, help="With --engine spark: the master URL (default: spark-submit's, "
               "else local[*]).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write the nightly report to this .html (self-contained) and its figures to the .json beside it: "
+                   "unscored rows, unknown words, title lengths, the category mix against the training data (PSI, "
+                   "Jensen-Shannon), confidence against validation, and a drift verdict.")
+@click.option("--drift-threshold", type=click.FloatRange(min=0, min_open=True), default=DriftRules.category_psi,
+              show_default=True, help="With --report: the category PSI above which the run counts as drifted.")
+@click.option("--fail-on-drift", is_flag=True,
+              help=f"With --report: exit with code {EXIT_DRIFT} when the run drifted (the output is still written).")
+@click.option("--track", is_flag=True,
+              help="With --report: log the run to MLflow (experiment meli-scoring): the report's figures as metrics, "
+                   "the report as an artifact, the model version as a tag.")
 @click.option("--quiet", is_flag=True, help="No progress bar or logs; the summary line still goes to stderr.")
 @reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was"
                 + (f", {kw['route_low']} too" if kw.get("route_low") else ""))
 def main(input_path, output_path, model, title_column, keep_columns, top_k, min_probability, route_low, batch_size,
-         provider, threads, engine, spark_master, quiet):
+         provider, threads, engine, spark_master, report, drift_threshold, fail_on_drift, track, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
 
     INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
@@ -59,8 +71,15 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
     from meli.score.core import ScoreOptions
     from meli.score.run import score_file
 
+    if (fail_on_drift or track) and report is None:
+        raise click.UsageError(f"--{'fail-on-drift' if fail_on_drift else 'track'} needs --report")
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
     options = ScoreOptions(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
+    rules = DriftRules(category_psi=drift_threshold)
+    if track:  # a store that cannot take the run fails now, before the catalog is scored
+        from meli.tracking import check_store
+
+        check_store()
     if engine == "spark":
         if route_low is not None:
             raise click.UsageError("--route-low is not available with --engine spark (filter the output on probability)")
@@ -68,9 +87,16 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
         from meli.tracking import resolve_model_uri
 
         summary = score_with_spark(input_path, output_path, resolve_model_uri(model), options, master=spark_master,
-                                   provider=provider, batch_size=batch_size)
-        click.echo(summary.line(), err=True)
-        return
-    summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
-                         provider=provider, threads=threads, quiet=quiet)
+                                   provider=provider, batch_size=batch_size, report=report, drift_rules=rules,
+                                   model_name=model)
+    else:
+        summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
+                             provider=provider, threads=threads, quiet=quiet, report=report, drift_rules=rules)
     click.echo(summary.line(), err=True)
+    if track:
+        from meli.score.report import track_report
+
+        click.echo(f"tracked as MLflow run {track_report(summary.report, summary.report_files)}", err=True)
+    if fail_on_drift and summary.report["drift"]:
+        click.echo("Drift: " + "; ".join(summary.report["drift_reasons"]), err=True)
+        raise click.exceptions.Exit(EXIT_DRIFT)

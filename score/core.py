@@ -26,6 +26,7 @@ from meli.errors import InputError, SettingError
 from meli.formats import as_plain_strings, first_repeat, is_text
 from meli.onnx_model import OnnxModel, load_onnx_model
 from meli.tokenizer import N_SPECIAL, Encoded
+from meli.score.tally import Tally, WordCounter, tally_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,17 @@ class Tokenized:
     batch: pa.RecordBatch
     kept: list[tuple[str, str]]
     encoded: Encoded
+    titles: pa.Array  # the title column as plain strings
 
 
 @dataclass
 class Scorer:
+    """Scores batches of rows with one model. With a `tally` (`meli.score.tally.Tally`), every
+    batch it scores is also counted there, for the nightly report."""
+
     model: OnnxModel
     options: ScoreOptions = field(default_factory=ScoreOptions)
+    tally: Tally | None = None
 
     def __post_init__(self) -> None:
         self.tokenizer = self.model.card.tokenizer()
@@ -77,6 +83,7 @@ class Scorer:
         if not 0.0 <= self.options.min_probability <= 1.0:
             raise SettingError("min_probability", f"must be between 0 and 1, got {self.options.min_probability}")
         self.stats = ScoreStats()
+        self._words: WordCounter | None = None  # built on the first batch a tally counts
 
     # ---------------------------------------------------------------- schema
     def _kept(self, schema: pa.Schema) -> list[tuple[str, str]]:
@@ -143,7 +150,7 @@ class Scorer:
             titles.validate(full=True)
         except pa.ArrowInvalid as e:
             raise InputError(f"title column {name!r}: invalid UTF-8 ({e})") from e
-        return Tokenized(batch, kept, self.tokenizer.encode_batch(titles, compact=self.model.card.compact))
+        return Tokenized(batch, kept, self.tokenizer.encode_batch(titles, compact=self.model.card.compact), titles)
 
     def predict(self, tokenized: Tokenized) -> pa.RecordBatch:
         """The second half of `score_batch`: run the model, build the output rows."""
@@ -181,6 +188,9 @@ class Scorer:
             values = pa.ListArray.from_arrays(offsets, pa.array(top_p.ravel()), mask=missing)
             columns += [names, values]
         self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum()), below=int(below.sum())))
+        if self.tally is not None:
+            self._words = self._words or WordCounter(self.tokenizer)
+            tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below)
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -35,6 +35,8 @@ from meli.formats import (NOT_DATA, AtomicWriter, batch_writer, check_name_lengt
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
 from meli.score.core import Scorer, ScoreOptions
+from meli.score.report import DriftRules, build_report, registered_version, report_paths, summary_words, write_report
+from meli.score.tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class ScoreSummary:
     below: int = 0  # scored rows under min_probability
     min_probability: float = 0.0
     routed_to: Path | None = None
+    report: dict | None = None  # the nightly report's figures (`meli.score.report`), when asked for
+    report_files: tuple[Path, ...] = ()
 
     @property
     def rows_per_second(self) -> float:
@@ -66,6 +70,7 @@ class ScoreSummary:
             f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows_per_second:,.0f} rows/s); "
             f"{self.unscored:,} without a category (null/empty title or no known token); {low}"
             f"provider {self.provider}; model {self.model}; wrote {self.output}"
+            + (f"; report {self.report_files[0]}; {summary_words(self.report)}" if self.report is not None else "")
         )
 
 
@@ -243,6 +248,10 @@ def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
                           "as input; write it elsewhere")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; name an output file")
+    if what == "the report":
+        if not out.parent.is_dir():
+            raise OutputError(f"{out}: folder {out.parent} does not exist")
+        return
     if detect_format(out) == "csv":
         raise OutputError(f"{out}: CSV output is not supported; use .parquet or .jsonl")
 
@@ -258,10 +267,14 @@ def score_file(
     provider: str = "auto",
     threads: int | None = None,
     quiet: bool = False,
+    report: str | os.PathLike | None = None,
+    drift_rules: DriftRules = DriftRules(),
 ) -> ScoreSummary:
     """Score INPUT into OUTPUT. With `route_low`, the rows under ``options.min_probability``
     (and those with no category at all) go to that second file instead, with the model's
-    category as a suggestion; both files are written atomically, in input order."""
+    category as a suggestion; both files are written atomically, in input order. With
+    `report` (``R.html``), the nightly report is written to R.html and R.json once the output
+    is in place (`meli.score.report`); the summary carries its figures and drift verdict."""
     inp, out = Path(input_path), Path(output_path)
     low = Path(route_low) if route_low is not None else None
     _check_output(out, inp)
@@ -277,9 +290,16 @@ def score_file(
             raise SettingError("route_low", f"{low} must be a file other than the output")
     if threads:
         pa.set_cpu_count(threads)
+    if report is not None:
+        for path in report_paths(report):
+            _check_output(path, inp, "the report")
+            if path.resolve() == out.resolve() or (low is not None and path.resolve() == low.resolve()):
+                raise SettingError("report", f"{path} is also an output of this run; name the report otherwise")
     onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)
+    tally = Tally(len(onnx_model.card.labels)) if report is not None else None
     # routing: the scorer keeps every category; the split below decides where each row goes
-    scorer = Scorer(onnx_model, dataclasses.replace(options, min_probability=0.0) if low is not None else options)
+    scorer = Scorer(onnx_model, dataclasses.replace(options, min_probability=0.0) if low is not None else options,
+                    tally=tally)
     started = time.perf_counter()
     routed = 0
     with contextlib.ExitStack() as stack:
@@ -321,5 +341,14 @@ def score_file(
             t.commit()
     stats = scorer.stats
     below = stats.below if low is None else routed - stats.unscored
+    figures, files = None, ()
+    if tally is not None:
+        if low is not None:
+            tally.below = below
+        figures = build_report(tally, onnx_model, str(input_path), str(output_path), rules=drift_rules,
+                               min_probability=options.min_probability, registered=registered_version(model))
+        files = write_report(figures, report)
     return ScoreSummary(stats.rows, stats.unscored, time.perf_counter() - started, onnx_model.provider, onnx_model.source,
-                        out, below=below, min_probability=options.min_probability, routed_to=low)
+                        out, below=below, min_probability=options.min_probability, routed_to=low, report=figures,
+                        report_files=files)
+

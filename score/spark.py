@@ -34,6 +34,13 @@ from meli.errors import InputError, MeliError, OutputError, SettingError, first_
 from meli.formats import checked_parts, is_text
 from meli.onnx_model import load_onnx_model
 from meli.score.core import Scorer, ScoreOptions
+from meli.score.report import DriftRules, build_report, registered_version, report_paths, summary_words, write_report
+from meli.score.tally import Tally
+
+try:
+    from pyspark.accumulators import AccumulatorParam
+except ImportError:  # pyspark is the [spark] extra; the engine says so when asked for
+    AccumulatorParam = None
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +51,25 @@ class SparkSummary:
     seconds: float
     output: str
     master: str
+    report: dict | None = None  # the nightly report's figures (`meli.score.report`), when asked for
+    report_files: tuple[Path, ...] = ()
 
     def line(self) -> str:
         return (f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows / max(self.seconds, 1e-9):,.0f} rows/s) "
-                f"on Spark {self.master}; wrote {self.output}")
+                f"on Spark {self.master}; wrote {self.output}"
+                + (f"; report {self.report_files[0]}; {summary_words(self.report)}" if self.report is not None else ""))
+
+
+class TallyParam(AccumulatorParam if AccumulatorParam is not None else object):
+    """A Spark accumulator of per-partition tallies, keyed by partition: a task that runs
+    again (a retry, a speculative copy) replaces its partition's tally instead of adding to it."""
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, a: dict, b: dict) -> dict:
+        a.update(b)
+        return a
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,13 +80,17 @@ def _worker_scorer(model_path: str, options: ScoreOptions, provider: str) -> Sco
 
 
 def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreOptions, provider: str,
-                     schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    from pyspark import SparkFiles
+                     schema: pa.Schema, tallies=None) -> Iterator[pa.RecordBatch]:
+    from pyspark import SparkFiles, TaskContext
 
     scorer = _worker_scorer(SparkFiles.get(model_name), options, provider)
+    # a worker runs one task at a time: this partition's tally, sent to the driver when it ends
+    scorer.tally = Tally(len(scorer.labels)) if tallies is not None else None
     for batch in batches:
         out = scorer.score_batch(batch)
         yield pa.RecordBatch.from_arrays(out.columns, schema=schema)
+    if tallies is not None:
+        tallies.add({TaskContext.get().partitionId(): scorer.tally.to_dict()})
 
 
 _OUR_ERROR = re.compile(rf"(?:{'|'.join(c.__name__ for c in MeliError.__subclasses__())}): (.+)")
@@ -123,13 +149,23 @@ def score_with_spark(
     master: str | None = None,
     provider: str = "auto",
     batch_size: int = 16_384,
+    report: str | os.PathLike | None = None,
+    drift_rules: DriftRules = DriftRules(),
+    model_name: str | None = None,
 ) -> SparkSummary:
     """Score a Parquet dataset (a file or a folder of part files, local or on a lake's file
     system) into a folder of Parquet part files at `output_path`, replacing any previous one
-    only once the new one is complete."""
+    only once the new one is complete. With `report`, the nightly report is computed from
+    per-partition tallies merged on the driver (no data collected) and written as the local
+    engine writes it."""
     started = time.perf_counter()
     model_path = Path(model)
-    scorer = Scorer(load_onnx_model(model_path, provider="cpu"), options)  # fails here, before any task
+    local_model = load_onnx_model(model_path, provider="cpu")
+    scorer = Scorer(local_model, options)  # fails here, before any task
+    if report is not None:
+        for path in report_paths(report):
+            if not path.parent.is_dir():
+                raise OutputError(f"{path}: folder {path.parent} does not exist")
     spark = spark_session(master)
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
@@ -151,14 +187,24 @@ def score_with_spark(
     out_schema = scorer.output_schema(in_schema).remove_metadata()  # checks --keep-columns and names too
     spark.sparkContext.addFile(str(model_path.resolve()))
     name, opts = model_path.name, options
-    scored = df.mapInArrow(lambda it: _score_partition(it, name, opts, provider, out_schema), from_arrow_schema(out_schema))
+    tallies = spark.sparkContext.accumulator({}, TallyParam()) if report is not None else None
+    scored = df.mapInArrow(lambda it: _score_partition(it, name, opts, provider, out_schema, tallies),
+                           from_arrow_schema(out_schema))
     try:
         rows = _write_replacing(scored, str(output_path))
     except MeliError:
         raise
     except Exception as e:  # noqa: BLE001 - a task failed: Py4J/Java errors, or a worker's Python error
         raise InputError(f"{input_path}: the Spark job failed ({spark_reason(e)})") from e
-    return SparkSummary(rows, time.perf_counter() - started, str(output_path), spark.sparkContext.master)
+    figures, files = None, ()
+    if tallies is not None:
+        tally = functools.reduce(Tally.merge, (Tally.from_dict(t) for t in tallies.value.values()),
+                                 Tally(len(local_model.card.labels)))
+        figures = build_report(tally, local_model, str(input_path), str(output_path), rules=drift_rules,
+                               min_probability=options.min_probability, engine="spark",
+                               registered=registered_version(model_name or str(model)))
+        files = write_report(figures, report)
+    return SparkSummary(rows, time.perf_counter() - started, str(output_path), spark.sparkContext.master, figures, files)
 
 
 def _write_replacing(df, output: str) -> int:

@@ -7,12 +7,13 @@ which skips them cleanly on a fresh clone where that folder does not exist.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from meli.dataset import load_labelled
+from meli.dataset import TRAIN_MIX, load_labelled
 from meli.demo_catalog import DEMO_DIR
 from meli.train.config import TrainConfig, load_config
 
@@ -62,12 +63,14 @@ def trained(demo_splits):
     from meli.train.trainer import train_and_refit, train_model
 
     train, validation = demo_splits
+    # what meli-train records: the run, and the training mix the nightly report compares with
+    provenance = {"mlflow_run_id": "none", TRAIN_MIX: json.dumps(train.category_counts())}
     models = {
-        kind: train_model(small_config(kind), train, validation, provenance={"mlflow_run_id": "none"}, quiet=True)
+        kind: train_model(small_config(kind), train, validation, provenance=provenance, quiet=True)
         for kind in ("mlp", "cnn")
     }
     models["ensemble"] = train_and_refit(small_config("mlp", members=2, refit=False), train, validation,
-                                         provenance={"mlflow_run_id": "none"}, quiet=True)
+                                         provenance=provenance, quiet=True)
     return models
 
 
@@ -96,8 +99,6 @@ def _export_all(trained, folder: Path, quantize: bool) -> dict[str, Path]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    import json
-
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 

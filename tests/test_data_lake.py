@@ -1,6 +1,6 @@
 """Data-lake inputs: folders read the way Spark, Hive and Arrow write them.
 
-The README's "Failure modes" section names the rule: in an input folder, names starting with
+docs/failure-modes.md names the rule: in an input folder, names starting with
 ``_`` or ``.`` are not data; ``key=value`` folders are Hive partitions (string columns, in
 both engines); a file is a part by its suffix in any case or by Parquet's magic bytes; parts
 are read in natural path order; table formats (Delta, Hudi, Iceberg) are refused.

@@ -1,6 +1,6 @@
 """Failure modes: what meli-score, meli-export and meli-train do with bad or unusual input.
 
-Grouped as the README's "Failure modes" section is, so the two read side by side. Every case
+Grouped as docs/failure-modes.md is, so the two read side by side. Every case
 ends one of two ways: the right output, or exit code 1 with exactly one ``Error: ...`` line
 naming the file, row, column or key at fault, no traceback, no output created, an existing
 output byte-for-byte unchanged and no temporary file left behind (`expect_error`).

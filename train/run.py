@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import tempfile
@@ -12,7 +13,7 @@ import torch
 
 from meli import __version__
 from meli.checkpoint import save_checkpoint
-from meli.dataset import DataFilter, LabelledSplit, fingerprint, load_labelled, split_holdout
+from meli.dataset import TRAIN_MIX, DataFilter, LabelledSplit, fingerprint, load_labelled, split_holdout
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import InputError, OutputError, SettingError
 from meli.formats import detect_format
@@ -147,6 +148,7 @@ def run_training(
             "meli_version": __version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
+            TRAIN_MIX: json.dumps(train.category_counts(), ensure_ascii=False),
         }
         result = train_and_refit(config, train, validation, provenance=provenance, on_epoch=log_epoch,
                                  on_refit_epoch=log_refit_epoch, quiet=quiet)

@@ -1,0 +1,127 @@
+"""What a scoring run saw, as counts that add up: the raw material of the nightly report.
+
+A `Tally` is filled batch by batch by the scoring core (`Scorer`, when given one) and holds
+only sums and fixed-bin histograms, so tallies of parts of the input (Spark partitions,
+batches) merge into the tally of the whole by adding them (`Tally.merge`): the local
+engine and Spark give the same numbers on the same input, whatever the batch size or the
+partitioning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from meli.calibration import THRESHOLDS
+from meli.tokenizer import N_SPECIAL, UNK, Encoded, Tokenizer
+
+# title length in characters: [0, 1) is the empty title, the last bin is open
+LENGTH_EDGES = (0, 1, 10, 20, 30, 40, 50, 60, 80, 100, 150, 200)
+CONFIDENCE_BINS = 20  # equal-width bins of the top probability over [0, 1]
+Q24 = float(1 << 24)  # probabilities are float32: at most 24 significant bits
+
+
+@dataclass
+class Tally:
+    """Counts over the rows a scoring run read. Arrays are indexed by the model's labels
+    (`categories`), `LENGTH_EDGES` bins (`lengths`), `CONFIDENCE_BINS` bins (`confidence`) and
+    `meli.calibration.THRESHOLDS` (`at_threshold`: scored rows whose top probability is at
+    least each threshold)."""
+
+    n_labels: int
+    rows: int = 0
+    empty: int = 0  # null titles, and titles that are empty or only blanks
+    no_known_token: int = 0  # non-empty titles the model has nothing to go on for
+    words: int = 0  # words after normalisation and stopwords, of every title
+    unknown_words: int = 0  # of those, words not in the vocabulary
+    probability_q24: int = 0  # sum of the scored rows' top probability, in units of 2**-24 (whole numbers add exactly)
+    below: int = 0  # scored rows under --min-probability
+    categories: np.ndarray = field(default=None)  # type: ignore[assignment]
+    lengths: np.ndarray = field(default=None)  # type: ignore[assignment]
+    confidence: np.ndarray = field(default=None)  # type: ignore[assignment]
+    at_threshold: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        zeros = {"categories": self.n_labels, "lengths": len(LENGTH_EDGES), "confidence": CONFIDENCE_BINS,
+                 "at_threshold": len(THRESHOLDS)}
+        for name, size in zeros.items():
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(size, np.int64))
+
+    @property
+    def scored(self) -> int:
+        return self.rows - self.empty - self.no_known_token
+
+    @property
+    def mean_probability(self) -> float | None:
+        return self.probability_q24 / Q24 / self.scored if self.scored else None
+
+    def merge(self, other: "Tally") -> "Tally":
+        """The tally of both inputs together."""
+        if other.n_labels != self.n_labels:
+            raise ValueError(f"tallies of models with {self.n_labels} and {other.n_labels} categories do not merge")
+        out = {}
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            out[f.name] = a if f.name == "n_labels" else a + b
+        return Tally(**out)
+
+    def to_dict(self) -> dict:
+        """Plain values (lists for arrays): what travels from Spark's workers to the driver."""
+        return {f.name: (v.tolist() if isinstance(v := getattr(self, f.name), np.ndarray) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tally":
+        arrays = {"categories", "lengths", "confidence", "at_threshold"}
+        return cls(**{k: (np.asarray(v, np.int64) if k in arrays else v) for k, v in d.items()})
+
+
+class WordCounter:
+    """Counts a batch's words and unknown words from its token ids, in either encoding: an
+    unknown word is one `UNK` id; a known word is its vocabulary id (full ids, and titles the
+    compact encoding leaves in full) or its fused id (compact). Head tokens and bigrams share
+    the vocabulary's id range, so a mask over the vocabulary tells words from them."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        vocab = tokenizer.vocabulary
+        self.is_word = np.fromiter((("^" not in t) and (" " not in t) for t in vocab), bool, len(vocab))
+        self.n_vocab = len(vocab)
+        self.fused_offset = tokenizer.fused_offset
+
+    def count(self, values: np.ndarray) -> tuple[int, int]:
+        """(words, unknown words) among `values`, a batch's flat token ids."""
+        unknown = int(np.count_nonzero(values == UNK))
+        plain = values - N_SPECIAL
+        plain = plain[(plain >= 0) & (plain < self.n_vocab)]
+        fused = values - self.fused_offset
+        fused = fused[fused >= 0]
+        known = int(np.count_nonzero(self.is_word[plain])) + int(np.count_nonzero(self.is_word[fused]))
+        return known + unknown, unknown
+
+
+def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Encoded, scorable: np.ndarray,
+                top_index: np.ndarray, top_probability: np.ndarray, below: np.ndarray) -> None:
+    """Add one scored batch to `tally`: its plain-string `titles`, their `encoded` ids, which
+    rows were scorable, their top category and probability, and which fell under the threshold."""
+    n = len(titles)
+    chars = pc.utf8_length(pc.utf8_trim_whitespace(titles)).fill_null(0).to_numpy(zero_copy_only=False)
+    empty = chars == 0
+    tally.rows += n
+    tally.empty += int(empty.sum())
+    tally.no_known_token += int((~scorable & ~empty).sum())
+    w, u = words.count(encoded.values)
+    tally.words += w
+    tally.unknown_words += u
+    tally.lengths += np.bincount(np.searchsorted(LENGTH_EDGES, chars, side="right") - 1, minlength=len(LENGTH_EDGES))
+    p = top_probability[scorable].astype(np.float64)
+    tally.categories += np.bincount(top_index[scorable], minlength=tally.n_labels)
+    tally.confidence += np.bincount(np.minimum((p * CONFIDENCE_BINS).astype(np.int64), CONFIDENCE_BINS - 1),
+                                    minlength=CONFIDENCE_BINS)
+    tally.at_threshold += np.array([np.count_nonzero(p >= t) for t in THRESHOLDS], np.int64)
+    tally.probability_q24 += int(np.rint(p * Q24).astype(np.int64).sum())
+    tally.below += int(below.sum())

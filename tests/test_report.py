@@ -1,0 +1,232 @@
+"""meli-score --report: the nightly report, its drift verdict and its exit code."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import html5lib
+import pytest
+from click.testing import CliRunner
+
+from meli.onnx_model import load_onnx_model
+from meli.score.cli import main as score_main
+from meli.score.report import EXIT_DRIFT, js_divergence, psi, training_mix
+from meli.score.tally import Tally
+
+# figures that say where and when, not what the catalog held
+CIRCUMSTANCES = ("created_at", "input", "output", "engine")
+
+
+def run(*args):
+    return CliRunner().invoke(score_main, [str(a) for a in args] + ["--quiet"])
+
+
+def catalog(path, titles) -> str:
+    pq.write_table(pa.table({"id": pa.array(range(len(titles)), pa.int64()), "title": pa.array(titles, pa.string())}), path)
+    return str(path)
+
+
+def resampled_training_titles(demo_splits, n: int, seed: int = 0, keep=None) -> list:
+    """`n` titles drawn with replacement from the demo's training split (the training mix
+    itself), or only from the categories `keep` allows."""
+    train, _ = demo_splits
+    titles, cats = train.titles.to_pylist(), train.categories.to_pylist()
+    pool = [i for i, c in enumerate(cats) if keep is None or keep(c)]
+    return [titles[i] for i in np.random.default_rng(seed).choice(pool, n)]
+
+
+def score_with_report(tmp_path, inp, model, *extra) -> tuple[dict, str, object]:
+    report = tmp_path / "tonight.html"
+    result = run(inp, tmp_path / "out.parquet", "--model", model, "--report", report, *extra)
+    data = json.loads((tmp_path / "tonight.json").read_text(encoding="utf-8"))
+    return data, report.read_text(encoding="utf-8"), result
+
+
+def test_the_training_mix_itself_shows_no_drift(demo_splits, exported, tmp_path):
+    inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 3000))
+    data, _, result = score_with_report(tmp_path, inp, exported["ensemble"])
+    assert result.exit_code == 0, result.output
+    assert data["drift"] is False, data["drift_reasons"]
+    assert data["rows"] == data["scored"] == 3000 and data["unscored"] == 0
+    assert 0 <= data["category_psi"] < 0.1 and 0 <= data["category_js"] < 0.05
+    assert sum(data["categories"]["counts"].values()) == 3000
+    assert "no drift" in result.output
+
+
+def test_a_catalog_of_twenty_categories_drifts_by_its_category_mix(demo_splits, exported, tmp_path):
+    train, _ = demo_splits
+    twenty = set(sorted(set(train.categories.to_pylist()))[:20])
+    inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 3000, keep=twenty.__contains__))
+    data, _, result = score_with_report(tmp_path, inp, exported["ensemble"])
+    assert result.exit_code == 0  # drift alone is not a failure without --fail-on-drift
+    assert data["drift"] is True
+    assert data["category_psi"] > 0.25
+    assert [r for r in data["drift_reasons"] if r.startswith("the category mix moved")]
+    assert not [r for r in data["drift_reasons"] if "got no category" in r]
+    shrank = {m["category"] for m in data["categories"]["shrank"]}
+    assert shrank and not shrank & twenty  # the ten missing categories are the ones that shrank
+    assert "drift: the category mix moved" in result.output
+
+
+def test_a_catalog_with_half_its_titles_empty_drifts_by_its_unscored_rows(demo_splits, exported, tmp_path):
+    titles = resampled_training_titles(demo_splits, 2000)
+    titles = [t if i % 2 else (None if i % 4 else "  ") for i, t in enumerate(titles)]
+    data, _, _ = score_with_report(tmp_path, catalog(tmp_path / "in.parquet", titles), exported["ensemble"])
+    assert data["drift"] is True
+    assert data["empty_titles"] == 1000 and data["unscored_share"] == pytest.approx(0.5)
+    assert [r for r in data["drift_reasons"] if "50.0% of rows got no category" in r]
+    assert not [r for r in data["drift_reasons"] if r.startswith("the category mix moved")]  # the rest is the usual mix
+
+
+def test_fail_on_drift_exits_with_its_own_code_and_keeps_the_output(demo_splits, exported, tmp_path):
+    titles = [None] * 900 + resampled_training_titles(demo_splits, 100)
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(score_main, [catalog(tmp_path / "in.parquet", titles), str(out), "--model",
+                                             str(exported["ensemble"]), "--report", str(tmp_path / "r.html"),
+                                             "--fail-on-drift", "--quiet"])
+    assert result.exit_code == EXIT_DRIFT == 3
+    assert pq.read_table(out).num_rows == 1000  # the output is written all the same
+    drift_lines = [line for line in result.output.splitlines() if line.startswith("Drift: ")]
+    assert len(drift_lines) == 1 and "got no category" in drift_lines[0]
+    # the same catalog without drift rules broken exits 0 with the flag
+    calm = catalog(tmp_path / "calm.parquet", resampled_training_titles(demo_splits, 1000))
+    assert run(calm, tmp_path / "calm-out.parquet", "--model", exported["ensemble"], "--report", tmp_path / "c.html",
+               "--fail-on-drift").exit_code == 0
+
+
+def test_drift_threshold_sets_the_psi_line(demo_splits, exported, tmp_path):
+    inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 3000))
+    data, _, _ = score_with_report(tmp_path, inp, exported["ensemble"], "--drift-threshold", "0.000001")
+    assert data["drift"] is True and data["drift_rules"]["category_psi"] == 1e-6
+    assert run(inp, tmp_path / "o.parquet", "--model", exported["ensemble"], "--fail-on-drift").exit_code == 2  # needs --report
+
+
+def test_the_html_is_self_contained_and_draws_its_pictures(demo_splits, exported, tmp_path):
+    inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 500))
+    data, page, _ = score_with_report(tmp_path, inp, exported["ensemble"])
+    # nothing fetched from elsewhere: no script, stylesheet, image, font or link to another address
+    assert not re.search(r"<script|<link|<img|<iframe|<object|@import|url\(|\b(src|href)\s*=|https?://", page, re.I)
+    svgs = re.findall(r"<svg.*?</svg>", page, re.S)
+    assert len(svgs) == 3  # category movers, confidence, title lengths
+    for svg in svgs:  # each picture is well-formed SVG with bars of positive size
+        root = ET.fromstring(svg)
+        widths = [float(r.get("width")) for r in root.iter("rect")] + [float(r.get("height")) for r in root.iter("rect")]
+        assert max(widths) > 10
+    assert data["model"]["sha256"] in page and "No drift" in page
+    html5lib.HTMLParser(strict=True).parse(page)  # valid HTML5: a browser draws it without guessing
+
+
+def test_the_report_does_not_depend_on_the_batch_size(demo_splits, exported, tmp_path):
+    titles = resampled_training_titles(demo_splits, 1500) + [None, "", "qqqq zzzz"]
+    inp = catalog(tmp_path / "in.parquet", titles)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, _, _ = score_with_report(tmp_path / "a", inp, exported["ensemble"])
+    b, _, _ = score_with_report(tmp_path / "b", inp, exported["ensemble"], "--batch-size", "97")
+    assert {k: v for k, v in a.items() if k not in CIRCUMSTANCES} == {k: v for k, v in b.items() if k not in CIRCUMSTANCES}
+
+
+def test_the_figures_count_what_the_output_holds(demo_splits, exported, tmp_path):
+    titles = resampled_training_titles(demo_splits, 800) + [None, "", "   "]
+    inp = catalog(tmp_path / "in.parquet", titles)
+    data, _, _ = score_with_report(tmp_path, inp, exported["mlp"], "--min-probability", "0.9")
+    out = pq.read_table(tmp_path / "out.parquet")
+    probability = out.column("probability").to_numpy(zero_copy_only=False)
+    scored = ~np.isnan(probability.astype(float))
+    assert data["rows"] == out.num_rows and data["scored"] == int(scored.sum()) and data["empty_titles"] == 3
+    assert data["confidence"]["mean_probability"] == pytest.approx(probability[scored].mean(), abs=1e-6)
+    assert data["confidence"]["below_min_probability"] == pytest.approx((probability[scored] < 0.9).sum() / out.num_rows)
+    row = next(r for r in data["confidence"]["thresholds"] if r["threshold"] == 0.9)
+    assert row["share"] == pytest.approx((probability[scored] >= 0.9).mean())
+    assert sum(data["confidence"]["histogram"]["counts"]) == data["scored"]
+    assert sum(data["title_length"]["counts"]) == data["rows"]
+
+
+def test_psi_and_js_are_zero_for_the_same_mix_and_grow_with_the_shift():
+    q = np.array([0.5, 0.3, 0.2])
+    assert psi(q, q) == 0 and js_divergence(q, q) == 0
+    small, large = np.array([0.45, 0.33, 0.22]), np.array([0.1, 0.1, 0.8])
+    assert 0 < psi(small, q) < psi(large, q) and 0 < js_divergence(small, q) < js_divergence(large, q) <= 1
+    assert js_divergence(np.array([1.0, 0, 0]), np.array([0, 0, 1.0])) == pytest.approx(1.0)
+
+
+def test_tallies_of_parts_merge_into_the_tally_of_the_whole(exported):
+    from meli.score.core import ScoreOptions, Scorer
+
+    model = load_onnx_model(exported["mlp"], provider="cpu")
+    titles = pa.array(["Bolso Maternal Con Cambiador", None, "", "Casco Moto", "xx yy", "Zapatillas Nike"] * 50)
+    whole = Scorer(model, ScoreOptions(), tally=Tally(len(model.card.labels)))
+    whole.score_batch(pa.record_batch({"title": titles}))
+    parts = []
+    for start in (0, 100, 217):
+        s = Scorer(model, ScoreOptions(), tally=Tally(len(model.card.labels)))
+        s.score_batch(pa.record_batch({"title": titles.slice(start, {0: 100, 100: 117, 217: 200}[start])}))
+        parts.append(s.tally)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.to_dict() == whole.tally.to_dict()
+    assert Tally.from_dict(json.loads(json.dumps(merged.to_dict()))).to_dict() == merged.to_dict()
+
+
+def test_a_model_file_without_a_training_mix_reports_without_category_drift(demo_splits, trained, tmp_path):
+    import dataclasses
+
+    from meli.dataset import TRAIN_MIX
+    from meli.export.onnx_export import to_onnx
+
+    ckpt = trained["mlp"].checkpoint
+    old = dataclasses.replace(ckpt, provenance={k: v for k, v in ckpt.provenance.items() if k != TRAIN_MIX})
+    path = tmp_path / "old.onnx"
+    path.write_bytes(to_onnx(old).SerializeToString())
+    assert training_mix(load_onnx_model(path, provider="cpu")) is None
+    inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 300))
+    data, page, result = score_with_report(tmp_path, inp, path)
+    assert result.exit_code == 0
+    assert data["category_psi"] is None and data["category_js"] is None
+    assert "no training mix" in page and "no training mix" in result.output
+
+
+def test_the_report_refuses_to_overwrite_an_output(demo_splits, exported, tmp_path):
+    inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 10))
+    result = run(inp, tmp_path / "out.json", "--model", exported["mlp"], "--report", tmp_path / "out.html")
+    assert result.exit_code == 1 and "--report" in result.output and not (tmp_path / "out.json").exists()
+
+
+def test_track_logs_the_run_to_mlflow(demo_splits, exported, tmp_path):
+    import mlflow
+
+    inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 400))
+    result = run(inp, tmp_path / "out.parquet", "--model", exported["ensemble"], "--report", tmp_path / "r.html", "--track")
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"tracked as MLflow run (\w+)", result.output).group(1)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    got = mlflow.get_run(run_id)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert mlflow.get_experiment(got.info.experiment_id).name == "meli-scoring"
+    assert got.data.metrics["rows"] == 400 and got.data.metrics["category_psi"] == pytest.approx(data["category_psi"])
+    assert got.data.tags["meli.model_sha256"] == data["model"]["sha256"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "report")}
+    assert artifacts == {"report/r.html", "report/r.json"}
+
+
+@pytest.mark.spark
+def test_spark_reports_the_same_figures_as_the_local_engine(demo_splits, exported, tmp_path):
+    pytest.importorskip("pyspark", reason="pip install 'meli-categorizer[spark]'")
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    titles = resampled_training_titles(demo_splits, 2400) + [None, "", "qqqq zzzz"]
+    for part in range(4):  # four parts, so four partitions' tallies merge on the driver
+        catalog(lake / f"part-{part}.parquet", titles[part::4])
+    (tmp_path / "local").mkdir(), (tmp_path / "spark").mkdir()
+    local, _, _ = score_with_report(tmp_path / "local", lake, exported["ensemble"])
+    report = tmp_path / "spark" / "tonight.html"
+    result = run(lake, tmp_path / "spark" / "out", "--model", exported["ensemble"], "--report", report,
+                 "--engine", "spark", "--spark-master", "local[2]", "--batch-size", "300")
+    assert result.exit_code == 0, (result.output, result.exception)
+    spark = json.loads(report.with_suffix(".json").read_text())
+    assert spark["engine"] == "spark" and spark["rows"] == len(titles)
+    assert {k: v for k, v in spark.items() if k not in CIRCUMSTANCES} == {k: v for k, v in local.items() if k not in CIRCUMSTANCES}
+    assert "no drift" in result.output
