@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-determinism bench-export data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-determinism bench-export bench-cluster data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
@@ -36,6 +36,7 @@ help:
 	@echo "make bench-accuracy  this project's model vs classical baselines (DATA=folder)"
 	@echo "make bench-determinism  one title, one answer: $(OUTPUT) scored many ways (batch sizes, Spark, MLflow)"
 	@echo "make bench-export    parity and calibration of $(OUTPUT), re-measured against its checkpoint"
+	@echo "make bench-cluster   meli-score's engines on one dataset: local, local[2], standalone cluster, Spark Connect"
 	@echo "make data            download the course's MeLi 2019 data (SBW=1: also SBW vectors)"
 
 $(BIN)/.installed: pyproject.toml
@@ -84,6 +85,9 @@ bench-determinism: venv
 
 bench-export: venv
 	$(BIN)/python bench/export_figures.py --model "default=$(OUTPUT)" --write docs/results-export.md $(BENCH_ARGS)
+
+bench-cluster: venv
+	$(BIN)/python bench/cluster_speed.py --model $(OUTPUT) --rows 1000000 --write docs/results-cluster.md $(BENCH_ARGS)
 
 data: venv
 	$(BIN)/python -m meli.train.download --dest data $(if $(SBW),--sbw)

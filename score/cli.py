@@ -35,10 +35,12 @@ MAX_THREADS = 1024
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="CPU threads for onnxruntime and Arrow (default: all cores).")
 @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
-              help="local: this machine's cores. spark: Spark's mapInArrow over a Parquet dataset (pip install "
-                   "'meli-categorizer[spark]'); OUTPUT is then a folder of Parquet part files.")
+              help="local: this machine's cores. spark: Spark's mapInArrow over a Parquet dataset or table:NAME (pip "
+                   "install 'meli-categorizer[spark]'); OUTPUT is then a folder of Parquet part files, or table:NAME.")
 @click.option("--spark-master", default=None, help="With --engine spark: the master URL (default: spark-submit's, "
               "else local[*]).")
+@click.option("--spark-remote", envvar="SPARK_REMOTE", default=None, metavar="sc://HOST:PORT",
+              help="With --engine spark: run through this Spark Connect server instead (default: $SPARK_REMOTE).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the nightly report to this .html (self-contained) and its figures to the .json beside it: "
                    "unscored rows, unknown words, title lengths, the category mix against the training data (PSI, "
@@ -54,7 +56,7 @@ MAX_THREADS = 1024
 @reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was"
                 + (f", {kw['route_low']} too" if kw.get("route_low") else ""))
 def main(input_path, output_path, model, title_column, keep_columns, top_k, min_probability, route_low, batch_size,
-         provider, threads, engine, spark_master, report, drift_threshold, fail_on_drift, track, quiet):
+         provider, threads, engine, spark_master, spark_remote, report, drift_threshold, fail_on_drift, track, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
 
     INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
@@ -80,6 +82,13 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
         from meli.tracking import check_store
 
         check_store()
+    if engine == "local":
+        ctx = click.get_current_context()
+        if ctx.get_parameter_source("spark_remote") == click.core.ParameterSource.COMMANDLINE or spark_master:
+            raise click.UsageError("--spark-master and --spark-remote need --engine spark")
+        tables = [p for p in (input_path, output_path) if p.startswith("table:")]
+        if tables:
+            raise click.UsageError(f"{tables[0]}: tables of a Spark catalog need --engine spark")
     if engine == "spark":
         if route_low is not None:
             raise click.UsageError("--route-low is not available with --engine spark (filter the output on probability)")
@@ -87,7 +96,7 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
         from meli.tracking import resolve_model_uri
 
         summary = score_with_spark(input_path, output_path, resolve_model_uri(model), options, master=spark_master,
-                                   provider=provider, batch_size=batch_size, report=report, drift_rules=rules,
+                                   remote=spark_remote, provider=provider, batch_size=batch_size, report=report, drift_rules=rules,
                                    model_name=model)
     else:
         summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,

@@ -1,12 +1,14 @@
 """`meli-score --engine spark`: the scoring core inside Spark, for catalogs beyond one machine.
 
 The same function over Arrow record batches as `meli-score` (`meli.score.core.Scorer`) runs in
-``DataFrame.mapInArrow``: ``model.onnx`` is shipped to the executors once
-(``SparkContext.addFile``; ``spark-submit --files`` on a cluster), each Python worker opens
-one onnxruntime session and keeps it for every batch and task it runs, the input's other
-columns pass through, and the output is a folder of Parquet part files. What can be checked
-before a task runs is: the model loads and agrees with itself, the title column exists and
-holds strings, the output can be written; those fail with one line, like the local engine.
+``DataFrame.mapInArrow``, on a classic session (local, standalone, YARN, Kubernetes) or through
+Spark Connect (``--spark-remote``). ``model.onnx`` is shipped to the executors once
+(``SparkContext.addFile``, or ``addArtifacts`` through Connect), each Python worker opens one
+onnxruntime session and keeps it for every batch and task it runs, the input's other columns
+pass through, and the output is a folder of Parquet part files or a table (``table:NAME``).
+What can be checked before a task runs is: the model loads and agrees with itself, the title
+column exists and holds strings, the output can be written; those fail with one line, like
+the local engine. See docs/cluster.md.
 
 On a cluster (the extras ``meli-categorizer[cpu]`` or ``[gpu]`` installed on the executors)::
 
@@ -21,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -115,13 +118,15 @@ def spark_reason(e: BaseException) -> str:
     return first_line(e)[:300]
 
 
-def spark_session(master: str | None = None):
-    """The active session (spark-submit's), or a local one on all cores."""
+def spark_session(master: str | None = None, remote: str | None = None):
+    """A Spark Connect session to `remote` (``sc://host:port``); else the active session
+    (spark-submit's), or a classic one on `master` (default: spark-submit's, else local[*])."""
     try:
         from pyspark.sql import SparkSession
     except ImportError as e:
         raise SettingError("engine", "spark needs pyspark: pip install 'meli-categorizer[spark]'") from e
-
+    if remote is not None:
+        return _connect(remote)
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
@@ -140,6 +145,87 @@ def spark_session(master: str | None = None):
     return session
 
 
+def _connect(remote: str):
+    """A Spark Connect session, refused in seconds when nothing answers (the client itself
+    retries with back-off for minutes)."""
+    from urllib.parse import urlparse
+
+    from pyspark.sql import SparkSession
+
+    parsed = urlparse(remote)
+    if parsed.scheme != "sc" or not parsed.hostname:
+        raise SettingError("spark_remote", f"{remote}: not a Spark Connect URL (sc://HOST:PORT)")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 15002), timeout=5).close()
+    except OSError as e:
+        raise SettingError("spark_remote", f"{remote}: no Spark Connect server answers ({e.strerror or e})") from e
+    try:
+        session = SparkSession.builder.remote(remote).getOrCreate()
+        session.version  # the first call over the wire
+    except Exception as e:  # noqa: BLE001 - gRPC's errors
+        raise SettingError("spark_remote", f"{remote}: Spark Connect failed ({spark_reason(e)})") from e
+    return session
+
+
+def is_connect(spark) -> bool:
+    """A Spark Connect session (no SparkContext: no addFile, no accumulators)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def gpu_profile():
+    """Stage-level scheduling for ``--provider cuda``: every scoring task asks for one GPU
+    (Spark >= 4.0; the executors must offer ``gpu`` resources, see docs/cluster.md)."""
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    return ResourceProfileBuilder().require(TaskResourceRequests().resource("gpu", 1.0)).build
+
+
+TABLE = "table:"  # INPUT or OUTPUT "table:NAME": a table of the session's catalog
+
+
+def _table_name(spec: str) -> str:
+    name = spec[len(TABLE):].strip()
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*){0,2}", name):
+        raise SettingError("engine", f"{spec}: not a table name (table:NAME or table:DB.NAME)")
+    return name
+
+
+def _quoted(name: str) -> str:
+    return ".".join(f"`{part}`" for part in name.split("."))
+
+
+def _ship_model(spark, model_path: Path) -> str:
+    """Make the model file readable on the executors (`SparkFiles.get(name)`); returns its
+    name there. Shipped under a name made of its hash, so two models of the same file name
+    never collide in one session, and shipping the same model again is a no-op."""
+    from meli.onnx_model import file_sha256
+
+    shipped = _shipping_folder() / f"meli-{file_sha256(model_path)[:16]}.onnx"
+    if not shipped.exists():
+        shutil.copyfile(model_path, shipped)
+    if is_connect(spark):
+        try:
+            spark.addArtifacts(str(shipped), file=True)
+        except Exception as e:  # noqa: BLE001 - already added to this session: the same bytes, by its name
+            if "exist" not in str(e).lower():
+                raise
+    else:
+        spark.sparkContext.addFile(str(shipped))
+    return shipped.name
+
+
+@functools.lru_cache(maxsize=1)
+def _shipping_folder() -> Path:
+    """One folder per process for the files shipped to executors: they must stay readable
+    while the session lives (new executors fetch them), and go when the process ends."""
+    import atexit
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="meli-spark-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def score_with_spark(
     input_path: str,
     output_path: str,
@@ -147,6 +233,7 @@ def score_with_spark(
     options: ScoreOptions = ScoreOptions(),
     *,
     master: str | None = None,
+    remote: str | None = None,
     provider: str = "auto",
     batch_size: int = 16_384,
     report: str | os.PathLike | None = None,
@@ -154,30 +241,32 @@ def score_with_spark(
     model_name: str | None = None,
 ) -> SparkSummary:
     """Score a Parquet dataset (a file or a folder of part files, local or on a lake's file
-    system) into a folder of Parquet part files at `output_path`, replacing any previous one
-    only once the new one is complete. With `report`, the nightly report is computed from
-    per-partition tallies merged on the driver (no data collected) and written as the local
-    engine writes it."""
+    system) or a table (``table:NAME``) into a folder of Parquet part files or a table at
+    `output_path`, replacing any previous one only once the new one is complete. Runs on a
+    classic session (`master`) or through Spark Connect (`remote`). With `report`, the
+    nightly report is computed from per-partition tallies merged on the driver (no data
+    collected) and written as the local engine writes it."""
     started = time.perf_counter()
     model_path = Path(model)
     local_model = load_onnx_model(model_path, provider="cpu")
     scorer = Scorer(local_model, options)  # fails here, before any task
+    if master is not None and remote is not None:
+        raise SettingError("spark_remote", "give a master URL or a Spark Connect URL, not both")
     if report is not None:
         for path in report_paths(report):
             if not path.parent.is_dir():
                 raise OutputError(f"{path}: folder {path.parent} does not exist")
-    spark = spark_session(master)
+    table_out = _table_name(output_path) if str(output_path).startswith(TABLE) else None
+    if table_out is None:
+        _check_output_folder(str(output_path))
+    spark = spark_session(master, remote)
+    connect = is_connect(spark)
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     # Hive partition columns as strings, as the local engine reads them (meli.formats.partition_schema)
     spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
-    if Path(input_path).exists():  # a local input: the local engine's checks (table formats, stray files, drift)
-        checked_parts(Path(input_path))
-    try:
-        df = spark.read.parquet(str(input_path))
-    except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and Java errors
-        raise InputError(f"{input_path}: not a readable Parquet dataset ({first_line(e)[:200]})") from e
+    df = _read_input(spark, str(input_path))
     in_schema = to_arrow_schema(df.schema)
     title = options.title_column
     if title not in in_schema.names:
@@ -185,26 +274,95 @@ def score_with_spark(
     if not is_text(in_schema.field(title).type):
         raise InputError(f"title column {title!r} holds {in_schema.field(title).type}, not strings")
     out_schema = scorer.output_schema(in_schema).remove_metadata()  # checks --keep-columns and names too
-    spark.sparkContext.addFile(str(model_path.resolve()))
-    name, opts = model_path.name, options
-    tallies = spark.sparkContext.accumulator({}, TallyParam()) if report is not None else None
+    name, opts = _ship_model(spark, model_path), options
+    profile = {"profile": gpu_profile()} if provider == "cuda" else {}
+    tallies = spark.sparkContext.accumulator({}, TallyParam()) if report is not None and not connect else None
     scored = df.mapInArrow(lambda it: _score_partition(it, name, opts, provider, out_schema, tallies),
-                           from_arrow_schema(out_schema))
+                           from_arrow_schema(out_schema), **profile)
     try:
-        rows = _write_replacing(scored, str(output_path))
+        rows = _write_table(scored, table_out) if table_out else _write_replacing(scored, str(output_path))
+        if report is not None and connect:
+            # Spark Connect has no accumulators: a second job over the input sends back one tally a partition
+            tallies_by_part = _collect_tallies(df, name, opts, provider, profile)
     except MeliError:
         raise
-    except Exception as e:  # noqa: BLE001 - a task failed: Py4J/Java errors, or a worker's Python error
+    except Exception as e:  # noqa: BLE001 - a task failed: Py4J/Java/gRPC errors, or a worker's Python error
         raise InputError(f"{input_path}: the Spark job failed ({spark_reason(e)})") from e
     figures, files = None, ()
-    if tallies is not None:
-        tally = functools.reduce(Tally.merge, (Tally.from_dict(t) for t in tallies.value.values()),
+    if report is not None:
+        parts = tallies_by_part if connect else tallies.value
+        tally = functools.reduce(Tally.merge, (Tally.from_dict(t) for t in parts.values()),
                                  Tally(len(local_model.card.labels)))
         figures = build_report(tally, local_model, str(input_path), str(output_path), rules=drift_rules,
-                               min_probability=options.min_probability, engine="spark",
+                               min_probability=options.min_probability, engine="spark-connect" if connect else "spark",
                                registered=registered_version(model_name or str(model)))
         files = write_report(figures, report)
-    return SparkSummary(rows, time.perf_counter() - started, str(output_path), spark.sparkContext.master, figures, files)
+    where = remote if connect else spark.sparkContext.master
+    return SparkSummary(rows, time.perf_counter() - started, str(output_path), where, figures, files)
+
+
+def _read_input(spark, input_path: str):
+    if input_path.startswith(TABLE):
+        table = _table_name(input_path)
+        try:
+            return spark.read.table(_quoted(table))
+        except Exception as e:  # noqa: BLE001 - AnalysisException: no such table
+            raise InputError(f"{input_path}: no such table in the Spark catalog ({spark_reason(e)})") from e
+    if Path(input_path).exists():  # a local input: the local engine's checks (table formats, stray files, drift)
+        checked_parts(Path(input_path))
+    try:
+        df = spark.read.parquet(input_path)
+        df.schema  # Spark Connect resolves lazily: ask now, so a bad input fails here
+        return df
+    except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and Java errors
+        raise InputError(f"{input_path}: not a readable Parquet dataset ({first_line(e)[:200]})") from e
+
+
+def _tally_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreOptions,
+                     provider: str) -> Iterator[pa.RecordBatch]:
+    import json
+
+    from pyspark import SparkFiles, TaskContext
+
+    scorer = _worker_scorer(SparkFiles.get(model_name), options, provider)
+    scorer.tally = Tally(len(scorer.labels))
+    for batch in batches:
+        scorer.score_batch(batch)
+    yield pa.record_batch({"partition": pa.array([TaskContext.get().partitionId()], pa.int32()),
+                           "tally": pa.array([json.dumps(scorer.tally.to_dict())], pa.string())})
+
+
+def _collect_tallies(df, model_name: str, options: ScoreOptions, provider: str, profile: dict) -> dict:
+    import json
+
+    rows = df.mapInArrow(lambda it: _tally_partition(it, model_name, options, provider),
+                         "partition int, tally string", **profile).collect()
+    return {r["partition"]: json.loads(r["tally"]) for r in rows}
+
+
+def _check_output_folder(output: str) -> None:
+    local = "://" not in output or output.startswith("file://")
+    if not local:
+        return
+    target = Path(output.removeprefix("file://"))
+    if not target.parent.is_dir():
+        raise OutputError(f"{target}: folder {target.parent} does not exist")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is a file; --engine spark writes a folder of Parquet parts")
+
+
+def _write_table(df, table: str) -> int:
+    """Write a table of the catalog as one job into a new table, then put it in the old one's
+    place: a failed job leaves the previous table as it was."""
+    spark = df.sparkSession
+    staging = f"{table}__meli_{uuid.uuid4().hex[:8]}"
+    try:
+        df.write.format("parquet").saveAsTable(_quoted(staging))
+        spark.sql(f"DROP TABLE IF EXISTS {_quoted(table)}")
+        spark.sql(f"ALTER TABLE {_quoted(staging)} RENAME TO {_quoted(table)}")
+    finally:
+        spark.sql(f"DROP TABLE IF EXISTS {_quoted(staging)}")
+    return spark.read.table(_quoted(table)).count()
 
 
 def _write_replacing(df, output: str) -> int:
@@ -215,10 +373,6 @@ def _write_replacing(df, output: str) -> int:
         df.write.mode("overwrite").parquet(output)
         return df.sparkSession.read.parquet(output).count()
     target = Path(output.removeprefix("file://"))
-    if not target.parent.is_dir():
-        raise OutputError(f"{target}: folder {target.parent} does not exist")
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"{target}: exists and is a file; --engine spark writes a folder of Parquet parts")
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         df.write.parquet(str(staging))

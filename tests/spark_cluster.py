@@ -66,3 +66,33 @@ def standalone_cluster(folder: Path, cores: int = 2, memory: str = "2g") -> Iter
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+@contextlib.contextmanager
+def connect_server(folder: Path, master: str = "local[2]") -> Iterator[str]:
+    """A Spark Connect server on a free port of 127.0.0.1 (``spark-submit`` of the server class
+    with the ``spark-connect`` jar the pyspark wheel holds); yields its ``sc://`` URL and
+    always stops it."""
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    jar = next((home / "jars").glob("spark-connect_*.jar"))
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    port = free_port()
+    log = folder / "connect.log"
+    proc = subprocess.Popen(
+        ["bash", str(home / "bin" / "spark-submit"), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+         "--master", master, "--jars", str(jar), "--conf", f"spark.connect.grpc.binding.port={port}",
+         "--conf", "spark.connect.grpc.binding.address=127.0.0.1", "--conf", "spark.ui.enabled=false",
+         "--conf", f"spark.sql.warehouse.dir={folder / 'spark-warehouse'}", "spark-internal"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=folder)
+    try:
+        _wait_for(log, "Spark Connect server started", proc, 120)
+        yield f"sc://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

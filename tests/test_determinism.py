@@ -202,7 +202,7 @@ def test_spark_and_its_udf_answer_as_meli_score(models, catalog, tmp_path):
     from meli.score.mlflow_model import pyfunc_model_args
     from meli.score.spark import spark_session
 
-    reference = scored(catalog, models["default"], tmp_path, "ref.parquet")
+    reference = scored(catalog, models["default"], tmp_path, "ref.parquet", report=tmp_path / "ref.html")
     lake = tmp_path / "lake"
     lake.mkdir()
     table = pq.read_table(catalog)
@@ -239,7 +239,7 @@ def test_a_standalone_spark_cluster_answers_as_meli_score(models, catalog, tmp_p
 
     from spark_cluster import standalone_cluster
 
-    reference = scored(catalog, models["default"], tmp_path, "ref.parquet")
+    reference = scored(catalog, models["default"], tmp_path, "ref.parquet", report=tmp_path / "ref.html")
     lake = tmp_path / "lake"
     lake.mkdir()
     table = pq.read_table(catalog)
@@ -249,7 +249,14 @@ def test_a_standalone_spark_cluster_answers_as_meli_score(models, catalog, tmp_p
     with standalone_cluster(tmp_path / "cluster") as master:
         proc = subprocess.run([sys.executable, "-m", "meli.score", str(lake), str(tmp_path / "out"), "--model",
                                str(models["default"]), "--engine", "spark", "--spark-master", master, "--top-k", "3",
-                               "--quiet"], capture_output=True, text=True, timeout=300)
+                               "--report", str(tmp_path / "cluster.html"), "--quiet"], capture_output=True, text=True,
+                              timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"on Spark {master}" in proc.stderr
     assert_same_answers(pq.read_table(tmp_path / "out"), reference)
+    # the nightly report: per-partition tallies merged on the driver give the local engine's figures
+    import json
+
+    where = ("created_at", "input", "output", "engine")
+    local, cluster = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ref", "cluster"))
+    assert {k: v for k, v in cluster.items() if k not in where} == {k: v for k, v in local.items() if k not in where}
