@@ -85,23 +85,24 @@ class WordCounter:
     """Counts a batch's words and unknown words from its token ids, in either encoding: an
     unknown word is one `UNK` id; a known word is its vocabulary id (full ids, and titles the
     compact encoding leaves in full) or its fused id (compact). Head tokens and bigrams share
-    the vocabulary's id range, so a mask over the vocabulary tells words from them."""
+    the vocabulary's id range, so a table over every id says which ids are words: one lookup
+    and one count a batch."""
+
+    OTHER, WORD, UNKNOWN = 0, 1, 2
 
     def __init__(self, tokenizer: Tokenizer):
         vocab = tokenizer.vocabulary
-        self.is_word = np.fromiter((("^" not in t) and (" " not in t) for t in vocab), bool, len(vocab))
-        self.n_vocab = len(vocab)
-        self.fused_offset = tokenizer.fused_offset
+        is_word = np.fromiter((("^" not in t) and (" " not in t) for t in vocab), bool, len(vocab))
+        kind = np.zeros(tokenizer.n_compact_ids, np.uint8)
+        kind[UNK] = self.UNKNOWN
+        kind[N_SPECIAL:N_SPECIAL + len(vocab)][is_word] = self.WORD
+        kind[tokenizer.fused_offset:tokenizer.fused_offset + len(vocab)][is_word] = self.WORD
+        self.kind = kind
 
     def count(self, values: np.ndarray) -> tuple[int, int]:
         """(words, unknown words) among `values`, a batch's flat token ids."""
-        unknown = int(np.count_nonzero(values == UNK))
-        plain = values - N_SPECIAL
-        plain = plain[(plain >= 0) & (plain < self.n_vocab)]
-        fused = values - self.fused_offset
-        fused = fused[fused >= 0]
-        known = int(np.count_nonzero(self.is_word[plain])) + int(np.count_nonzero(self.is_word[fused]))
-        return known + unknown, unknown
+        counts = np.bincount(self.kind[values], minlength=3)
+        return int(counts[self.WORD] + counts[self.UNKNOWN]), int(counts[self.UNKNOWN])
 
 
 def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Encoded, scorable: np.ndarray,
@@ -109,8 +110,13 @@ def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Enc
     """Add one scored batch to `tally`: its plain-string `titles`, their `encoded` ids, which
     rows were scorable, their top category and probability, and which fell under the threshold."""
     n = len(titles)
-    chars = pc.utf8_length(pc.utf8_trim_whitespace(titles)).fill_null(0).to_numpy(zero_copy_only=False)
+    chars = pc.utf8_length(titles).fill_null(0).to_numpy(zero_copy_only=False).copy()
     empty = chars == 0
+    blank = np.flatnonzero(~scorable & ~empty)  # a title of blanks has characters but nothing in it
+    if len(blank):
+        trimmed = pc.utf8_length(pc.utf8_trim_whitespace(titles.take(pa.array(blank)))).to_numpy(zero_copy_only=False)
+        chars[blank[trimmed == 0]] = 0
+        empty = chars == 0
     tally.rows += n
     tally.empty += int(empty.sum())
     tally.no_known_token += int((~scorable & ~empty).sum())
