@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from meli.dataset import load_labelled  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
 from meli.train.config import load_config  # noqa: E402
-from meli.train.run import resolve_data  # noqa: E402
+from meli.train.train import resolve_data  # noqa: E402
 
 
 SELECTION_FRACTION = 0.15  # of train, where the project's model makes its choices
@@ -50,7 +50,7 @@ def project_model(config_path: Path, train, validation, seed: int = 0, save: Pat
     from meli.dataset import split_holdout
     from meli.export.onnx_export import to_onnx
     from meli.onnx_model import load_onnx_model
-    from meli.score.core import Scorer
+    from meli.score.scorer import Scorer
     from meli.train.trainer import train_and_refit
 
     fit, selection = split_holdout(train, SELECTION_FRACTION, seed=seed)

@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 
 from meli.calibration import coverage_table
-from meli.export.pipeline import choose_checkpoint, recheck
+from meli.export.export import choose_checkpoint, recheck
 from meli.onnx_model import load_onnx_model
 
 

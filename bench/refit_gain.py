@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from meli.dataset import load_labelled, split_holdout  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
 from meli.train.config import load_config  # noqa: E402
-from meli.train.run import resolve_data  # noqa: E402
+from meli.train.train import resolve_data  # noqa: E402
 from meli.train.trainer import label_indices, train_and_refit  # noqa: E402
 
 

@@ -109,7 +109,7 @@ def stage_model(args) -> int:
     """onnxruntime alone: the first `model_rows` titles encoded and cut into the length-sorted
     runs meli-score feeds it (untimed), then scored."""
     from meli.onnx_model import load_onnx_model
-    from meli.score.core import ScoreOptions, length_runs
+    from meli.score.scorer import ScoreConfig, length_runs
 
     model = load_onnx_model(args.model, provider=args.provider, threads=args.threads)
     tokenizer = model.card.tokenizer()
@@ -118,7 +118,7 @@ def stage_model(args) -> int:
     for b in _read(args.catalog):
         enc = tokenizer.encode_batch(b.column("title"), compact=model.card.compact)
         order = np.argsort(enc.lengths, kind="stable")
-        encoded.extend(enc.rows(run) for run in length_runs(order, enc.lengths[order], ScoreOptions().inference_ids))
+        encoded.extend(enc.rows(run) for run in length_runs(order, enc.lengths[order], ScoreConfig().inference_ids))
         n += b.num_rows
         if n >= args.model_rows:
             break

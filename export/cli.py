@@ -51,7 +51,7 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
         meli-export --no-quantize --output artifacts/model-fp32.onnx   # float matrix products
     """
     setup_logging(quiet)
-    from meli.export.pipeline import DEFAULT_OUTPUT, calibration_summary, choose_checkpoint, export_model, recheck
+    from meli.export.export import DEFAULT_OUTPUT, calibration_summary, choose_checkpoint, export_model, recheck
     from meli.export.parity import require_parity
 
     if check:

@@ -70,13 +70,13 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
         meli-score catalog.parquet scored.parquet --model artifacts/model.onnx --keep-columns id --top-k 3
     """
     setup_logging(quiet)
-    from meli.score.core import ScoreOptions
-    from meli.score.run import score_file
+    from meli.score.scorer import ScoreConfig
+    from meli.score.score import score_file
 
     if (fail_on_drift or track) and report is None:
         raise click.UsageError(f"--{'fail-on-drift' if fail_on_drift else 'track'} needs --report")
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
-    options = ScoreOptions(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
+    options = ScoreConfig(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
     rules = DriftRules(category_psi=drift_threshold)
     if track:  # a store that cannot take the run fails now, before the catalog is scored
         from meli.tracking import check_store

@@ -12,7 +12,7 @@ finds its other models and loads it the MLflow way::
 carries ``model.onnx`` as an artifact and the ``meli`` core with ``meli.score`` as code (no
 torch, no training code), and its requirements are the scoring ones only. Predictions go
 through the same function over Arrow record batches as `meli-score` and Spark
-(`meli.score.core.Scorer.score_batches`).
+(`meli.score.scorer.Scorer.score_batches`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ class MeliPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from meli.onnx_model import load_onnx_model
-        from meli.score.core import ScoreOptions, Scorer
+        from meli.score.scorer import ScoreConfig, Scorer
 
-        self.scorer = Scorer(load_onnx_model(context.artifacts[ARTIFACT], provider="auto"), ScoreOptions(keep_columns=()))
+        self.scorer = Scorer(load_onnx_model(context.artifacts[ARTIFACT], provider="auto"), ScoreConfig(keep_columns=()))
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

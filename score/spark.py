@@ -1,6 +1,6 @@
 """`meli-score --engine spark`: the scoring core inside Spark, for catalogs beyond one machine.
 
-The same function over Arrow record batches as `meli-score` (`meli.score.core.Scorer`) runs in
+The same function over Arrow record batches as `meli-score` (`meli.score.scorer.Scorer`) runs in
 ``DataFrame.mapInArrow``, on a classic session (local, standalone, YARN, Kubernetes) or through
 Spark Connect (``--spark-remote``). ``model.onnx`` is shipped to the executors once
 (``SparkContext.addFile``, or ``addArtifacts`` through Connect), each Python worker opens one
@@ -36,7 +36,7 @@ import pyarrow as pa
 from meli.errors import InputError, MeliError, OutputError, SettingError, first_line
 from meli.formats import checked_parts, is_text
 from meli.onnx_model import load_onnx_model
-from meli.score.core import Scorer, ScoreOptions
+from meli.score.scorer import Scorer, ScoreConfig
 from meli.score.report import DriftRules, build_report, registered_version, report_paths, summary_words, write_report
 from meli.score.tally import Tally
 
@@ -76,13 +76,13 @@ class TallyParam(AccumulatorParam if AccumulatorParam is not None else object):
 
 
 @functools.lru_cache(maxsize=4)
-def _worker_scorer(model_path: str, options: ScoreOptions, provider: str) -> Scorer:
+def _worker_scorer(model_path: str, options: ScoreConfig, provider: str) -> Scorer:
     """One scorer (one onnxruntime session) per Python worker and model, kept for every
     batch and every task the worker runs."""
     return Scorer(load_onnx_model(model_path, provider=provider), options)
 
 
-def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreOptions, provider: str,
+def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreConfig, provider: str,
                      schema: pa.Schema, tallies=None) -> Iterator[pa.RecordBatch]:
     from pyspark import SparkFiles, TaskContext
 
@@ -230,7 +230,7 @@ def score_with_spark(
     input_path: str,
     output_path: str,
     model: str | os.PathLike,
-    options: ScoreOptions = ScoreOptions(),
+    options: ScoreConfig = ScoreConfig(),
     *,
     master: str | None = None,
     remote: str | None = None,
@@ -318,7 +318,7 @@ def _read_input(spark, input_path: str):
         raise InputError(f"{input_path}: not a readable Parquet dataset ({first_line(e)[:200]})") from e
 
 
-def _tally_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreOptions,
+def _tally_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreConfig,
                      provider: str) -> Iterator[pa.RecordBatch]:
     import json
 
@@ -332,7 +332,7 @@ def _tally_partition(batches: Iterator[pa.RecordBatch], model_name: str, options
                            "tally": pa.array([json.dumps(scorer.tally.to_dict())], pa.string())})
 
 
-def _collect_tallies(df, model_name: str, options: ScoreOptions, provider: str, profile: dict) -> dict:
+def _collect_tallies(df, model_name: str, options: ScoreConfig, provider: str, profile: dict) -> dict:
     import json
 
     rows = df.mapInArrow(lambda it: _tally_partition(it, model_name, options, provider),

@@ -24,7 +24,7 @@ from meli.calibration import (
 )
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
-from meli.score.core import ScoreOptions, Scorer
+from meli.score.scorer import ScoreConfig, Scorer
 from test_score import TITLES
 
 
@@ -135,7 +135,7 @@ def test_min_probability_leaves_the_category_null_and_keeps_the_probability(expo
     batch = pa.record_batch({"title": pa.array(TITLES * 5)})
     plain = Scorer(m).score_batch(batch)
     threshold = float(np.nanmedian(plain.column("probability").to_numpy(zero_copy_only=False)))
-    scorer = Scorer(m, ScoreOptions(min_probability=threshold))
+    scorer = Scorer(m, ScoreConfig(min_probability=threshold))
     routed = scorer.score_batch(batch)
     p = plain.column("probability").to_pylist()
     assert routed.column("probability").to_pylist() == p

@@ -22,10 +22,10 @@ from conftest import SHARED_DATA
 from meli.demo_catalog import DEMO_DIR
 from meli.formats import read_table
 from meli.onnx_model import load_onnx_model
-from meli.score.core import ScoreOptions, Scorer
-from meli.score.run import score_file
+from meli.score.scorer import ScoreConfig, Scorer
+from meli.score.score import score_file
 
-OPTIONS = ScoreOptions(top_k=3)
+OPTIONS = ScoreConfig(top_k=3)
 ATOL = 1e-6  # "probabilities within 1e-6"
 
 

@@ -155,15 +155,15 @@ def test_psi_and_js_are_zero_for_the_same_mix_and_grow_with_the_shift():
 
 
 def test_tallies_of_parts_merge_into_the_tally_of_the_whole(exported):
-    from meli.score.core import ScoreOptions, Scorer
+    from meli.score.scorer import ScoreConfig, Scorer
 
     model = load_onnx_model(exported["mlp"], provider="cpu")
     titles = pa.array(["Bolso Maternal Con Cambiador", None, "", "Casco Moto", "xx yy", "Zapatillas Nike"] * 50)
-    whole = Scorer(model, ScoreOptions(), tally=Tally(len(model.card.labels)))
+    whole = Scorer(model, ScoreConfig(), tally=Tally(len(model.card.labels)))
     whole.score_batch(pa.record_batch({"title": titles}))
     parts = []
     for start in (0, 100, 217):
-        s = Scorer(model, ScoreOptions(), tally=Tally(len(model.card.labels)))
+        s = Scorer(model, ScoreConfig(), tally=Tally(len(model.card.labels)))
         s.score_batch(pa.record_batch({"title": titles.slice(start, {0: 100, 100: 117, 217: 200}[start])}))
         parts.append(s.tally)
     merged = parts[0].merge(parts[1]).merge(parts[2])

@@ -22,8 +22,8 @@ from meli.export.parity import MAX_ROUNDED_DIFF, MIN_QUANTIZED_AGREEMENT, MIN_RO
 from meli.errors import InputError, ModelFileError, SettingError
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
-from meli.score.core import ScoreOptions, Scorer, score_arrow_batches
-from meli.score.run import score_file
+from meli.score.scorer import ScoreConfig, Scorer, score_arrow_batches
+from meli.score.score import score_file
 
 TITLES = ["Taladro Percutor Bosch 650w", "", None, "Casco Moto Hawk Rebatible", "®®®", "Funda iPhone 11 silicona",
           "Pañales Pampers Talle G", "zzqx"]
@@ -294,7 +294,7 @@ def test_challenge_test_sample_as_parquet_and_jsonl(exported, shared_data, tmp_p
 def test_keep_columns_top_k_and_renamed_clashes(exported, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"sku": "a1", "title": t, "category": "TRUTH", "extra": 1} for t in TITLES])
     out = tmp_path / "out.parquet"
-    score_file(path, out, str(exported["mlp"]), ScoreOptions(keep_columns=("sku",), top_k=3), quiet=True)
+    score_file(path, out, str(exported["mlp"]), ScoreConfig(keep_columns=("sku",), top_k=3), quiet=True)
     t = pq.read_table(out)
     assert t.column_names == ["sku", "category", "probability", "top_categories", "top_probabilities"]
     first = t.slice(0, 1).to_pylist()[0]
@@ -391,4 +391,4 @@ def test_bad_model_file_is_named(tmp_path):
 def test_scorer_rejects_a_top_k_beyond_the_labels(exported):
     m = load_onnx_model(exported["mlp"], "cpu")
     with pytest.raises(SettingError, match="top_k: must be between 0 and"):
-        Scorer(m, ScoreOptions(top_k=len(m.card.labels) + 1))
+        Scorer(m, ScoreConfig(top_k=len(m.card.labels) + 1))

@@ -15,7 +15,7 @@ from meli.errors import InputError, MeliError, ModelFileError
 from meli.contract import CNNConfig, MLPConfig
 from meli.models import CNN, MLP, build_model
 from meli.vocabulary import build_vocabulary
-from meli.train.config import EmbeddingSettings, load_config
+from meli.train.config import EmbeddingConfig, load_config
 from meli.train.trainer import pick_device, train_model
 
 
@@ -109,7 +109,7 @@ def test_bad_checkpoints_are_named(tmp_path):
 @pytest.mark.parametrize("init", ["word2vec", "fasttext"])
 def test_gensim_embeddings_trained_on_titles(init, demo_splits):
     train, validation = demo_splits
-    config = small_config("cnn", epochs=3, embeddings=EmbeddingSettings(init=init, epochs=2))
+    config = small_config("cnn", epochs=3, embeddings=EmbeddingConfig(init=init, epochs=2))
     result = train_model(config, train, validation, quiet=True)
     assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.5
 
@@ -121,13 +121,13 @@ def test_pretrained_word2vec_text_file(demo_splits, tmp_path):
     lines = [f"{len(words)} 32"] + [w + " " + " ".join(f"{x:.4f}" for x in rng.normal(size=32)) for w in words]
     path = tmp_path / "vectors.txt.bz2"  # the SBW file's layout: word2vec text, bz2
     path.write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
-    config = small_config("cnn", epochs=1, embeddings=EmbeddingSettings(init="pretrained", path=str(path)))
+    config = small_config("cnn", epochs=1, embeddings=EmbeddingConfig(init="pretrained", path=str(path)))
     assert train_model(config, train, validation, quiet=True).history
     wrong_dim = dataclasses.replace(config, cnn=dataclasses.replace(config.cnn, embedding_dim=16))
     with pytest.raises(InputError, match="dimension 32 but the model's embedding_dim is 16"):
         train_model(wrong_dim, train, validation, quiet=True)
     with pytest.raises(InputError, match="no such embeddings file"):
-        train_model(small_config("cnn", embeddings=EmbeddingSettings(init="pretrained", path=str(tmp_path / "x.txt"))),
+        train_model(small_config("cnn", embeddings=EmbeddingConfig(init="pretrained", path=str(tmp_path / "x.txt"))),
                     train, validation, quiet=True)
 
 
@@ -276,11 +276,11 @@ def test_recombined_titles_splice_two_training_titles():
 def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
     """members > 1 with distillation ships one model of the members' shape, refit like them,
     and reports the student's validation figures beside the ensemble's."""
-    from meli.train.distill import DistillSettings
+    from meli.train.distill import DistillConfig
     from meli.train.trainer import STUDENT, train_and_refit
 
     train, validation = demo_splits
-    config = small_config("mlp", epochs=4, members=2, refit=True, distill=DistillSettings(enabled=True, recombined=0.5))
+    config = small_config("mlp", epochs=4, members=2, refit=True, distill=DistillConfig(enabled=True, recombined=0.5))
     result = train_and_refit(config, train, validation, quiet=True)
     ckpt = result.checkpoint
     assert ckpt.members == 1 and "head.1.weight" in ckpt.state_dict

@@ -44,7 +44,7 @@ def main(config_path, data, train_path, validation_path, model, epochs, device, 
     """
     setup_logging(quiet)
     from meli.train.config import load_config
-    from meli.train.run import resolve_data, run_training
+    from meli.train.train import resolve_data, run_training
 
     config = load_config(config_path, model=model, epochs=epochs, device=device, seed=seed, members=members)
     source = resolve_data(data, train_path, validation_path)

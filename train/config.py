@@ -21,11 +21,11 @@ from meli.errors import MeliError, SettingError
 from meli.contract import CNNConfig, MLPConfig, ModelKind
 from meli.tokenizer import STOPWORD_LANGUAGES, TokenizerConfig, load_stopwords
 from meli.vocabulary import VocabularyConfig
-from meli.train.distill import DistillSettings
+from meli.train.distill import DistillConfig
 
 
 @dataclass(frozen=True)
-class EmbeddingSettings:
+class EmbeddingConfig:
     """How the embedding table starts: random, trained with gensim on the titles, or loaded."""
 
     init: Literal["random", "word2vec", "fasttext", "pretrained"] = "random"
@@ -56,8 +56,8 @@ class TrainConfig:
     # a config names the stopword lists by language (`stopword_languages`), resolved on reading
     tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(stopwords=load_stopwords()))
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
-    embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
-    distill: DistillSettings = field(default_factory=DistillSettings)
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     mlp: MLPConfig = field(default_factory=lambda: MLPConfig(n_ids=0, n_labels=0))
     cnn: CNNConfig = field(default_factory=lambda: CNNConfig(n_ids=0, n_labels=0))
 

@@ -27,7 +27,7 @@ from meli.tokenizer import Encoded
 
 
 @dataclass(frozen=True)
-class DistillSettings:
+class DistillConfig:
     """How a student is distilled from the ensemble's members (``members > 1``)."""
 
     enabled: bool = False  # ship one student instead of the ensemble

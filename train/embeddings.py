@@ -20,12 +20,12 @@ import torch
 
 from meli.errors import InputError, first_line
 from meli.tokenizer import N_SPECIAL, Tokenizer
-from meli.train.config import EmbeddingSettings
+from meli.train.config import EmbeddingConfig
 
 log = logging.getLogger(__name__)
 
 
-def word_vectors(settings: EmbeddingSettings, tokenizer: Tokenizer, titles: list[str], dim: int, seed: int):
+def word_vectors(settings: EmbeddingConfig, tokenizer: Tokenizer, titles: list[str], dim: int, seed: int):
     """gensim KeyedVectors for `settings`, or None for random init."""
     if settings.init == "random":
         return None

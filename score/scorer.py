@@ -1,4 +1,4 @@
-"""The scoring core: a function from Arrow record batches to Arrow record batches.
+"""The scorer: a function from Arrow record batches to Arrow record batches.
 
 `Scorer.score_batch` takes a batch of input rows and returns one output row per input row,
 in order: the kept input columns, ``category`` (string) and ``probability`` (float32), and
@@ -35,11 +35,12 @@ RENAMED_PREFIX = "input_"  # an input column named like an output column is kept
 
 
 @dataclass(frozen=True)
-class ScoreOptions:
+class ScoreConfig:
     title_column: str = "title"
     keep_columns: tuple[str, ...] | None = None  # None: every input column except the title
     top_k: int = 0
-    min_probability: float = 0.0  # below it, ``category`` is null (``probability`` is kept): left for review
+    min_probability: float = 0.0  # below it a row is *low*: left for review
+    null_low: bool = True  # a low row's ``category`` is null (its ``probability`` kept); False: kept as a suggestion
     inference_ids: int = 32_768  # ids (rows x padded length) per onnxruntime call: bounds its memory (and runs fastest here)
 
 
@@ -53,6 +54,15 @@ class ScoreStats:
         self.rows += other.rows
         self.unscored += other.unscored
         self.below += other.below
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A scored batch, and which of its rows are *low*: no category at all (null or empty
+    title, no known token) or a probability under ``min_probability``."""
+
+    batch: pa.RecordBatch
+    low: np.ndarray  # (rows,) bool
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class Scorer:
     batch it scores is also counted there, for the nightly report."""
 
     model: OnnxModel
-    options: ScoreOptions = field(default_factory=ScoreOptions)
+    options: ScoreConfig = field(default_factory=ScoreConfig)
     tally: Tally | None = None
 
     def __post_init__(self) -> None:
@@ -154,6 +164,10 @@ class Scorer:
 
     def predict(self, tokenized: Tokenized) -> pa.RecordBatch:
         """The second half of `score_batch`: run the model, build the output rows."""
+        return self.predict_low(tokenized).batch
+
+    def predict_low(self, tokenized: Tokenized) -> Scored:
+        """`predict`, with the mask of the rows that are low (see `Scored`)."""
         batch, kept, enc = tokenized.batch, tokenized.kept, tokenized.encoded
         schema = self.output_schema(batch.schema, kept)
         n = batch.num_rows
@@ -178,7 +192,7 @@ class Scorer:
             top_p[chunk] = np.take_along_axis(probs, best, axis=1)
         missing = pa.array(~scorable)
         below = scorable & (top_p[:, 0] < self.options.min_probability)
-        no_category = pa.array(~scorable | below)
+        no_category = pa.array(~scorable | (below if self.options.null_low else False))
         category = pc.if_else(no_category, pa.scalar(None, pa.string()), self.labels.take(pa.array(top_idx[:, 0])))
         probability = pc.if_else(missing, pa.scalar(None, pa.float32()), pa.array(top_p[:, 0]))
         columns = [batch.column(name) for name, _ in kept] + [category, probability]
@@ -191,7 +205,7 @@ class Scorer:
         if self.tally is not None:
             self._words = self._words or WordCounter(self.tokenizer)
             tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below)
-        return pa.RecordBatch.from_arrays(columns, schema=schema)
+        return Scored(pa.RecordBatch.from_arrays(columns, schema=schema), ~scorable | below)
 
     def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         return self.predict(self.tokenize(batch))
@@ -215,7 +229,7 @@ def length_runs(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[
 
 
 def score_arrow_batches(
-    batches: Iterable[pa.RecordBatch], model_path: str, options: ScoreOptions = ScoreOptions(), provider: str = "auto", threads: int | None = None
+    batches: Iterable[pa.RecordBatch], model_path: str, options: ScoreConfig = ScoreConfig(), provider: str = "auto", threads: int | None = None
 ) -> Iterator[pa.RecordBatch]:
     """For your own ``mapInArrow``: ``df.mapInArrow(lambda it: score_arrow_batches(it, "model.onnx"), schema)``.
 

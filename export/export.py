@@ -182,7 +182,7 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
 def labelled_measure(source: Path) -> Measure | None:
     """How the serving gate scores an exported file: its balanced accuracy on the labelled
     titles of `source` (the candidate's validation file), scored as meli-score scores them
-    (`meli.score.core.Scorer`: a title with no known token gets no category). None when the
+    (`meli.score.scorer.Scorer`: a title with no known token gets no category). None when the
     file has no categories."""
     try:
         split = load_labelled(source)
@@ -193,9 +193,9 @@ def labelled_measure(source: Path) -> Measure | None:
     y_true = np.array([labels[c] for c in truth])
 
     def measure(model_file: Path) -> Measured:
-        from meli.score.core import ScoreOptions, Scorer
+        from meli.score.scorer import ScoreConfig, Scorer
 
-        scorer = Scorer(load_onnx_model(model_file, provider="cpu"), ScoreOptions(keep_columns=()))
+        scorer = Scorer(load_onnx_model(model_file, provider="cpu"), ScoreConfig(keep_columns=()))
         predicted = pa.Table.from_batches(scorer.score_batches(
             pa.record_batch({"title": split.titles.slice(start, 16_384)}) for start in range(0, len(split), 16_384)))
         y_pred = np.array([labels.get(c, -1) for c in predicted.column("category").to_pylist()])

@@ -34,7 +34,7 @@ from meli.formats import (NOT_DATA, AtomicWriter, batch_writer, check_name_lengt
                           parquet_parts)
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
-from meli.score.core import Scorer, ScoreOptions
+from meli.score.scorer import Scorer, ScoreConfig
 from meli.score.report import DriftRules, build_report, registered_version, report_paths, summary_words, write_report
 from meli.score.tally import Tally
 
@@ -260,7 +260,7 @@ def score_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     model: str = "artifacts/model.onnx",
-    options: ScoreOptions = ScoreOptions(),
+    options: ScoreConfig = ScoreConfig(),
     *,
     route_low: str | os.PathLike | None = None,
     batch_size: int = 16_384,
@@ -297,11 +297,9 @@ def score_file(
                 raise SettingError("report", f"{path} is also an output of this run; name the report otherwise")
     onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)
     tally = Tally(len(onnx_model.card.labels)) if report is not None else None
-    # routing: the scorer keeps every category; the split below decides where each row goes
-    scorer = Scorer(onnx_model, dataclasses.replace(options, min_probability=0.0) if low is not None else options,
-                    tally=tally)
+    # routing: low rows keep the model's category, as a suggestion in the second file
+    scorer = Scorer(onnx_model, dataclasses.replace(options, null_low=low is None), tally=tally)
     started = time.perf_counter()
-    routed = 0
     with contextlib.ExitStack() as stack:
         if inp == STDIO or _is_pipe(inp):
             inp = stack.enter_context(_spooled(inp))
@@ -315,17 +313,15 @@ def score_file(
         bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=True if quiet else None, smoothing=0.1)
         try:
             for item in tokenized:
-                scored = scorer.predict(item)
+                scored = scorer.predict_low(item)
                 if not writers:
-                    writers = [_OutputFile(t.path, scored.schema, t.target) for t in targets]
+                    writers = [_OutputFile(t.path, scored.batch.schema, t.target) for t in targets]
                 if low is None:
-                    writers[0].put(scored)
+                    writers[0].put(scored.batch)
                 else:
-                    probability = scored.column("probability")
-                    is_low = pc.fill_null(pc.less(probability, options.min_probability), True)
-                    writers[0].put(scored.filter(pc.invert(is_low)))
-                    writers[1].put(scored.filter(is_low))
-                    routed += pc.sum(is_low.cast(pa.int64())).as_py() or 0
+                    is_low = pa.array(scored.low)
+                    writers[0].put(scored.batch.filter(pc.invert(is_low)))
+                    writers[1].put(scored.batch.filter(is_low))
                 bar.update(item.batch.num_rows)
             if not writers:  # no rows: no output at all (an empty file would pass for a scored one)
                 raise InputError(f"{input_path}: no rows to score")
@@ -340,15 +336,12 @@ def score_file(
         for t in targets:
             t.commit()
     stats = scorer.stats
-    below = stats.below if low is None else routed - stats.unscored
     figures, files = None, ()
     if tally is not None:
-        if low is not None:
-            tally.below = below
         figures = build_report(tally, onnx_model, str(input_path), str(output_path), rules=drift_rules,
                                min_probability=options.min_probability, registered=registered_version(model))
         files = write_report(figures, report)
     return ScoreSummary(stats.rows, stats.unscored, time.perf_counter() - started, onnx_model.provider, onnx_model.source,
-                        out, below=below, min_probability=options.min_probability, routed_to=low, report=figures,
+                        out, below=stats.below, min_probability=options.min_probability, routed_to=low, report=figures,
                         report_files=files)
 
