@@ -51,7 +51,7 @@ def project_model(config_path: Path, train, validation, seed: int = 0, save: Pat
     from meli.export.onnx_export import to_onnx
     from meli.onnx_model import load_onnx_model
     from meli.score.scorer import Scorer
-    from meli.train.trainer import train_and_refit
+    from meli.train.recipe import train_and_refit
 
     fit, selection = split_holdout(train, SELECTION_FRACTION, seed=seed)
     config = dataclasses.replace(load_config(config_path), refit=False, seed=seed)

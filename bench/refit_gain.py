@@ -23,7 +23,8 @@ from meli.dataset import load_labelled, split_holdout  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
 from meli.train.config import load_config  # noqa: E402
 from meli.train.train import resolve_data  # noqa: E402
-from meli.train.trainer import label_indices, train_and_refit  # noqa: E402
+from meli.train.recipe import train_and_refit  # noqa: E402
+from meli.train.trainer import label_indices  # noqa: E402
 
 
 def main() -> None:

@@ -60,7 +60,8 @@ def demo_splits():
 @pytest.fixture(scope="session")
 def trained(demo_splits):
     """A small MLP, CNN and two-MLP ensemble trained on the demo data, once for the whole session."""
-    from meli.train.trainer import train_and_refit, train_model
+    from meli.train.recipe import train_and_refit
+    from meli.train.trainer import train_model
 
     train, validation = demo_splits
     # what meli-train records: the run, and the training mix the nightly report compares with

@@ -95,7 +95,7 @@ def test_training_fits_a_temperature_and_the_refit_carries_it(trained, demo_spli
 
 def test_the_refit_model_takes_the_selection_fits_temperature(demo_splits):
     from conftest import small_config
-    from meli.train.trainer import train_and_refit
+    from meli.train.recipe import train_and_refit
 
     train, validation = demo_splits
     result = train_and_refit(small_config("mlp", refit=True, epochs=2), train, validation, quiet=True)

@@ -152,7 +152,7 @@ def test_device_choice():
 
 
 def test_refit_trains_on_train_and_validation_for_the_best_epoch_count(demo_splits):
-    from meli.train.trainer import train_and_refit
+    from meli.train.recipe import train_and_refit
 
     train, validation = demo_splits
     config = small_config("mlp", epochs=3, refit=True)
@@ -202,7 +202,7 @@ def test_an_ensemble_averages_its_members_probabilities(trained, tmp_path):
 
 
 def test_an_ensemble_refits_every_member(demo_splits):
-    from meli.train.trainer import train_and_refit
+    from meli.train.recipe import train_and_refit
 
     train, validation = demo_splits
     result = train_and_refit(small_config("mlp", epochs=2, members=2, refit=True), train, validation, quiet=True)
@@ -277,7 +277,8 @@ def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
     """members > 1 with distillation ships one model of the members' shape, refit like them,
     and reports the student's validation figures beside the ensemble's."""
     from meli.train.distill import DistillConfig
-    from meli.train.trainer import STUDENT, train_and_refit
+    from meli.train.recipe import train_and_refit
+    from meli.train.trainer import STUDENT
 
     train, validation = demo_splits
     config = small_config("mlp", epochs=4, members=2, refit=True, distill=DistillConfig(enabled=True, recombined=0.5))

@@ -25,7 +25,8 @@ from meli.train.config import TrainConfig
 from meli.metrics import confused_pairs
 from meli.train.report import (category_report, coverage_rows, plot_calibration, plot_curves, plot_worst_categories,
                           write_category_csv, write_confusions_csv)
-from meli.train.trainer import EpochMetrics, TrainResult, train_and_refit
+from meli.train.recipe import train_and_refit
+from meli.train.trainer import EpochMetrics, TrainResult
 
 log = logging.getLogger(__name__)
 

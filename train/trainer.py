@@ -12,7 +12,6 @@ training stops after `patience` epochs without improvement.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import sys
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from meli.calibration import Calibration, calibrate
+from meli.calibration import Calibration
 from meli.checkpoint import Checkpoint
 from meli.contract import ModelSpec
 from meli.dataset import LabelledSplit, check_labels
@@ -39,7 +38,7 @@ from meli.tokenizer import Tokenizer
 from meli.vocabulary import build_vocabulary
 from meli.train.config import TrainConfig
 from meli.train.row_adam import RowAdam, RowSparseEmbedding
-from meli.train.distill import model_scores, recombine_titles, soft_targets, teacher_probabilities
+from meli.train.distill import recombine_titles, soft_targets, teacher_probabilities
 from meli.train.embeddings import init_embedding, word_vectors
 
 log = logging.getLogger(__name__)
@@ -288,167 +287,3 @@ def train_model(
         provenance=dict(provenance or {}),
     )
     return TrainResult(checkpoint, history, best_epoch, str(device), y_val, best_pred, stopped_early, timings)
-
-
-def train_and_refit(
-    config: TrainConfig,
-    train: LabelledSplit,
-    validation: LabelledSplit,
-    *,
-    provenance: dict[str, str] | None = None,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
-    on_refit_epoch: Callable[[EpochMetrics], None] | None = None,
-    quiet: bool = False,
-) -> TrainResult:
-    """Fit with early stopping on validation; then, with ``refit = true``, fit again on
-    train + validation for the best epoch count and keep that model. With ``members > 1``,
-    do that for each member (seeds ``seed``, ``seed + 1``, …) and keep their `Ensemble`.
-
-    The returned metrics, history and validation predictions are the selection fit's (for an
-    ensemble: the averaged probabilities of the members' selection fits): the refit model
-    has seen the validation titles, so nothing measured on them afterwards would be honest.
-    The tokenizer's vocabulary of the refit comes from all the titles it trains on.
-
-    With ``distill.enabled`` (and ``members > 1``) the members are teachers: one student of
-    their shape is distilled from their averaged probabilities (`meli.train.distill`) and is the
-    model kept; its metrics are the ones reported (the ensemble's beside them), and only the
-    student is refit, taught by the members' selection fits.
-    """
-    selections: list[TrainResult] = []
-    for member in range(config.members):
-        member_config = dataclasses.replace(config, seed=config.seed + member, members=1)
-        if config.members > 1:
-            log.info("ensemble member %d of %d (seed %d)", member + 1, config.members, member_config.seed)
-        selections.append(
-            train_model(member_config, train, validation, provenance=provenance, quiet=quiet,
-                        on_epoch=_tagged(on_epoch, member))
-        )
-    selection = selections[0] if config.members == 1 else _ensemble_result(selections, validation)
-    distilling = config.distill.enabled and config.members > 1
-    if distilling:
-        student_config = dataclasses.replace(config, members=1, epochs=config.distill.epochs or config.epochs)
-        log.info("distilling one student from the ensemble of %d", config.members)
-        teachers = selection.checkpoint
-        student = train_model(student_config, train, validation, provenance=provenance, quiet=quiet,
-                              on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=train.titles)
-        selection = _student_result(student, selection)
-    selection = calibrated(selection, validation)
-    if not config.refit:
-        return selection
-    combined = LabelledSplit(
-        pa.concat_arrays([train.titles, validation.titles]),
-        pa.concat_arrays([train.categories, validation.categories]),
-        f"{train.source} + {validation.source}",
-    )
-    timings = dict(selection.timings)
-    if distilling:
-        # The student alone is refit, still taught by the members' selection fits: the real
-        # titles' targets mix their probabilities with the true label, so the validation
-        # titles' labels reach it, and the members are not refit: each would cost a full fit.
-        log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
-        final = train_model(dataclasses.replace(student_config, epochs=selection.best_epoch), combined, validation,
-                            provenance=provenance, quiet=quiet, keep="last", on_epoch=_tagged(on_refit_epoch, STUDENT),
-                            teacher=teachers, teacher_titles=train.titles)
-        _add_timings(timings, final.timings, prefix="refit_student_")
-        checkpoint, epochs = final.checkpoint, [selection.best_epoch]
-    else:
-        refits: list[Checkpoint] = []
-        for member, fit in enumerate(selections):
-            log.info("refit on train + validation (%d titles) for %d epochs", len(combined), fit.best_epoch)
-            refit_config = dataclasses.replace(config, seed=config.seed + member, members=1, epochs=fit.best_epoch)
-            final = train_model(refit_config, combined, validation, provenance=provenance, quiet=quiet, keep="last",
-                                on_epoch=_tagged(on_refit_epoch, member))
-            refits.append(final.checkpoint)
-            _add_timings(timings, final.timings, prefix="refit_")
-        checkpoint = refits[0] if config.members == 1 else _ensemble_checkpoint(refits)
-        epochs = [f.best_epoch for f in selections]
-    checkpoint.metrics = {**selection.checkpoint.metrics, "refit_epochs": float(sum(epochs) / len(epochs))}
-    checkpoint.provenance["refit"] = "train+validation"
-    # The refit model has seen the validation titles: a temperature fitted on them would be
-    # too low (over-confident). It repeats the selection fit's recipe on a few more titles, so
-    # it takes the selection fit's temperature, fitted on titles that fit never saw.
-    checkpoint.spec = dataclasses.replace(checkpoint.spec, temperature=selection.checkpoint.temperature)
-    return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
-
-
-def calibrated(result: TrainResult, validation: LabelledSplit) -> TrainResult:
-    """`result` with a temperature fitted on its validation scores (`meli.calibration`): set
-    in its checkpoint, with the calibration metrics (ECE before/after, coverage table)."""
-    checkpoint = result.checkpoint
-    encoded = checkpoint.tokenizer().encode_batch(validation.titles)
-    scores = model_scores(checkpoint.build_model(), encoded, torch.device("cpu"))
-    calibration = calibrate(scores, result.val_true)
-    checkpoint.spec = dataclasses.replace(checkpoint.spec, temperature=calibration.temperature)
-    checkpoint.metrics = {**checkpoint.metrics, **calibration.metrics()}
-    log.info("calibration: temperature %.3f; expected calibration error %.4f -> %.4f on validation (after: %d-fold "
-             "cross-fitted); share of titles at 99%% accuracy %.1f%% -> %.1f%%", calibration.temperature,
-             calibration.ece_before, calibration.ece_after, calibration.folds,
-             100 * calibration.coverage_at_99_before, 100 * calibration.coverage_at_99_after)
-    return dataclasses.replace(result, calibration=calibration)
-
-
-def _student_result(student: TrainResult, teachers: TrainResult) -> TrainResult:
-    """The student's fit, with the teachers' metrics, curves and timings kept beside its own."""
-    checkpoint = student.checkpoint
-    checkpoint.metrics = {
-        **checkpoint.metrics,
-        **{k: v for k, v in teachers.checkpoint.metrics.items() if k.startswith("member")},
-        "teachers_val_balanced_accuracy": teachers.checkpoint.metrics["val_balanced_accuracy"],
-    }
-    log.info("student: validation balanced accuracy %.4f (the ensemble it learnt from: %.4f)",
-             checkpoint.metrics["val_balanced_accuracy"], checkpoint.metrics["teachers_val_balanced_accuracy"])
-    timings = dict(teachers.timings)
-    _add_timings(timings, student.timings, prefix="student_")
-    history = teachers.history + [dataclasses.replace(m, member=STUDENT) for m in student.history]
-    return dataclasses.replace(student, history=history, timings=timings,
-                               stopped_early=student.stopped_early)
-
-
-def _add_timings(total: dict[str, float], timings: dict[str, float], prefix: str = "") -> None:
-    """Add `timings` into `total` key by key (members' fits run one after another)."""
-    for k, v in timings.items():
-        total[prefix + k] = total.get(prefix + k, 0.0) + v
-
-
-def _tagged(callback: Callable[[EpochMetrics], None] | None, member: int) -> Callable[[EpochMetrics], None] | None:
-    if callback is None:
-        return None
-    return lambda m: callback(dataclasses.replace(m, member=member))
-
-
-def _ensemble_checkpoint(members: list[Checkpoint]) -> Checkpoint:
-    """One checkpoint of an `Ensemble` whose member i holds the weights of ``members[i]``."""
-    first = members[0]
-    for other in members[1:]:  # same data, same settings: the tokenizer must be the same
-        if other.vocabulary != first.vocabulary or other.model_config != first.model_config:
-            raise MeliError("ensemble members disagree on vocabulary or model shape")
-    state = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state_dict.items()}
-    # the callers set the ensemble's own metrics; provenance is copied because the refit tags it
-    return dataclasses.replace(first, spec=dataclasses.replace(first.spec, members=len(members)), state_dict=state,
-                               provenance=dict(first.provenance))
-
-
-def _ensemble_result(fits: list[TrainResult], validation: LabelledSplit) -> TrainResult:
-    """The members' selection fits as one result, measured on validation as the ensemble."""
-    checkpoint = _ensemble_checkpoint([f.checkpoint for f in fits])
-    model = checkpoint.build_model()
-    tokenizer = checkpoint.tokenizer()
-    enc = tokenizer.encode_batch(validation.titles)
-    y_val = fits[0].val_true
-    val_loss, pred = evaluate(model, enc.ids, enc.lengths, y_val, torch.device("cpu"))
-    bacc = balanced_accuracy(y_val, pred)
-    checkpoint.metrics = {
-        "val_balanced_accuracy": bacc,
-        "val_accuracy": float((pred == y_val).mean()),
-        "val_loss": val_loss,
-        "best_epoch": float(sum(f.best_epoch for f in fits) / len(fits)),
-        **{f"member{i + 1}_val_balanced_accuracy": f.checkpoint.metrics["val_balanced_accuracy"] for i, f in enumerate(fits)},
-    }
-    log.info("ensemble of %d: validation balanced accuracy %.4f (members %s)", len(fits), bacc,
-             ", ".join(f"{f.checkpoint.metrics['val_balanced_accuracy']:.4f}" for f in fits))
-    timings: dict[str, float] = {}
-    for f in fits:
-        _add_timings(timings, f.timings)
-    history = [dataclasses.replace(m, member=i) for i, f in enumerate(fits) for m in f.history]
-    return dataclasses.replace(fits[0], checkpoint=checkpoint, history=history, val_pred=pred, timings=timings,
-                               stopped_early=any(f.stopped_early for f in fits))

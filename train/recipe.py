@@ -1,0 +1,202 @@
+"""The training recipe: teachers → student → calibrate → refit.
+
+`train_and_refit` is the whole recipe in one screen; each step is a function that returns a
+new result and changes none it is given. `meli.train.trainer.train_model` is the one fit
+every step runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import pyarrow as pa
+import torch
+
+from meli.calibration import calibrate
+from meli.checkpoint import Checkpoint
+from meli.dataset import LabelledSplit
+from meli.errors import MeliError
+from meli.metrics import balanced_accuracy
+from meli.train.config import TrainConfig
+from meli.train.distill import model_scores
+from meli.train.trainer import STUDENT, EpochMetrics, TrainResult, evaluate, train_model
+
+log = logging.getLogger(__name__)
+
+Fit = Callable[..., TrainResult]  # train_model with the run's provenance and verbosity bound
+
+
+def train_and_refit(
+    config: TrainConfig,
+    train: LabelledSplit,
+    validation: LabelledSplit,
+    *,
+    provenance: dict[str, str] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_refit_epoch: Callable[[EpochMetrics], None] | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Fit ``members`` models with early stopping on validation (one, or an ensemble); with
+    ``distill.enabled`` they teach one student, the model kept; calibrate its probabilities
+    on validation; with ``refit``, fit the kept model again on train + validation for the
+    chosen number of epochs.
+
+    The returned metrics, history, validation predictions and temperature are the selection
+    fit's: the refit model has seen the validation titles, so nothing measured on them
+    afterwards would be honest."""
+
+    def fit(cfg: TrainConfig, data: LabelledSplit, **kwargs) -> TrainResult:
+        return train_model(cfg, data, validation, provenance=provenance, quiet=quiet, **kwargs)
+
+    members = fit_members(config, train, fit, on_epoch)
+    selection = members[0] if config.members == 1 else ensemble_result(members, validation)
+    teachers = selection.checkpoint if distills(config) else None
+    if teachers is not None:
+        selection = distil_student(config, teachers, selection, train, fit, on_epoch)
+    selection = calibrated(selection, validation)
+    if not config.refit:
+        return selection
+    return refit(config, selection, members, teachers, train, validation, fit, on_refit_epoch)
+
+
+def distills(config: TrainConfig) -> bool:
+    return config.distill.enabled and config.members > 1
+
+
+def student_config(config: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(config, members=1, epochs=config.distill.epochs or config.epochs)
+
+
+def fit_members(config: TrainConfig, train: LabelledSplit, fit: Fit,
+                on_epoch: Callable[[EpochMetrics], None] | None) -> list[TrainResult]:
+    """Step 1: the members' selection fits, seeds ``seed``, ``seed + 1``, …"""
+    results = []
+    for member in range(config.members):
+        member_config = dataclasses.replace(config, seed=config.seed + member, members=1)
+        if config.members > 1:
+            log.info("ensemble member %d of %d (seed %d)", member + 1, config.members, member_config.seed)
+        results.append(fit(member_config, train, on_epoch=_tagged(on_epoch, member)))
+    return results
+
+
+def distil_student(config: TrainConfig, teachers: Checkpoint, ensemble: TrainResult, train: LabelledSplit, fit: Fit,
+                   on_epoch: Callable[[EpochMetrics], None] | None) -> TrainResult:
+    """Step 2: one student of the members' shape, taught by their averaged probabilities
+    (`meli.train.distill`); its result keeps the teachers' metrics, curves and timings."""
+    log.info("distilling one student from the ensemble of %d", config.members)
+    student = fit(student_config(config), train, on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers,
+                  teacher_titles=train.titles)
+    metrics = {
+        **student.checkpoint.metrics,
+        **{k: v for k, v in ensemble.checkpoint.metrics.items() if k.startswith("member")},
+        "teachers_val_balanced_accuracy": ensemble.checkpoint.metrics["val_balanced_accuracy"],
+    }
+    log.info("student: validation balanced accuracy %.4f (the ensemble it learnt from: %.4f)",
+             metrics["val_balanced_accuracy"], metrics["teachers_val_balanced_accuracy"])
+    history = ensemble.history + [dataclasses.replace(m, member=STUDENT) for m in student.history]
+    return dataclasses.replace(student, checkpoint=dataclasses.replace(student.checkpoint, metrics=metrics),
+                               history=history, timings=_summed(ensemble.timings, student.timings, "student_"))
+
+
+def calibrated(result: TrainResult, validation: LabelledSplit) -> TrainResult:
+    """Step 3: `result` with a temperature fitted on its validation scores (`meli.calibration`)
+    in its checkpoint, with the calibration's metrics (ECE before/after, coverage table)."""
+    checkpoint = result.checkpoint
+    encoded = checkpoint.tokenizer().encode_batch(validation.titles)
+    scores = model_scores(checkpoint.build_model(), encoded, torch.device("cpu"))
+    calibration = calibrate(scores, result.val_true)
+    log.info("calibration: temperature %.3f; expected calibration error %.4f -> %.4f on validation (after: %d-fold "
+             "cross-fitted); share of titles at 99%% accuracy %.1f%% -> %.1f%%", calibration.temperature,
+             calibration.ece_before, calibration.ece_after, calibration.folds,
+             100 * calibration.coverage_at_99_before, 100 * calibration.coverage_at_99_after)
+    checkpoint = dataclasses.replace(checkpoint, spec=dataclasses.replace(checkpoint.spec, temperature=calibration.temperature),
+                                     metrics={**checkpoint.metrics, **calibration.metrics()})
+    return dataclasses.replace(result, checkpoint=checkpoint, calibration=calibration)
+
+
+def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult], teachers: Checkpoint | None,
+          train: LabelledSplit, validation: LabelledSplit, fit: Fit,
+          on_epoch: Callable[[EpochMetrics], None] | None) -> TrainResult:
+    """Step 4: the kept model fitted again on train + validation for the selection's epoch
+    count. With a student, the student alone, still taught by the members' selection fits
+    (the validation titles' targets mix their probabilities with the true label); else each
+    member. The refit takes the selection fit's temperature: fitted on titles the refit has
+    seen, one would be too low (over-confident)."""
+    combined = LabelledSplit(pa.concat_arrays([train.titles, validation.titles]),
+                             pa.concat_arrays([train.categories, validation.categories]),
+                             f"{train.source} + {validation.source}")
+    timings = dict(selection.timings)
+    if teachers is not None:
+        log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
+        final = fit(dataclasses.replace(student_config(config), epochs=selection.best_epoch), combined, keep="last",
+                    on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=train.titles)
+        timings = _summed(timings, final.timings, "refit_student_")
+        checkpoint, epochs = final.checkpoint, [selection.best_epoch]
+    else:
+        refits = []
+        for member, chosen in enumerate(members):
+            log.info("refit on train + validation (%d titles) for %d epochs", len(combined), chosen.best_epoch)
+            final = fit(dataclasses.replace(config, seed=config.seed + member, members=1, epochs=chosen.best_epoch),
+                        combined, keep="last", on_epoch=_tagged(on_epoch, member))
+            refits.append(final.checkpoint)
+            timings = _summed(timings, final.timings, "refit_")
+        checkpoint = refits[0] if len(refits) == 1 else ensemble_checkpoint(refits)
+        epochs = [m.best_epoch for m in members]
+    checkpoint = dataclasses.replace(
+        checkpoint,
+        spec=dataclasses.replace(checkpoint.spec, temperature=selection.checkpoint.temperature),
+        metrics={**selection.checkpoint.metrics, "refit_epochs": float(sum(epochs) / len(epochs))},
+        provenance={**checkpoint.provenance, "refit": "train+validation"},
+    )
+    return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
+
+
+def ensemble_checkpoint(members: list[Checkpoint]) -> Checkpoint:
+    """One checkpoint of an `Ensemble` whose member i holds the weights of ``members[i]``."""
+    first = members[0]
+    for other in members[1:]:  # same data, same settings: the tokenizer must be the same
+        if other.vocabulary != first.vocabulary or other.model_config != first.model_config:
+            raise MeliError("ensemble members disagree on vocabulary or model shape")
+    state = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state_dict.items()}
+    return dataclasses.replace(first, spec=dataclasses.replace(first.spec, members=len(members)), state_dict=state,
+                               provenance=dict(first.provenance))
+
+
+def ensemble_result(fits: list[TrainResult], validation: LabelledSplit) -> TrainResult:
+    """The members' selection fits as one result, measured on validation as the ensemble."""
+    checkpoint = ensemble_checkpoint([f.checkpoint for f in fits])
+    enc = checkpoint.tokenizer().encode_batch(validation.titles)
+    y_val = fits[0].val_true
+    val_loss, pred = evaluate(checkpoint.build_model(), enc.ids, enc.lengths, y_val, torch.device("cpu"))
+    bacc = balanced_accuracy(y_val, pred)
+    metrics = {
+        "val_balanced_accuracy": bacc,
+        "val_accuracy": float((pred == y_val).mean()),
+        "val_loss": val_loss,
+        "best_epoch": float(sum(f.best_epoch for f in fits) / len(fits)),
+        **{f"member{i + 1}_val_balanced_accuracy": f.checkpoint.metrics["val_balanced_accuracy"] for i, f in enumerate(fits)},
+    }
+    log.info("ensemble of %d: validation balanced accuracy %.4f (members %s)", len(fits), bacc,
+             ", ".join(f"{f.checkpoint.metrics['val_balanced_accuracy']:.4f}" for f in fits))
+    timings: dict[str, float] = {}
+    for f in fits:
+        timings = _summed(timings, f.timings)
+    history = [dataclasses.replace(m, member=i) for i, f in enumerate(fits) for m in f.history]
+    return dataclasses.replace(fits[0], checkpoint=dataclasses.replace(checkpoint, metrics=metrics), history=history,
+                               val_pred=pred, timings=timings, stopped_early=any(f.stopped_early for f in fits))
+
+
+def _summed(total: dict[str, float], timings: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """`total` plus `timings`, key by key (fits run one after another)."""
+    out = dict(total)
+    for k, v in timings.items():
+        out[prefix + k] = out.get(prefix + k, 0.0) + v
+    return out
+
+
+def _tagged(callback: Callable[[EpochMetrics], None] | None, member: int) -> Callable[[EpochMetrics], None] | None:
+    if callback is None:
+        return None
+    return lambda m: callback(dataclasses.replace(m, member=member))
