@@ -69,6 +69,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"{p}: no such checkpoint file")
+    with p.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise ModelFileError(f"{p}: not a readable checkpoint (not a file torch.save wrote)")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a corrupt or foreign file

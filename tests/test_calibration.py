@@ -83,25 +83,33 @@ def test_ece_coverage_and_coverage_at_accuracy_by_hand():
     assert coverage_at_accuracy(probs, y, 0.75) == 1.0
 
 
-def test_training_fits_a_temperature_and_the_refit_carries_it(trained, demo_splits):
-    """The two-member ensemble fixture went through train_and_refit: it is calibrated."""
+def test_training_fits_the_temperature_on_the_validation_scores(trained, demo_splits):
+    """The two-member ensemble fixture went through the recipe without a refit: its
+    temperature is the one that fits its own scores on the validation titles."""
+    from meli.calibration import fit_temperature
+    from meli.train.distill import model_scores
+
     ckpt = trained["ensemble"].checkpoint
-    assert ckpt.temperature != 1.0
+    scores = model_scores(ckpt.build_model(), ckpt.tokenizer().encode_batch(demo_splits[1].titles), torch.device("cpu"))
+    assert ckpt.temperature == fit_temperature(scores, trained["ensemble"].val_true) != 1.0
     m = ckpt.metrics
     assert m["calibration_temperature"] == ckpt.temperature
-    assert m["calibration_ece_after"] <= m["calibration_ece_before"]
+    assert m["calibration_ece_after"] < m["calibration_ece_before"]
     assert "| 0.9 |" in coverage_table(m)
 
 
 def test_the_refit_model_takes_the_selection_fits_temperature(demo_splits):
+    """The same recipe with and without the refit (deterministic on the CPU): the refit model
+    is another model (trained on train + validation) with the selection fit's temperature."""
     from conftest import small_config
     from meli.train.recipe import train_and_refit
 
     train, validation = demo_splits
-    result = train_and_refit(small_config("mlp", refit=True, epochs=2), train, validation, quiet=True)
-    assert result.calibration is not None
-    assert result.checkpoint.temperature == result.calibration.temperature != 1.0
-    assert result.checkpoint.provenance["refit"] == "train+validation"
+    selection = train_and_refit(small_config("mlp", refit=False, epochs=2), train, validation, quiet=True)
+    refit = train_and_refit(small_config("mlp", refit=True, epochs=2), train, validation, quiet=True)
+    assert refit.checkpoint.provenance["refit"] == "train+validation"
+    assert len(refit.checkpoint.vocabulary) > len(selection.checkpoint.vocabulary)  # it read the validation titles too
+    assert refit.checkpoint.temperature == selection.checkpoint.temperature == refit.calibration.temperature != 1.0
 
 
 @pytest.mark.parametrize("quantize", [False, True])

@@ -135,7 +135,9 @@ def test_a_graph_that_lost_its_temperature_fails_parity(quantize, trained, demo_
     graph = load_onnx_model(to_onnx(ckpt, quantize=quantize).SerializeToString(), "cpu")
     report = check_parity(calibrated, graph, demo_splits[1].titles)
     assert not report.passed
-    assert report.max_abs_diff > 1e-3 and report.checkpoint_max_abs_diff > report.checkpoint_bound
+    # halving the temperature moves probabilities by tenths: far beyond int8 rounding (held to
+    # MAX_ROUNDED_DIFF, 0.05), so the test sees the temperature, not the rounding
+    assert report.max_abs_diff > 0.2 and report.checkpoint_max_abs_diff > 0.2
     # and with it, the same file passes
     good = load_onnx_model(to_onnx(calibrated, quantize=quantize).SerializeToString(), "cpu")
     assert check_parity(calibrated, good, demo_splits[1].titles).passed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from meli.checkpoint import load_checkpoint, save_checkpoint
 from meli.errors import InputError, MeliError, ModelFileError
 from meli.contract import CNNConfig, MLPConfig
 from meli.models import CNN, MLP, build_model
+from meli.tokenizer import N_SPECIAL, Tokenizer
 from meli.vocabulary import build_vocabulary
 from meli.train.config import EmbeddingConfig, load_config
 from meli.train.trainer import pick_device, train_model
@@ -62,7 +64,7 @@ def test_training_learns_the_demo_data(trained):
         assert history[-1].train_loss < history[0].train_loss, kind
         best = result.checkpoint.metrics["val_balanced_accuracy"]
         assert best == max(m.val_balanced_accuracy for m in history)
-        assert best > 0.8, (kind, best)  # 30 categories: chance is 0.033
+        assert best > 0.9, (kind, best)  # 30 categories: chance is 0.033; these small fits reach 0.93-0.95
 
 
 def test_training_is_reproducible_on_cpu(demo_splits):
@@ -96,25 +98,44 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(trained, tmp_
 def test_bad_checkpoints_are_named(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelFileError, match="corrupt.pt: not a readable checkpoint"):
+    with pytest.raises(ModelFileError) as e:
         load_checkpoint(corrupt)
+    assert str(e.value) == f"{corrupt}: not a readable checkpoint (not a file torch.save wrote)"
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(ModelFileError, match="not a meli-categorizer checkpoint"):
+    with pytest.raises(ModelFileError) as e:
         load_checkpoint(foreign)
-    with pytest.raises(ModelFileError, match="no such checkpoint"):
+    assert str(e.value) == f"{foreign}: not a meli-categorizer checkpoint (no 'meli-checkpoint' format marker)"
+    with pytest.raises(ModelFileError) as e:
         load_checkpoint(tmp_path / "missing.pt")
+    assert str(e.value) == f"{tmp_path / 'missing.pt'}: no such checkpoint file"
 
 
 @pytest.mark.parametrize("init", ["word2vec", "fasttext"])
-def test_gensim_embeddings_trained_on_titles(init, demo_splits):
+def test_gensim_embeddings_trained_on_titles(init, demo_splits, caplog):
+    from meli.train.embeddings import init_embedding, word_vectors
+
     train, validation = demo_splits
     config = small_config("cnn", epochs=3, embeddings=EmbeddingConfig(init=init, epochs=2))
-    result = train_model(config, train, validation, quiet=True)
-    assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.5
+    # the vectors gensim trains on the titles land in the rows of the vocabulary's words
+    tokenizer = Tokenizer(config.tokenizer, build_vocabulary(train.titles, config.tokenizer, config.vocabulary))
+    vectors = word_vectors(config.embeddings, tokenizer, train.titles.to_pylist(), 32, seed=0)
+    weight = torch.zeros(tokenizer.n_ids, 32)
+    words = [t for t in tokenizer.vocabulary if " " not in t and "^" not in t]
+    assert init_embedding(weight, vectors, tokenizer) >= 0.9 * len(words)
+    row = tokenizer.vocabulary.index("taladro") + N_SPECIAL
+    assert torch.equal(weight[row], torch.tensor(vectors["taladro"]))
+    # and training starts from them
+    with caplog.at_level(logging.INFO, logger="meli.train.embeddings"):
+        result = train_model(config, train, validation, quiet=True)
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("initialised ")]
+    assert loaded and int(loaded[0].split()[1]) >= 0.9 * len(words), loaded
+    assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.88  # these fits reach 0.91-0.94
 
 
-def test_pretrained_word2vec_text_file(demo_splits, tmp_path):
+def test_pretrained_word2vec_text_file(demo_splits, tmp_path, caplog):
+    from meli.train.embeddings import init_embedding, load_pretrained
+
     train, validation = demo_splits
     rng = np.random.default_rng(0)
     words = ["taladro", "casco", "funda", "palabra_que_no_esta"]
@@ -122,7 +143,19 @@ def test_pretrained_word2vec_text_file(demo_splits, tmp_path):
     path = tmp_path / "vectors.txt.bz2"  # the SBW file's layout: word2vec text, bz2
     path.write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
     config = small_config("cnn", epochs=1, embeddings=EmbeddingConfig(init="pretrained", path=str(path)))
-    assert train_model(config, train, validation, quiet=True).history
+    tokenizer = Tokenizer(config.tokenizer, build_vocabulary(train.titles, config.tokenizer, config.vocabulary))
+    weight = torch.randn(tokenizer.n_ids, 32)
+    before = weight.clone()
+    assert init_embedding(weight, load_pretrained(path), tokenizer) == 3  # the file's three vocabulary words
+    for word, line in zip(words, lines[1:]):
+        if word in tokenizer.vocabulary:
+            row = tokenizer.vocabulary.index(word) + N_SPECIAL
+            assert torch.equal(weight[row], torch.tensor([float(x) for x in line.split()[1:]]))
+            weight[row] = before[row]
+    assert torch.equal(weight, before)  # no other row moved
+    with caplog.at_level(logging.INFO, logger="meli.train.embeddings"):
+        assert train_model(config, train, validation, quiet=True).history
+    assert any(r.getMessage().startswith("initialised 3 of ") for r in caplog.records)
     wrong_dim = dataclasses.replace(config, cnn=dataclasses.replace(config.cnn, embedding_dim=16))
     with pytest.raises(InputError, match="dimension 32 but the model's embedding_dim is 16"):
         train_model(wrong_dim, train, validation, quiet=True)
@@ -287,7 +320,7 @@ def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
     assert ckpt.members == 1 and "head.1.weight" in ckpt.state_dict
     metrics = ckpt.metrics
     assert {"member1_val_balanced_accuracy", "member2_val_balanced_accuracy", "teachers_val_balanced_accuracy"} <= set(metrics)
-    assert metrics["val_balanced_accuracy"] > 0.8
+    assert metrics["val_balanced_accuracy"] > 0.83  # two 4-epoch teachers and a 4-epoch student reach 0.87
     assert {m.member for m in result.history} == {0, 1, STUDENT}
     assert ckpt.provenance["refit"] == "train+validation"
     assert set(ckpt.vocabulary) - set(build_vocabulary(train.titles, config.tokenizer, config.vocabulary))
@@ -305,7 +338,8 @@ def test_each_optimizer_learns(optimizer, demo_splits):
     result = train_model(config, train, validation, quiet=True)
     losses = [m.train_loss for m in result.history]
     assert losses[-1] < losses[0] * 0.75, losses
-    assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.8  # 30 categories: chance is 0.03
+    # 30 categories: chance is 0.03; AdamW and Adam reach 0.94 here, plain SGD 0.89
+    assert result.checkpoint.metrics["val_balanced_accuracy"] > (0.85 if optimizer == "sgd" else 0.9)
 
 
 def test_attention_pooling_trains_exports_and_keeps_parity(demo_splits, tmp_path):
@@ -317,7 +351,7 @@ def test_attention_pooling_trains_exports_and_keeps_parity(demo_splits, tmp_path
     config = small_config()
     config = dataclasses.replace(config, mlp=dataclasses.replace(config.mlp, pooling="attention"))
     result = train_model(config, train, validation, quiet=True)
-    assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.5
+    assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.9  # reaches 0.93
     path = tmp_path / "attention.onnx"
     path.write_bytes(to_onnx(result.checkpoint).SerializeToString())
     model = load_onnx_model(path, "cpu")
