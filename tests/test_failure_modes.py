@@ -45,7 +45,8 @@ def temporaries(folder: Path) -> list[str]:
 
 
 def expect_error(args: list, message: str, output: Path, *, previous: bytes | None = YESTERDAY) -> str:
-    """meli-score fails cleanly: one ``Error:`` line holding `message`, exit 1, the output as
+    """meli-score fails cleanly: one ``Error:`` line ending with `message` (the whole reason,
+    after the path it names), exit 1, the output as
     it was before (absent, or `previous` byte for byte) and no temporary file."""
     if previous is not None:
         output.write_bytes(previous)
@@ -54,7 +55,7 @@ def expect_error(args: list, message: str, output: Path, *, previous: bytes | No
     result = score_cli(*args)
     assert result.exit_code == 1, (message, result.output, result.exception)
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
-    assert message in result.output, result.output
+    assert result.output.rstrip("\n").endswith(message), (message, result.output)
     if previous is None:
         assert not output.exists()
     else:
@@ -154,7 +155,9 @@ def test_a_corrupt_gzip_is_named(model, tmp_path):
     path = tmp_path / "in.jsonl.gz"
     data = gzip.compress("".join(json.dumps({"title": f"Casco {i}"}) + "\n" for i in range(20_000)).encode())
     path.write_bytes(data[: len(data) // 2])
-    expect_error([path, tmp_path / "out.parquet", "--model", model], "in.jsonl.gz", tmp_path / "out.parquet")
+    expect_error([path, tmp_path / "out.parquet", "--model", model],
+                 "in.jsonl.gz: unreadable (Compressed file ended before the end-of-stream marker was reached)",
+                 tmp_path / "out.parquet")
 
 
 # ================================================================ types
@@ -236,7 +239,7 @@ def test_a_jsonl_field_that_changes_type_names_the_line(model, tmp_path):
 
 def test_a_jsonl_title_that_is_not_a_string_names_the_line(model, tmp_path):
     path = write_jsonl(tmp_path / "num.jsonl", [{"title": "Casco"}] * 5 + [{"title": 12}])
-    expect_error([path, tmp_path / "out.parquet", "--model", model], "num.jsonl: line 6: column 'title' must be a string",
+    expect_error([path, tmp_path / "out.parquet", "--model", model], "num.jsonl: line 6: column 'title' must be a string, got 12",
                  tmp_path / "out.parquet")
 
 
@@ -303,11 +306,11 @@ def test_a_gz_jsonl_output_is_gzipped(model, tmp_path):
 
 def test_a_gz_parquet_name_is_refused(model, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
-    expect_error([path, tmp_path / "out.parquet.gz", "--model", model], "out.parquet.gz: Parquet is compressed inside",
+    expect_error([path, tmp_path / "out.parquet.gz", "--model", model], "out.parquet.gz: Parquet is compressed inside, so a gzipped .parquet.gz is not a Parquet file; name it .parquet",
                  tmp_path / "out.parquet.gz")
     gz_in = tmp_path / "in.parquet.gz"
     gz_in.write_bytes(gzip.compress(b"PAR1"))
-    expect_error([gz_in, tmp_path / "out.parquet", "--model", model], "in.parquet.gz: Parquet is compressed inside",
+    expect_error([gz_in, tmp_path / "out.parquet", "--model", model], "in.parquet.gz: Parquet is compressed inside, so a gzipped .parquet.gz is not a Parquet file; name it .parquet",
                  tmp_path / "out.parquet")
 
 
@@ -326,7 +329,8 @@ def test_an_output_name_at_the_file_system_limit(model, tmp_path):
 def test_output_paths_that_cannot_be_written(model, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
     (tmp_path / "adir").mkdir()
-    expect_error([path, tmp_path / "adir", "--model", model], "is a directory", tmp_path / "nothing.parquet", previous=None)
+    expect_error([path, tmp_path / "adir", "--model", model], "adir: is a directory; name an output file", tmp_path / "nothing.parquet",
+                 previous=None)
     expect_error([path, tmp_path / "nowhere" / "out.parquet", "--model", model], "does not exist",
                  tmp_path / "nowhere.parquet", previous=None)
     expect_error([path, path, "--model", model], "would overwrite the input", tmp_path / "nothing.parquet", previous=None)
@@ -423,11 +427,12 @@ def test_a_model_whose_labels_do_not_match_its_output_width(model, tmp_path):
         meta["meli.labels"] = json.dumps(json.loads(meta["meli.labels"])[:-1])
 
     path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
-    for name, change in (("longer.onnx", longer), ("shorter.onnx", shorter)):
+    for name, change, n in (("longer.onnx", longer, 31), ("shorter.onnx", shorter, 29)):
         bad = tampered(model, tmp_path, name, change)
         with pytest.raises(ModelFileError, match=rf"{name}: .* labels but the graph outputs"):
             load_onnx_model(bad, "cpu")
-        expect_error([path, tmp_path / "out.parquet", "--model", bad], f"{name}: ", tmp_path / "out.parquet")
+        expect_error([path, tmp_path / "out.parquet", "--model", bad],
+                     f"{name}: the model file lists {n} labels but the graph outputs 30 probabilities", tmp_path / "out.parquet")
 
 
 def test_a_model_whose_vocabulary_outgrows_its_embedding(model, tmp_path):
@@ -479,7 +484,8 @@ def test_a_graph_with_other_inputs_or_an_unknown_opset(model, tmp_path):
 def test_a_registry_uri_without_a_store_creates_nothing(model, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
     expect_error([path, tmp_path / "out.parquet", "--model", "models:/meli-categorizer/1"],
-                 "models:/meli-categorizer/1: no MLflow store here (no mlflow.db in", tmp_path / "out.parquet")
+                 f"models:/meli-categorizer/1: no MLflow store here (no mlflow.db in {tmp_path}); run from the folder that "
+                 "holds it, or set MLFLOW_TRACKING_URI", tmp_path / "out.parquet")
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -488,7 +494,7 @@ def test_a_registry_uri_on_an_unreachable_server(model, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
     started = time.time()
     expect_error([path, tmp_path / "out.parquet", "--model", "models:/meli-categorizer/1"],
-                 "MLflow tracking server http://127.0.0.1:9: unreachable", tmp_path / "out.parquet")
+                 "MLflow tracking server http://127.0.0.1:9: unreachable (Connection refused)", tmp_path / "out.parquet")
     assert time.time() - started < 30
 
 
@@ -496,7 +502,8 @@ def test_a_registry_uri_that_names_no_model(model, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     path = write_jsonl(tmp_path / "in.jsonl", [{"title": "Casco"}])
     expect_error([path, tmp_path / "out.parquet", "--model", "models:/no-such-model/1"],
-                 "models:/no-such-model/1: cannot resolve in the MLflow registry", tmp_path / "out.parquet")
+                 "models:/no-such-model/1: cannot resolve in the MLflow registry (Registered Model with name=no-such-model "
+                 "not found)", tmp_path / "out.parquet")
 
 
 # ================================================================ training config and store

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from meli.score.cli import main as score_main
-from test_score import TITLES
+from test_spark import lake  # noqa: F401 - the same four-part dataset with null and empty titles
 
 pytest.importorskip("pyspark", reason="pip install 'meli-categorizer[spark]'")
 pytest.importorskip("grpc", reason="Spark Connect's client: pip install 'meli-categorizer[spark]'")
@@ -36,19 +36,6 @@ def run(*args):
 def meli_score(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "meli.score", *map(str, args), "--quiet"], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def lake(tmp_path_factory):
-    """Four Parquet parts with null and empty titles."""
-    folder = tmp_path_factory.mktemp("lake") / "catalog"
-    folder.mkdir()
-    titles = TITLES * 100
-    for part in range(4):
-        rows = range(part * 200, (part + 1) * 200)
-        pq.write_table(pa.table({"id": pa.array(list(rows), pa.int64()), "title": [titles[i] for i in rows]}),
-                       folder / f"part-{part:05d}.parquet")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +65,7 @@ def test_spark_connect_scores_and_reports_as_meli_score(server, lake, exported, 
     assert_same_answers(pq.read_table(tmp_path / "out"), pq.read_table(tmp_path / "local.parquet"))
     local = json.loads((tmp_path / "local.json").read_text())
     connect = json.loads((tmp_path / "connect.json").read_text())
-    assert connect["engine"] == "spark-connect" and connect["rows"] == 800
+    assert connect["engine"] == "spark-connect" and connect["rows"] == 2000
     assert {k: v for k, v in connect.items() if k not in CIRCUMSTANCES} == {k: v for k, v in local.items() if k not in CIRCUMSTANCES}
 
 
@@ -126,7 +113,7 @@ def test_tables_in_and_out_of_the_catalog(lake, exported, tmp_path):
     spark.read.parquet(str(tmp_path / "bad")).write.mode("overwrite").saveAsTable("bad_titles")
     failed = run("table:bad_titles", "table:scored_tonight", "--model", model, "--engine", "spark")
     assert failed.exit_code == 1 and "invalid UTF-8" in failed.output and failed.output.count("\n") == 1
-    assert spark.read.table("scored_tonight").count() == 800
+    assert spark.read.table("scored_tonight").count() == 2000
     assert not [t.name for t in spark.catalog.listTables() if "__meli_" in t.name]  # no staging table left
     missing = run("table:no_such_table", tmp_path / "o", "--model", model, "--engine", "spark")
     assert missing.exit_code == 1 and missing.output.startswith("Error: table:no_such_table: no such table")

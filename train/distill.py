@@ -11,7 +11,7 @@ know the label, and add what else each title resembles), and mix them with the (
 true label where the teachers never saw the title (the validation titles of a refit: there
 the teachers only predict); recombined titles have no true label and take the teachers'
 probabilities alone. On the real data, pure teacher targets did better than a 50/50 mix on
-the titles the teachers had seen (the README's record of how the student was chosen).
+the titles the teachers had seen.
 """
 
 from __future__ import annotations
