@@ -122,7 +122,7 @@ def parquet_parts(path: Path) -> list[Part]:
         if any(path.glob(marker)):
             raise InputError(f"{path}: is {what} ({marker.split('/')[0]} is there): its folder also holds files of "
                              "other versions, so its rows cannot be read as plain Parquet; score an export of the "
-                             "table's current version, or read it with Spark and pass that")
+                             "table's current version, or register it in a Spark catalog and score table:NAME with --engine spark")
     parts: list[Part] = []
     for folder, subfolders, files in os.walk(path):
         subfolders[:] = [d for d in subfolders if not d.startswith(NOT_DATA)]

@@ -57,7 +57,8 @@ def test_partition_folders_must_agree_between_parts(exported, tmp_path):
     part(lake / "dt=2024-01-01" / "part-0.parquet", 0, 10)
     part(lake / "part-1.parquet", 10, 20)
     expect_error([lake, tmp_path / "out.parquet", "--model", exported["mlp"]],
-                 "part-1.parquet: its partition folders (none) differ from those of", tmp_path / "out.parquet")
+                 f"part-1.parquet: its partition folders (none) differ from those of {lake / 'dt=2024-01-01' / 'part-0.parquet'} (dt)",
+                 tmp_path / "out.parquet")
 
 
 def test_a_partition_column_also_in_the_files_is_refused(exported, tmp_path):
@@ -82,7 +83,8 @@ def test_a_file_in_the_folder_that_is_not_parquet_is_named(exported, tmp_path):
     part(lake / "part-0.parquet", 0, 10)
     (lake / "notes.txt").write_text("not data")
     expect_error([lake, tmp_path / "out.parquet", "--model", exported["mlp"]],
-                 "notes.txt: not a Parquet file in the input folder", tmp_path / "out.parquet")
+                 f"notes.txt: not a Parquet file in the input folder {lake}; move it out, or start its name with _ or . to "
+                 "mark it as not data", tmp_path / "out.parquet")
 
 
 def test_parts_are_read_in_natural_path_order(exported, tmp_path):
@@ -103,16 +105,19 @@ def test_table_format_folders_are_refused_with_what_they_are(marker, what, expor
     part(lake / "part-0.parquet", 0, 10)
     (lake / marker).parent.mkdir(parents=True, exist_ok=True)
     (lake / marker).write_text("{}")
-    message = expect_error([lake, tmp_path / "out.parquet", "--model", exported["mlp"]], f"is {what}",
-                           tmp_path / "out.parquet")
-    assert "score an export of the table's current version" in message
+    folder = marker.split("/")[0]
+    expect_error([lake, tmp_path / "out.parquet", "--model", exported["mlp"]],
+                 f"table: is {what} ({folder} is there): its folder also holds files of other versions, so its rows "
+                 "cannot be read as plain Parquet; score an export of the table's current version, or register it in a "
+                 "Spark catalog and score table:NAME with --engine spark", tmp_path / "out.parquet")
 
 
 def test_output_inside_the_input_folder_is_refused(exported, tmp_path):
     lake = tmp_path / "lake"
     part(lake / "part-0.parquet", 0, 10)
-    expect_error([lake, lake / "scored.parquet", "--model", exported["mlp"]], "would be inside the input folder",
-                 lake / "scored.parquet", previous=None)
+    expect_error([lake, lake / "scored.parquet", "--model", exported["mlp"]],
+                 f"scored.parquet: the output would be inside the input folder {lake}, and the next run would read it as "
+                 "input; write it elsewhere", lake / "scored.parquet", previous=None)
     # a name that the folder rules mark as not data is fine
     expect_scored([lake, lake / "_scored.parquet", "--model", exported["mlp"]], lake / "_scored.parquet")
     assert expect_scored([lake, tmp_path / "again.parquet", "--model", exported["mlp"]], tmp_path / "again.parquet").num_rows == 10
@@ -224,7 +229,8 @@ def test_a_title_of_several_megabytes_is_read(suffix, exported, tmp_path):
 def test_jsonl_integers_beyond_int64_are_refused_never_made_floats(exported, tmp_path, small_chunks):
     jsonl(tmp_path / "in.jsonl", catalog_records(500), ['{"id": 18446744073709551617, "title": "Casco"}'])
     expect_error([tmp_path / "in.jsonl", tmp_path / "out.parquet", "--model", exported["mlp"]],
-                 "in.jsonl: line 501: column 'id' holds the integer 18446744073709551617, beyond 64-bit integers",
+                 "in.jsonl: line 501: column 'id' holds the integer 18446744073709551617, beyond 64-bit integers (read "
+                 "as a float it would change); write it as a string",
                  tmp_path / "out.parquet")
     jsonl(tmp_path / "ok.jsonl", catalog_records(5), ['{"id": 9223372036854775807, "title": "Casco"}'])  # int64's largest
     out = expect_scored([tmp_path / "ok.jsonl", tmp_path / "ok.parquet", "--model", exported["mlp"]], tmp_path / "ok.parquet")
@@ -243,7 +249,8 @@ def test_a_csv_title_column_of_another_name(exported, tmp_path):
                         tmp_path / "out.parquet")
     assert out["sku"].to_pylist() == ["1", "2"] and out["category"].null_count == 0
     expect_error([tmp_path / "in.csv", tmp_path / "out2.parquet", "--model", exported["mlp"]],
-                 "CSV without a 'title' column in its header", tmp_path / "out2.parquet")
+                 "in.csv: CSV without a 'title' column in its header; a header-less CSV must have exactly the columns "
+                 "title,category (found 3 columns)", tmp_path / "out2.parquet")
 
 
 # ----------------------------------------------------------------------------- options, streams, names
@@ -288,7 +295,8 @@ def test_errors_on_stdin_name_stdin_not_a_temporary_file(exported, tmp_path):
 def test_a_file_name_with_a_newline_keeps_the_error_on_one_line(exported, tmp_path):
     bad = tmp_path / "cat\nalog.jsonl"
     bad.write_text('{"id": 1, "title": 7}\n', encoding="utf-8")
-    message = expect_error([bad, tmp_path / "out.parquet", "--model", exported["mlp"]], "cat\\nalog.jsonl: line 1",
+    message = expect_error([bad, tmp_path / "out.parquet", "--model", exported["mlp"]],
+                           "cat\\nalog.jsonl: line 1: column 'title' must be a string, got 7",
                            tmp_path / "out.parquet")
     assert message.count("\n") == 1
 
