@@ -167,8 +167,11 @@ def drift_reasons(report: dict, rules: DriftRules) -> list[str]:
     if value is not None and value > rules.category_psi:
         grew = ", ".join(f"{m['category']} {m['change']:+.1%}" for m in report["categories"]["grew"][:3])
         shrank = ", ".join(f"{m['category']} {m['change']:+.1%}" for m in report["categories"]["shrank"][:3])
+        chance = report["category_psi_by_chance"]
+        small = (f"; with {report['scored']:,} scored titles about {chance:.2f} is expected by chance alone"
+                 if chance is not None and chance > rules.category_psi / 2 else "")
         reasons.append(f"the category mix moved: PSI {value:.3f} > {rules.category_psi:g} against the training mix "
-                       f"(grew: {grew or '-'}; shrank: {shrank or '-'})")
+                       f"(grew: {grew or '-'}; shrank: {shrank or '-'}{small})")
     if report["rows"] and report["unscored_share"] > rules.unscored_share:
         reasons.append(f"{report['unscored_share']:.1%} of rows got no category > {rules.unscored_share:.0%} "
                        f"({report['empty_titles']:,} null or empty titles, {report['no_known_token']:,} with no known word)")
@@ -181,10 +184,15 @@ def drift_reasons(report: dict, rules: DriftRules) -> list[str]:
 
 
 def report_paths(path: str | Path) -> tuple[Path, Path]:
-    """(HTML, JSON): `--report R.html` writes R.html and R.json beside it."""
+    """(HTML, JSON): `--report R.html` writes R.html and R.json beside it; `--report R.json`
+    the same two files; any other name R writes R.html and R.json."""
     path = Path(path)
-    html_path = path if path.suffix.lower() in (".html", ".htm") else path.with_name(path.name + ".html")
-    return html_path, html_path.with_suffix(".json")
+    suffix = path.suffix.lower()
+    if suffix in (".html", ".htm"):
+        return path, path.with_suffix(".json")
+    if suffix == ".json":
+        return path.with_suffix(".html"), path
+    return path.with_name(path.name + ".html"), path.with_name(path.name + ".json")
 
 
 def write_report(report: dict, path: str | Path) -> tuple[Path, Path]:

@@ -191,6 +191,22 @@ def test_a_model_file_without_a_training_mix_reports_without_category_drift(demo
     assert "no training mix" in page and "no training mix" in result.output
 
 
+def test_report_names_say_which_two_files(tmp_path):
+    from meli.score.report import report_paths
+
+    assert report_paths(tmp_path / "r.html") == (tmp_path / "r.html", tmp_path / "r.json")
+    assert report_paths(tmp_path / "r.json") == (tmp_path / "r.html", tmp_path / "r.json")
+    assert report_paths(tmp_path / "tonight") == (tmp_path / "tonight.html", tmp_path / "tonight.json")
+
+
+def test_a_tiny_catalog_says_its_psi_is_mostly_chance(exported, tmp_path):
+    inp = catalog(tmp_path / "in.parquet", ["Taladro Percutor Bosch 650w"])
+    data, _, _ = score_with_report(tmp_path, inp, exported["ensemble"])
+    assert data["category_psi_by_chance"] == pytest.approx(29.0)  # 30 categories, one title
+    moved = [r for r in data["drift_reasons"] if r.startswith("the category mix moved")]
+    assert moved and "with 1 scored titles about 29.00 is expected by chance alone" in moved[0]
+
+
 def test_the_report_refuses_to_overwrite_an_output(demo_splits, exported, tmp_path):
     inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 10))
     result = run(inp, tmp_path / "out.json", "--model", exported["mlp"], "--report", tmp_path / "out.html")
