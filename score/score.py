@@ -291,6 +291,8 @@ def score_file(
     if threads:
         pa.set_cpu_count(threads)
     if report is not None:
+        if Path(report) == STDIO:
+            raise SettingError("report", "names the report's file (R.html; R.json is written beside it), not -")
         for path in report_paths(report):
             _check_output(path, inp, "the report")
             if path.resolve() == out.resolve() or (low is not None and path.resolve() == low.resolve()):

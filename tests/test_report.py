@@ -210,7 +210,13 @@ def test_a_tiny_catalog_says_its_psi_is_mostly_chance(exported, tmp_path):
 def test_the_report_refuses_to_overwrite_an_output(demo_splits, exported, tmp_path):
     inp = catalog(tmp_path / "in.parquet", resampled_training_titles(demo_splits, 10))
     result = run(inp, tmp_path / "out.json", "--model", exported["mlp"], "--report", tmp_path / "out.html")
-    assert result.exit_code == 1 and "--report" in result.output and not (tmp_path / "out.json").exists()
+    assert result.exit_code == 1 and result.output == (f"Error: --report: {tmp_path / 'out.json'} is also an output of "
+                                                       "this run; name the report otherwise\n")
+    assert not (tmp_path / "out.json").exists()
+    dash = run(inp, tmp_path / "o.parquet", "--model", exported["mlp"], "--report", "-")
+    assert dash.exit_code == 1 and dash.output.startswith("Error: --report: names the report's file")
+    missing = run(inp, tmp_path / "o.parquet", "--model", exported["mlp"], "--report", tmp_path / "no" / "r.html")
+    assert missing.exit_code == 1 and "folder" in missing.output and not (tmp_path / "o.parquet").exists()
 
 
 def test_track_logs_the_run_to_mlflow(demo_splits, exported, tmp_path):
