@@ -170,8 +170,8 @@ class Calibration:
             "calibration_folds": float(self.folds),
         }
         for row in self.coverage:
-            out[f"coverage_share_{row.threshold:g}"] = row.share
-            out[f"coverage_accuracy_{row.threshold:g}"] = row.accuracy
+            out[_coverage_key("share", row.threshold)] = row.share
+            out[_coverage_key("accuracy", row.threshold)] = row.accuracy
         return out
 
 
@@ -203,9 +203,19 @@ def calibrate(scores: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int =
     )
 
 
+def _coverage_key(kind: str, threshold: float) -> str:
+    """The flat metric that holds a coverage row's ``share`` or ``accuracy``."""
+    return f"coverage_{kind}_{threshold:g}"
+
+
+def coverage_shares(metrics: dict[str, float]) -> dict[float, float]:
+    """The share of titles at or above each threshold, from flat metrics (thresholds absent there left out)."""
+    return {t: metrics[_coverage_key("share", t)] for t in THRESHOLDS if _coverage_key("share", t) in metrics}
+
+
 def coverage_table(metrics: dict[str, float]) -> str:
     """The coverage table from a checkpoint's flat metrics, as Markdown (empty if absent)."""
-    rows = [(t, metrics.get(f"coverage_share_{t:g}"), metrics.get(f"coverage_accuracy_{t:g}")) for t in THRESHOLDS]
+    rows = [(t, metrics.get(_coverage_key("share", t)), metrics.get(_coverage_key("accuracy", t))) for t in THRESHOLDS]
     if any(share is None for _, share, _ in rows):
         return ""
     lines = ["| probability at least | share of titles | their accuracy |", "|---|---|---|"]

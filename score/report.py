@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meli.calibration import THRESHOLDS
+from meli.calibration import THRESHOLDS, coverage_shares
 from meli.dataset import TRAIN_MIX
 from meli.formats import atomic_write_bytes
 from meli.onnx_model import OnnxModel
@@ -95,8 +95,7 @@ def training_mix(model: OnnxModel) -> np.ndarray | None:
 
 def validation_coverage(model: OnnxModel) -> dict[float, float]:
     """The share of validation titles at or above each coverage threshold (what meli-export printed)."""
-    metrics = model.card.provenance.get("metrics") or {}
-    return {t: metrics[f"coverage_share_{t:g}"] for t in THRESHOLDS if f"coverage_share_{t:g}" in metrics}
+    return coverage_shares(model.card.provenance.get("metrics") or {})
 
 
 def build_report(tally: Tally, model: OnnxModel, input_path: str, output_path: str, *,
@@ -349,12 +348,17 @@ svg{{display:block;margin:1.5em 0;font-family:sans-serif}}</style></head>
 """
 
 
-def summary_words(report: dict) -> str:
-    """What the summary line adds: the drift verdict."""
+def summary_words(report: dict | None, files: tuple[Path, ...]) -> str:
+    """What either engine's summary line adds: where the report went and the drift verdict
+    (nothing without a report)."""
+    if report is None:
+        return ""
     if report["drift"]:
-        return "drift: " + "; ".join(report["drift_reasons"])
-    psi_text = f"category PSI {report['category_psi']:.3f}" if report["category_psi"] is not None else "no training mix"
-    return f"no drift ({psi_text})"
+        verdict = "drift: " + "; ".join(report["drift_reasons"])
+    else:
+        psi_text = f"category PSI {report['category_psi']:.3f}" if report["category_psi"] is not None else "no training mix"
+        verdict = f"no drift ({psi_text})"
+    return f"; report {files[0]}; {verdict}"
 
 
 

@@ -70,7 +70,7 @@ class ScoreSummary:
             f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows_per_second:,.0f} rows/s); "
             f"{self.unscored:,} without a category (null/empty title or no known token); {low}"
             f"provider {self.provider}; model {self.model}; wrote {self.output}"
-            + (f"; report {self.report_files[0]}; {summary_words(self.report)}" if self.report is not None else "")
+            + summary_words(self.report, self.report_files)
         )
 
 
@@ -236,7 +236,9 @@ def _is_pipe(inp: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
-def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
+def _check_target(out: Path, inp: Path, what: str) -> None:
+    """What any file this run writes must not be: too long a name, the input itself, inside
+    the input folder (the next run would read it), or a folder."""
     if out == STDIO:
         return
     check_name_length(out)
@@ -248,12 +250,25 @@ def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
                           "as input; write it elsewhere")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; name an output file")
-    if what == "the report":
-        if not out.parent.is_dir():
-            raise OutputError(f"{out}: folder {out.parent} does not exist")
-        return
-    if detect_format(out) == "csv":
+
+
+def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
+    _check_target(out, inp, what)
+    if out != STDIO and detect_format(out) == "csv":
         raise OutputError(f"{out}: CSV output is not supported; use .parquet or .jsonl")
+
+
+def check_report(report: str | os.PathLike, inp: Path, outputs: list[Path]) -> None:
+    """Refuse, before any work, a report that could not be written at the end of the run or
+    would replace one of its `outputs` (both engines call this)."""
+    if Path(report) == STDIO:
+        raise SettingError("report", "names the report's file (R.html; R.json is written beside it), not -")
+    for path in report_paths(report):
+        _check_target(path, inp, "the report")
+        if not path.parent.is_dir():
+            raise OutputError(f"{path}: folder {path.parent} does not exist")
+        if any(path.resolve() == out.resolve() for out in outputs if out != STDIO):
+            raise SettingError("report", f"{path} is also an output of this run; name the report otherwise")
 
 
 def score_file(
@@ -291,12 +306,7 @@ def score_file(
     if threads:
         pa.set_cpu_count(threads)
     if report is not None:
-        if Path(report) == STDIO:
-            raise SettingError("report", "names the report's file (R.html; R.json is written beside it), not -")
-        for path in report_paths(report):
-            _check_output(path, inp, "the report")
-            if path.resolve() == out.resolve() or (low is not None and path.resolve() == low.resolve()):
-                raise SettingError("report", f"{path} is also an output of this run; name the report otherwise")
+        check_report(report, inp, [out] if low is None else [out, low])
     onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)
     tally = Tally(len(onnx_model.card.labels)) if report is not None else None
     # routing: low rows keep the model's category, as a suggestion in the second file

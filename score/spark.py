@@ -37,7 +37,8 @@ from meli.errors import InputError, MeliError, OutputError, SettingError, first_
 from meli.formats import checked_parts, is_text
 from meli.onnx_model import load_onnx_model
 from meli.score.scorer import Scorer, ScoreConfig
-from meli.score.report import DriftRules, build_report, registered_version, report_paths, summary_words, write_report
+from meli.score.report import DriftRules, build_report, registered_version, summary_words, write_report
+from meli.score.score import check_report
 from meli.score.tally import Tally
 
 try:
@@ -60,7 +61,7 @@ class SparkSummary:
     def line(self) -> str:
         return (f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows / max(self.seconds, 1e-9):,.0f} rows/s) "
                 f"on Spark {self.master}; wrote {self.output}"
-                + (f"; report {self.report_files[0]}; {summary_words(self.report)}" if self.report is not None else ""))
+                + summary_words(self.report, self.report_files))
 
 
 class TallyParam(AccumulatorParam if AccumulatorParam is not None else object):
@@ -82,13 +83,21 @@ def _worker_scorer(model_path: str, options: ScoreConfig, provider: str) -> Scor
     return Scorer(load_onnx_model(model_path, provider=provider), options)
 
 
-def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreConfig, provider: str,
-                     schema: pa.Schema, tallies=None) -> Iterator[pa.RecordBatch]:
-    from pyspark import SparkFiles, TaskContext
+def _partition_scorer(model_name: str, options: ScoreConfig, provider: str, counting: bool) -> Scorer:
+    """The worker's scorer for this task; `counting`: with a fresh tally of its own (a worker
+    runs one task at a time)."""
+    from pyspark import SparkFiles
 
     scorer = _worker_scorer(SparkFiles.get(model_name), options, provider)
-    # a worker runs one task at a time: this partition's tally, sent to the driver when it ends
-    scorer.tally = Tally(len(scorer.labels)) if tallies is not None else None
+    scorer.tally = Tally(len(scorer.labels)) if counting else None
+    return scorer
+
+
+def _score_partition(batches: Iterator[pa.RecordBatch], model_name: str, options: ScoreConfig, provider: str,
+                     schema: pa.Schema, tallies=None) -> Iterator[pa.RecordBatch]:
+    from pyspark import TaskContext
+
+    scorer = _partition_scorer(model_name, options, provider, counting=tallies is not None)
     for batch in batches:
         out = scorer.score_batch(batch)
         yield pa.RecordBatch.from_arrays(out.columns, schema=schema)
@@ -252,13 +261,11 @@ def score_with_spark(
     scorer = Scorer(local_model, options)  # fails here, before any task
     if master is not None and remote is not None:
         raise SettingError("spark_remote", "give a master URL or a Spark Connect URL, not both")
-    if report is not None:
-        for path in report_paths(report):
-            if not path.parent.is_dir():
-                raise OutputError(f"{path}: folder {path.parent} does not exist")
     table_out = _table_name(output_path) if str(output_path).startswith(TABLE) else None
     if table_out is None:
         _check_output_folder(str(output_path))
+    if report is not None:  # the local engine's checks: written at the end, so refused now
+        check_report(report, Path(input_path), [] if table_out else [Path(str(output_path).removeprefix("file://"))])
     spark = spark_session(master, remote)
     connect = is_connect(spark)
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
@@ -322,10 +329,9 @@ def _tally_partition(batches: Iterator[pa.RecordBatch], model_name: str, options
                      provider: str) -> Iterator[pa.RecordBatch]:
     import json
 
-    from pyspark import SparkFiles, TaskContext
+    from pyspark import TaskContext
 
-    scorer = _worker_scorer(SparkFiles.get(model_name), options, provider)
-    scorer.tally = Tally(len(scorer.labels))
+    scorer = _partition_scorer(model_name, options, provider, counting=True)
     for batch in batches:
         scorer.score_batch(batch)
     yield pa.record_batch({"partition": pa.array([TaskContext.get().partitionId()], pa.int32()),

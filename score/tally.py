@@ -77,8 +77,8 @@ class Tally:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tally":
-        arrays = {"categories", "lengths", "confidence", "at_threshold"}
-        return cls(**{k: (np.asarray(v, np.int64) if k in arrays else v) for k, v in d.items()})
+        """`to_dict`'s inverse: its lists are the arrays."""
+        return cls(**{k: (np.asarray(v, np.int64) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 class WordCounter:
