@@ -326,6 +326,73 @@ def test_a_distilled_student_learns_from_the_ensemble(demo_splits):
     assert set(ckpt.vocabulary) - set(build_vocabulary(train.titles, config.tokenizer, config.vocabulary))
 
 
+def test_fresh_distillation_draws_new_recombined_titles_every_epoch(trained, demo_splits, monkeypatch):
+    """distill.fresh: set 0 is the one a plain distillation trains on; set k is another draw,
+    labelled by the teachers; the real titles and their targets stay the same in every set."""
+    from meli.train.distill import DistillConfig, TransferSet, recombine_titles
+    from meli.train.trainer import label_indices
+
+    train, _ = demo_splits
+    teachers = trained["ensemble"].checkpoint
+    config = small_config("mlp", members=2, distill=DistillConfig(enabled=True, recombined=0.5, fresh=True))
+    y = label_indices(train.categories, teachers.labels)
+    transfer = TransferSet(train, y, teachers.tokenizer(), teachers, train.titles, config, torch.device("cpu"))
+    enc0, t0 = transfer.epoch(0)
+    enc1, t1 = transfer.epoch(1)
+    n = len(train)
+    assert len(t0) == len(t1) == n + round(0.5 * n) and np.allclose(t0.sum(1), 1.0, atol=1e-5)
+    assert np.array_equal(enc0.ids[:n], enc1.ids[:n]) and np.array_equal(t0[:n], t1[:n])
+    assert not np.array_equal(t0[n:], t1[n:])  # new titles, labelled anew
+    again, t0_again = transfer.epoch(0)
+    assert np.array_equal(again.ids, enc0.ids) and np.array_equal(t0_again, t0)
+    # the recombined rows' targets are the teachers' own probabilities
+    extra = recombine_titles(train.titles, y, round(0.5 * n), seed=config.seed)
+    assert np.allclose(t0[n:], transfer.teach(extra))
+    # a fit labels the real titles once, then one recombined set (or, fresh, one per epoch)
+    calls = []
+    original = TransferSet.teach
+    monkeypatch.setattr(TransferSet, "teach", lambda self, titles: calls.append(len(titles)) or original(self, titles))
+    for fresh, sets in ((True, config.epochs), (False, 1)):
+        calls.clear()
+        fit_config = dataclasses.replace(config, members=1, distill=dataclasses.replace(config.distill, fresh=fresh))
+        student = train_model(fit_config, train, demo_splits[1], quiet=True, teacher=teachers, teacher_titles=train.titles)
+        assert calls == [n] + [round(0.5 * n)] * sets
+        assert student.checkpoint.metrics["val_balanced_accuracy"] > 0.8
+
+
+def test_refit_teachers_refits_the_members_and_teaches_with_them(demo_splits, monkeypatch):
+    """distill.refit_teachers: the refit fits every member again on train + validation before
+    the student's refit; without it, the refit fits the student alone."""
+    from meli.train.distill import DistillConfig
+    from meli.train.recipe import train_and_refit
+    from meli.train.trainer import STUDENT
+
+    import meli.train.recipe as recipe
+
+    train, validation = demo_splits
+    taught = []  # (titles the teachers are said to have seen, their vocabulary) of each distillation
+    original = recipe.train_model
+    monkeypatch.setattr(recipe, "train_model", lambda *a, teacher=None, teacher_titles=None, **kw: (
+        teacher is not None and taught.append((len(teacher_titles), set(teacher.vocabulary)))
+    ) or original(*a, teacher=teacher, teacher_titles=teacher_titles, **kw))
+    config = small_config("mlp")
+    train_only = set(build_vocabulary(train.titles, config.tokenizer, config.vocabulary))
+    for refit_teachers, refitted in ((True, {0, 1, STUDENT}), (False, {STUDENT})):
+        seen, taught[:] = [], []
+        config = small_config("mlp", epochs=2, members=2, refit=True,
+                              distill=DistillConfig(enabled=True, recombined=0.5, refit_teachers=refit_teachers))
+        result = train_and_refit(config, train, validation, quiet=True, on_refit_epoch=seen.append)
+        assert {m.member for m in seen} == refitted
+        assert result.checkpoint.members == 1 and result.checkpoint.provenance["refit"] == "train+validation"
+        assert ("refit_fit_s" in result.timings) == refit_teachers
+        (selection_titles, selection_vocabulary), (refit_titles, refit_vocabulary) = taught
+        assert selection_titles == len(train) and selection_vocabulary == train_only
+        if refit_teachers:  # the refit members know the validation titles' words
+            assert refit_titles == len(train) + len(validation) and refit_vocabulary - train_only
+        else:
+            assert refit_titles == len(train) and refit_vocabulary == train_only
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 def test_each_optimizer_learns(optimizer, demo_splits):
     """Every allowed optimizer trains the dense layers (the embedding table always takes

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from meli.tokenizer import Encoded
+from meli.checkpoint import Checkpoint
+from meli.tokenizer import Encoded, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class DistillConfig:
     recombined: float = 1.0  # recombined titles per training title, labelled by the teachers
     teacher_weight: float = 0.5  # titles the teachers never saw: this much teacher, the rest the smoothed true label
     epochs: int = 0  # the student's epochs; 0: the config's epochs
+    # the refit's student learns from the members refitted on train + validation (which have
+    # seen every real title) instead of their selection fits
+    refit_teachers: bool = False
+    fresh: bool = False  # new recombined titles every epoch (the teachers label each set) instead of one set
 
     def __post_init__(self) -> None:
         if self.recombined < 0:
@@ -44,7 +50,7 @@ class DistillConfig:
             raise ValueError("distill.epochs must be 0 or more")
 
 
-def recombine_titles(titles: pa.Array, labels: np.ndarray, n: int, seed: int) -> pa.Array:
+def recombine_titles(titles: pa.Array, labels: np.ndarray, n: int, seed: int | tuple[int, ...]) -> pa.Array:
     """`n` new titles, each the first half of a training title's words + the second half of
     another's: of the same category (label index) for half of them, of any title otherwise."""
     if n == 0 or len(titles) == 0:
@@ -96,3 +102,35 @@ def soft_targets(probs: np.ndarray, labels: np.ndarray, unseen: np.ndarray, teac
     hard[np.arange(len(rows)), labels[rows]] += 1.0 - smoothing
     targets[rows] = teacher_weight * targets[rows] + (1.0 - teacher_weight) * hard
     return targets
+
+
+class TransferSet:
+    """A student's training rows: the real titles, whose targets are fixed once, followed by
+    recombined titles labelled by the teacher. `epoch(k)` gives set ``k`` of recombined titles
+    (set 0 is drawn from the fit's seed alone): a fit draws set 0 once, or with
+    ``distill.fresh`` a new set every epoch, so the student sees more of the teachers' answers
+    at the cost of labelling each set."""
+
+    def __init__(self, train, labels: np.ndarray, tokenizer: Tokenizer, teacher: Checkpoint,
+                 teacher_titles: pa.Array | None, config, device: torch.device):
+        self.titles, self.labels, self.tokenizer, self.device = train.titles, labels, tokenizer, device
+        self.seed, self.n = config.seed, round(config.distill.recombined * len(train))
+        self.teacher, self.teacher_tokenizer = teacher.build_model(), teacher.tokenizer()  # the teacher's own reading
+        self.real = tokenizer.encode_batch(train.titles)
+        unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
+                  else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
+        self.real_targets = soft_targets(self.teach(train.titles), labels, unseen, config.distill.teacher_weight, config.label_smoothing)
+
+    def epoch(self, k: int) -> tuple[Encoded, np.ndarray]:
+        """(encoded rows, (rows, n_labels) targets): the real titles, then recombined set ``k``."""
+        extra = recombine_titles(self.titles, self.labels, self.n, self.seed if k == 0 else (self.seed, k))
+        return _concat(self.real, self.tokenizer.encode_batch(extra)), np.concatenate([self.real_targets, self.teach(extra)])
+
+    def teach(self, titles: pa.Array) -> np.ndarray:
+        """The teacher's probabilities for titles, read with its own tokenizer."""
+        return teacher_probabilities(self.teacher, self.teacher_tokenizer.encode_batch(titles), self.device)
+
+
+def _concat(a: Encoded, b: Encoded) -> Encoded:
+    return Encoded(np.concatenate([a.values, b.values]), np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]]))
+

@@ -128,22 +128,20 @@ def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult
                              pa.concat_arrays([train.categories, validation.categories]),
                              f"{train.source} + {validation.source}")
     timings = dict(selection.timings)
-    if teachers is not None:
-        log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
-        final = fit(dataclasses.replace(student_config(config), epochs=selection.best_epoch), combined, keep="last",
-                    on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=train.titles)
-        timings = _summed(timings, final.timings, "refit_student_")
-        checkpoint, epochs = final.checkpoint, [selection.best_epoch]
-    else:
-        refits = []
-        for member, chosen in enumerate(members):
-            log.info("refit on train + validation (%d titles) for %d epochs", len(combined), chosen.best_epoch)
-            final = fit(dataclasses.replace(config, seed=config.seed + member, members=1, epochs=chosen.best_epoch),
-                        combined, keep="last", on_epoch=_tagged(on_epoch, member))
-            refits.append(final.checkpoint)
-            timings = _summed(timings, final.timings, "refit_")
+    if teachers is None or config.distill.refit_teachers:
+        refits, refit_timings = refit_members(config, members, combined, fit, on_epoch)
+        timings = _summed(timings, refit_timings, "refit_")
         checkpoint = refits[0] if len(refits) == 1 else ensemble_checkpoint(refits)
         epochs = [m.best_epoch for m in members]
+    if teachers is not None:
+        teacher_titles = train.titles
+        if config.distill.refit_teachers:  # the refit members teach: they have seen every real title
+            teachers, teacher_titles = checkpoint, combined.titles
+        log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
+        final = fit(dataclasses.replace(student_config(config), epochs=selection.best_epoch), combined, keep="last",
+                    on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=teacher_titles)
+        timings = _summed(timings, final.timings, "refit_student_")
+        checkpoint, epochs = final.checkpoint, [selection.best_epoch]
     checkpoint = dataclasses.replace(
         checkpoint,
         spec=dataclasses.replace(checkpoint.spec, temperature=selection.checkpoint.temperature),
@@ -151,6 +149,19 @@ def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult
         provenance={**checkpoint.provenance, "refit": "train+validation"},
     )
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
+
+
+def refit_members(config: TrainConfig, members: list[TrainResult], combined: LabelledSplit, fit: Fit,
+                  on_epoch: Callable[[EpochMetrics], None] | None) -> tuple[list[Checkpoint], dict[str, float]]:
+    """Each member fitted again on `combined` for its selection fit's epoch count (same seed)."""
+    refits, timings = [], {}
+    for member, chosen in enumerate(members):
+        log.info("refit on train + validation (%d titles) for %d epochs", len(combined), chosen.best_epoch)
+        final = fit(dataclasses.replace(config, seed=config.seed + member, members=1, epochs=chosen.best_epoch),
+                    combined, keep="last", on_epoch=_tagged(on_epoch, member))
+        refits.append(final.checkpoint)
+        timings = _summed(timings, final.timings)
+    return refits, timings
 
 
 def ensemble_checkpoint(members: list[Checkpoint]) -> Checkpoint:

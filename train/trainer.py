@@ -38,7 +38,7 @@ from meli.tokenizer import Tokenizer
 from meli.vocabulary import build_vocabulary
 from meli.train.config import TrainConfig
 from meli.train.row_adam import RowAdam, RowSparseEmbedding
-from meli.train.distill import recombine_titles, soft_targets, teacher_probabilities
+from meli.train.distill import TransferSet
 from meli.train.embeddings import init_embedding, word_vectors
 
 log = logging.getLogger(__name__)
@@ -190,23 +190,17 @@ def train_model(
         raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
     tokenizer = Tokenizer(tokenizer_config, vocabulary)
     y_train, y_val = label_indices(train.categories, labels), label_indices(validation.categories, labels)
-    titles = train.titles
-    if teacher is not None:
-        extra = recombine_titles(train.titles, y_train, round(config.distill.recombined * len(train)), config.seed)
-        titles = pa.concat_arrays([train.titles, extra])
-    # int32 halves the memory of the encoded titles; batches are widened to int64
-    enc_train = tokenizer.encode_batch(titles)
     enc_val = tokenizer.encode_batch(validation.titles)
-    x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
     x_val, len_val = enc_val.ids.astype(np.int32), enc_val.lengths
-    targets = y_train  # (N,) label indices, or (N, n_labels) probabilities when distilling
-    if teacher is not None:  # the teacher reads the titles with its own tokenizer
-        probs = teacher_probabilities(teacher.build_model(), teacher.tokenizer().encode_batch(titles), device)
-        unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
-                  else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
-        targets = soft_targets(probs, y_train, unseen, config.distill.teacher_weight, config.label_smoothing)
-        log.info("distilling from an ensemble of %d on %d titles (%d recombined)", teacher.members, len(titles),
-                 len(titles) - len(train))
+    if teacher is None:
+        enc_train, targets = tokenizer.encode_batch(train.titles), y_train  # targets: (N,) label indices
+    else:  # (N, n_labels) probabilities: real titles, then recombined ones labelled by the teacher
+        transfer = TransferSet(train, y_train, tokenizer, teacher, teacher_titles, config, device)
+        enc_train, targets = transfer.epoch(0)
+        log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", teacher.members, len(targets),
+                 len(targets) - len(train), ", new ones every epoch" if config.distill.fresh else "")
+    # int32 halves the memory of the encoded titles; batches are widened to int64
+    x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
     timings["tokenize_s"] = time.perf_counter() - t0
     log.info("vocabulary: %d words, bigrams and head words; id space %d; mean ids per title %.1f",
              len(vocabulary), tokenizer.n_ids, float(len_train.mean()))
@@ -229,6 +223,9 @@ def train_model(
     t_fit = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         t_epoch = time.perf_counter()
+        if teacher is not None and config.distill.fresh and epoch > 1:
+            enc_train, targets = transfer.epoch(epoch - 1)
+            x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
         model.train()
         order = rng.permutation(len(targets))
         total, seen = 0.0, 0

@@ -1,0 +1,235 @@
+"""`make bench-candidates`: every candidate tried for a more accurate default model, judged once.
+
+One protocol for all: ``DATA/train`` is split 85/15 (seed 0) into fit' and choose'. Every
+choice (each model's best epoch, early stopping) is made on choose'; every candidate is
+judged once on ``DATA/validation``, which no choice touched. The refit rows then fit again on
+fit' + choose' for the chosen epochs, as ``make train`` does with train + validation, and are
+judged on the same validation titles. Scores are the checkpoints' own (torch, float); the
+export's int8 products change them by under 0.0005 (`make bench-accuracy`).
+
+The rows, in the order they run (each written to the page as soon as it is measured):
+
+- single models of the members' shape and variants of it (wider embedding, wider hidden
+  layer, more word dropout, other label smoothing, word vectors trained on the titles) and
+  the word-level CNN;
+- the TF-IDF + LinearSVC baseline, and ensembles (probabilities averaged) of five MLPs, with
+  the CNN and with the SVM;
+- students distilled from the five MLPs (`meli.train.distill`): today's recipe, new
+  recombined titles every epoch, a 256-wide student, a student with less dropout, a student
+  of five MLPs trained without label smoothing;
+- the refit: today's student refit, the five MLPs refit, and a student refit taught by the
+  refit MLPs (``distill.refit_teachers``).
+
+    python bench/candidates.py --data ../shared/data/meli-es --write docs/results-candidates.md
+
+About an hour on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meli.checkpoint import Checkpoint  # noqa: E402
+from meli.dataset import LabelledSplit, load_labelled, split_holdout  # noqa: E402
+from meli.metrics import balanced_accuracy  # noqa: E402
+from meli.train.config import TrainConfig, load_config  # noqa: E402
+from meli.train.distill import model_scores  # noqa: E402
+from meli.train.recipe import ensemble_checkpoint, student_config  # noqa: E402
+from meli.train.train import resolve_data  # noqa: E402
+from meli.train.trainer import label_indices, train_model  # noqa: E402
+
+CONFIGS = ROOT / "train" / "configs"
+
+
+def with_settings(config: TrainConfig, **settings) -> TrainConfig:
+    """`config` with ``section__key=value`` (or top-level ``key=value``) settings replaced."""
+    for name, value in settings.items():
+        section, _, key = name.rpartition("__")
+        if section:
+            config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{key: value})})
+        else:
+            config = dataclasses.replace(config, **{key: value})
+    return config
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@dataclasses.dataclass
+class Bench:
+    fit: LabelledSplit  # fit' (85% of train)
+    choose: LabelledSplit  # choose' (15% of train): every choice
+    judged: LabelledSplit  # DATA/validation: judged once
+    labels: tuple[str, ...] = ()
+    fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch)
+    rows: list = dataclasses.field(default_factory=list)
+
+    @property
+    def both(self) -> LabelledSplit:
+        return LabelledSplit(pa.concat_arrays([self.fit.titles, self.choose.titles]),
+                             pa.concat_arrays([self.fit.categories, self.choose.categories]), "fit' + choose'")
+
+    def probabilities(self, checkpoint: Checkpoint, titles: pa.Array) -> np.ndarray:
+        scores = model_scores(checkpoint.build_model(), checkpoint.tokenizer().encode_batch(titles), torch.device("cpu"))
+        order = [checkpoint.labels.index(c) for c in self.labels]
+        return softmax(scores)[:, order]
+
+    def judge(self, probs: np.ndarray) -> float:
+        return balanced_accuracy(label_indices(self.judged.categories, self.labels), probs.argmax(1))
+
+    def single(self, name: str, config: TrainConfig, seed: int) -> tuple[Checkpoint, int]:
+        """One model on fit', its epoch chosen on choose' (cached by name and seed)."""
+        if (name, seed) not in self.fits:
+            r = train_model(dataclasses.replace(config, seed=seed, members=1, refit=False), self.fit, self.choose, quiet=True)
+            self.fits[name, seed] = (r.checkpoint, r.best_epoch)
+        return self.fits[name, seed]
+
+    def record(self, group: str, name: str, scores: list[float], seconds: float) -> None:
+        spread = f" ({min(scores):.4f}-{max(scores):.4f})" if len(scores) > 1 else ""
+        self.rows.append(f"| {group} | {name} | {np.mean(scores):.4f}{spread} | {len(scores)} | {seconds:.0f} s |")
+        print(self.rows[-1], file=sys.stderr, flush=True)
+
+
+def run(bench: Bench, write) -> None:
+    mlp, cnn = load_config(CONFIGS / "mlp.toml"), load_config(CONFIGS / "cnn.toml")
+
+    def singles(group: str, name: str, config: TrainConfig, seeds: range) -> None:
+        t = time.perf_counter()
+        scores = [bench.judge(bench.probabilities(bench.single(name, config, s)[0], bench.judged.titles)) for s in seeds]
+        bench.record(group, name, scores, (time.perf_counter() - t) / len(seeds))
+        write()
+
+    members = "one MLP of the members' shape (mlp.toml)"
+    singles("single model", members, mlp, range(5))
+    singles("single model", "one MLP, embedding 256 wide (128)", with_settings(mlp, mlp__embedding_dim=256), range(2))
+    singles("single model", "one MLP, hidden layer 1,024 wide (512)", with_settings(mlp, mlp__hidden=(1024,)), range(2))
+    singles("single model", "one MLP, word dropout 0.4 (0.3)", with_settings(mlp, mlp__embedding_dropout=0.4), range(2))
+    singles("single model", "one MLP, label smoothing 0.3 (0.2)", with_settings(mlp, label_smoothing=0.3), range(2))
+    singles("single model", "one MLP, no label smoothing (0.2)", with_settings(mlp, label_smoothing=0.0), range(5))
+    singles("single model", "one MLP, word vectors trained on the fit' titles (gensim FastText skip-gram; random)",
+            with_settings(mlp, embeddings__init="fasttext"), range(1))
+    singles("single model", "one word-level CNN (cnn.toml)", cnn, range(1))
+
+    t = time.perf_counter()
+    svm = svm_probabilities(bench)
+    bench.record("single model", "TF-IDF word 1-2 + char_wb 2-5, LinearSVC (decision x 5 as scores)",
+                 [bench.judge(svm)], time.perf_counter() - t)
+    judged_probs = [bench.probabilities(bench.single(members, mlp, s)[0], bench.judged.titles) for s in range(5)]
+    cnn_probs = bench.probabilities(bench.single("one word-level CNN (cnn.toml)", cnn, 0)[0], bench.judged.titles)
+    for name, parts in (("five MLPs (seeds 0-4): the teachers", judged_probs),
+                        ("five MLPs + the CNN", judged_probs + [cnn_probs]),
+                        ("five MLPs + the SVM", judged_probs + [svm])):
+        bench.record("ensemble (probabilities averaged)", name, [bench.judge(sum(parts) / len(parts))], 0.0)
+    write()
+
+    teachers = ensemble_checkpoint([bench.single(members, mlp, s)[0] for s in range(5)])
+    ls0 = ensemble_checkpoint([bench.single("one MLP, no label smoothing (0.2)", with_settings(mlp, label_smoothing=0.0), s)[0]
+                               for s in range(5)])
+    base = student_config(dataclasses.replace(mlp, refit=False))
+    students = [
+        ("today's student: recombined titles x2, one set", base, teachers),
+        ("new recombined titles every epoch (distill.fresh)", with_settings(base, distill__fresh=True), teachers),
+        ("student 256 wide", with_settings(base, mlp__embedding_dim=256), teachers),
+        ("student with dropout and word dropout 0.1 (0.3)", with_settings(base, mlp__dropout=0.1, mlp__embedding_dropout=0.1),
+         teachers),
+        ("student of five MLPs trained without label smoothing", base, ls0),
+    ]
+    chosen_epochs = 0
+    for name, config, teacher in students:
+        t = time.perf_counter()
+        r = train_model(config, bench.fit, bench.choose, quiet=True, teacher=teacher, teacher_titles=bench.fit.titles)
+        chosen_epochs = chosen_epochs or r.best_epoch
+        bench.record("student (one MLP distilled from an ensemble)", name,
+                     [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+        write()
+
+    # the refit, as `make train` does it: fit' + choose' for the epochs chosen on choose'
+    both = bench.both
+    refit_student = dataclasses.replace(base, epochs=chosen_epochs)
+    t = time.perf_counter()
+    r = train_model(refit_student, both, bench.choose, quiet=True, keep="last", teacher=teachers, teacher_titles=bench.fit.titles)
+    bench.record("refit on fit' + choose'", "today's recipe: the student refit, taught by the teachers' selection fits",
+                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+    t = time.perf_counter()
+    refits = []
+    for s in range(5):
+        epochs = bench.single(members, mlp, s)[1]
+        refits.append(train_model(dataclasses.replace(mlp, seed=s, members=1, refit=False, epochs=epochs), both, bench.choose,
+                                  quiet=True, keep="last").checkpoint)
+    refit_teachers = ensemble_checkpoint(refits)
+    bench.record("refit on fit' + choose'", "the five MLPs refit (ensemble)",
+                 [bench.judge(bench.probabilities(refit_teachers, bench.judged.titles))], (time.perf_counter() - t) / 5)
+    write()
+    t = time.perf_counter()
+    r = train_model(refit_student, both, bench.choose, quiet=True, keep="last", teacher=refit_teachers, teacher_titles=both.titles)
+    bench.record("refit on fit' + choose'", "the student refit, taught by the refit MLPs (distill.refit_teachers)",
+                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+
+
+def svm_probabilities(bench: Bench) -> np.ndarray:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.svm import LinearSVC
+
+    model = make_pipeline(
+        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode"),
+                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, strip_accents="unicode")),
+        LinearSVC(C=1.0))
+    model.fit(bench.fit.titles.to_pylist(), bench.fit.categories.to_pylist())
+    order = [list(model.classes_).index(c) for c in bench.labels]
+    return softmax(model.decision_function(bench.judged.titles.to_pylist())[:, order] * 5.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
+    ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench-candidates: "
+                    "docs/results-candidates.md)")
+    args = ap.parse_args()
+    source = resolve_data(args.data)
+    if source.validation is None:
+        sys.exit(f"{args.data}: needs a validation file")
+    fit, choose = split_holdout(load_labelled(source.train), 0.15, seed=0)
+    bench = Bench(fit, choose, load_labelled(source.validation))
+    bench.labels = tuple(sorted(set(fit.categories.to_pylist())))
+    started = time.perf_counter()
+
+    def write() -> None:
+        lines = [f"{dt.date.today()}, {platform.machine()} {os.cpu_count()} cores; fit' {len(fit):,} and choose' "
+                 f"{len(choose):,} titles (85/15 of {source.train.name}, seed 0; every choice on choose'), judged once "
+                 f"on {len(bench.judged):,} ({source.validation.name}); {(time.perf_counter() - started) / 60:.0f} minutes "
+                 "so far", "",
+                 "In brackets: the setting of today's default. Seeds: runs of that row (the mean, then the lowest and "
+                 "highest).", "",
+                 "| kind | candidate | balanced accuracy on the judged titles | seeds | seconds per fit |",
+                 "|---|---|---|---|---|", *bench.rows]
+        if args.write:
+            from results import write_results
+
+            write_results(args.write, "Accuracy candidates for the default model (`make bench-candidates`)", lines)
+        else:
+            print("\n".join(lines))
+
+    run(bench, write)
+
+
+if __name__ == "__main__":
+    main()
