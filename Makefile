@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-determinism bench-export bench-cluster data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-candidates bench-determinism bench-export bench-cluster data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
@@ -34,6 +34,7 @@ help:
 	@echo "make score           score INPUT=... into SCORED=..."
 	@echo "make bench           titles/s and peak RSS by stage, vs a fastText pipeline (BENCH_ROWS=...)"
 	@echo "make bench-accuracy  this project's model vs classical baselines (DATA=folder)"
+	@echo "make bench-candidates every candidate tried for a more accurate default, on one protocol (about an hour)"
 	@echo "make bench-determinism  one title, one answer: $(OUTPUT) scored many ways (batch sizes, Spark, MLflow)"
 	@echo "make bench-export    parity and calibration of $(OUTPUT), re-measured against its checkpoint"
 	@echo "make bench-cluster   meli-score's engines on one dataset: local, local[2], standalone cluster, Spark Connect"
@@ -79,6 +80,10 @@ bench: venv
 bench-accuracy: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/accuracy.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --seeds 3 --write docs/results-accuracy.md $(BENCH_ARGS)
+
+bench-candidates: venv
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/candidates.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-candidates.md $(BENCH_ARGS)
 
 bench-determinism: venv
 	$(BIN)/python bench/determinism.py --model "default=$(OUTPUT)" --write docs/results-determinism.md $(BENCH_ARGS)

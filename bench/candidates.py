@@ -185,14 +185,9 @@ def run(bench: Bench, write) -> None:
 
 
 def svm_probabilities(bench: Bench) -> np.ndarray:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.pipeline import make_pipeline, make_union
-    from sklearn.svm import LinearSVC
+    from accuracy import svm_pipeline
 
-    model = make_pipeline(
-        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode"),
-                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, strip_accents="unicode")),
-        LinearSVC(C=1.0))
+    model = svm_pipeline()
     model.fit(bench.fit.titles.to_pylist(), bench.fit.categories.to_pylist())
     order = [list(model.classes_).index(c) for c in bench.labels]
     return softmax(model.decision_function(bench.judged.titles.to_pylist())[:, order] * 5.0)
