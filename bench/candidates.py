@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from meli.calibration import softmax  # noqa: E402
 from meli.checkpoint import Checkpoint  # noqa: E402
 from meli.dataset import LabelledSplit, load_labelled, split_holdout  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
@@ -64,11 +65,6 @@ def with_settings(config: TrainConfig, **settings) -> TrainConfig:
         else:
             config = dataclasses.replace(config, **{key: value})
     return config
-
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 @dataclasses.dataclass

@@ -128,15 +128,17 @@ def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult
                              pa.concat_arrays([train.categories, validation.categories]),
                              f"{train.source} + {validation.source}")
     timings = dict(selection.timings)
+    refit_ensemble = None
     if teachers is None or config.distill.refit_teachers:
         refits, refit_timings = refit_members(config, members, combined, fit, on_epoch)
         timings = _summed(timings, refit_timings, "refit_")
-        checkpoint = refits[0] if len(refits) == 1 else ensemble_checkpoint(refits)
-        epochs = [m.best_epoch for m in members]
-    if teachers is not None:
+        refit_ensemble = refits[0] if len(refits) == 1 else ensemble_checkpoint(refits)
+    if teachers is None:
+        checkpoint, epochs = refit_ensemble, [m.best_epoch for m in members]
+    else:
         teacher_titles = train.titles
-        if config.distill.refit_teachers:  # the refit members teach: they have seen every real title
-            teachers, teacher_titles = checkpoint, combined.titles
+        if refit_ensemble is not None:  # distill.refit_teachers: the refit members teach; they have seen every real title
+            teachers, teacher_titles = refit_ensemble, combined.titles
         log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
         final = fit(dataclasses.replace(student_config(config), epochs=selection.best_epoch), combined, keep="last",
                     on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=teacher_titles)
