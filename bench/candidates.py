@@ -18,11 +18,15 @@ The rows, in the order they run (each written to the page as soon as it is measu
   recombined titles every epoch, a 256-wide student, a student with less dropout, a student
   of five MLPs trained without label smoothing;
 - the refit: today's student refit, the five MLPs refit, and a student refit taught by the
-  refit MLPs (``distill.refit_teachers``).
+  refit MLPs (``distill.refit_teachers``);
+- teachers of another kind (``--only bigru``): a BiGRU over words and subword vectors
+  (`bigru.py`), the five MLPs + the BiGRU (its weight chosen on choose'), their student, and
+  that student refit.
 
     python bench/candidates.py --data ../shared/data/meli-es --write docs/results-candidates.md
 
-About an hour on 2 cores.
+About an hour and a half on 2 cores. ``--only SECTION`` measures one section (``main``: all
+rows above but the last group; ``bigru``: the last) and keeps the page's other rows.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from meli.checkpoint import Checkpoint  # noqa: E402
 from meli.dataset import LabelledSplit, load_labelled, split_holdout  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
 from meli.train.config import TrainConfig, load_config  # noqa: E402
-from meli.train.distill import model_scores  # noqa: E402
+from meli.train.distill import CheckpointTeacher, WeightedTeachers, model_scores  # noqa: E402
 from meli.train.recipe import ensemble_checkpoint, student_config  # noqa: E402
 from meli.train.train import resolve_data  # noqa: E402
 from meli.train.trainer import label_indices, train_model  # noqa: E402
@@ -102,6 +106,9 @@ class Bench:
         print(self.rows[-1], file=sys.stderr, flush=True)
 
 
+MEMBERS = "one MLP of the members' shape (mlp.toml)"
+
+
 def run(bench: Bench, write) -> None:
     mlp, cnn = load_config(CONFIGS / "mlp.toml"), load_config(CONFIGS / "cnn.toml")
 
@@ -111,7 +118,7 @@ def run(bench: Bench, write) -> None:
         bench.record(group, name, scores, (time.perf_counter() - t) / len(seeds))
         write()
 
-    members = "one MLP of the members' shape (mlp.toml)"
+    members = MEMBERS
     singles("single model", members, mlp, range(5))
     singles("single model", "one MLP, embedding 256 wide (128)", with_settings(mlp, mlp__embedding_dim=256), range(2))
     singles("single model", "one MLP, hidden layer 1,024 wide (512)", with_settings(mlp, mlp__hidden=(1024,)), range(2))
@@ -180,6 +187,42 @@ def run(bench: Bench, write) -> None:
     write()
 
 
+def run_bigru(bench: Bench, write) -> None:
+    """Teachers of another kind: does a BiGRU beside the five MLPs make a better student?"""
+    from bigru import fit_bigru
+
+    mlp = load_config(CONFIGS / "mlp.toml")
+    t = time.perf_counter()
+    gru, _ = fit_bigru(bench.fit, bench.choose, bench.labels)
+    bench.record("single model", "one BiGRU over words + subword vectors (bench/bigru.py)",
+                 [bench.judge(gru.probabilities(bench.judged.titles))], time.perf_counter() - t)
+    write()
+    mlps = [bench.single(MEMBERS, mlp, s)[0] for s in range(5)]
+    teachers = ensemble_checkpoint(mlps)
+
+    def mixed(weight: float, titles: pa.Array) -> np.ndarray:
+        return (1 - weight) * bench.probabilities(teachers, titles) + weight * gru.probabilities(titles)
+
+    choose_y = label_indices(bench.choose.categories, bench.labels)
+    weight = max((0.1, 0.2, 0.3, 0.4, 0.5), key=lambda w: balanced_accuracy(choose_y, mixed(w, bench.choose.titles).argmax(1)))
+    bench.record("ensemble (probabilities averaged)", f"five MLPs + the BiGRU (its weight {weight}, chosen on choose')",
+                 [bench.judge(mixed(weight, bench.judged.titles))], 0.0)
+    write()
+    panel = WeightedTeachers((CheckpointTeacher(teachers), gru), (1 - weight, weight))
+    base = student_config(dataclasses.replace(mlp, refit=False))
+    t = time.perf_counter()
+    r = train_model(base, bench.fit, bench.choose, quiet=True, teacher=panel, teacher_titles=bench.fit.titles)
+    bench.record("student (one MLP distilled from an ensemble)", "student of five MLPs + the BiGRU",
+                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+    t = time.perf_counter()
+    refit = train_model(dataclasses.replace(base, epochs=r.best_epoch), bench.both, bench.choose, quiet=True, keep="last",
+                        teacher=panel, teacher_titles=bench.fit.titles)
+    bench.record("refit on fit' + choose'", "the student of five MLPs + the BiGRU refit, taught by their selection fits",
+                 [bench.judge(bench.probabilities(refit.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+
+
 def svm_probabilities(bench: Bench) -> np.ndarray:
     from accuracy import svm_pipeline
 
@@ -194,6 +237,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
     ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench-candidates: "
                     "docs/results-candidates.md)")
+    ap.add_argument("--only", choices=("main", "bigru"), help="measure one section and keep the --write page's other rows")
     args = ap.parse_args()
     source = resolve_data(args.data)
     if source.validation is None:
@@ -202,16 +246,17 @@ def main() -> None:
     bench = Bench(fit, choose, load_labelled(source.validation))
     bench.labels = tuple(sorted(set(fit.categories.to_pylist())))
     started = time.perf_counter()
+    kept = kept_rows(args.write) if args.only and args.write else []
 
     def write() -> None:
         lines = [f"{dt.date.today()}, {platform.machine()} {os.cpu_count()} cores; fit' {len(fit):,} and choose' "
                  f"{len(choose):,} titles (85/15 of {source.train.name}, seed 0; every choice on choose'), judged once "
                  f"on {len(bench.judged):,} ({source.validation.name}); {(time.perf_counter() - started) / 60:.0f} minutes "
-                 "so far", "",
+                 "so far" + (f" (--only {args.only}; {len(kept)} rows kept from earlier runs)" if kept else ""), "",
                  "In brackets: the setting of today's default. Seeds: runs of that row (the mean, then the lowest and "
                  "highest).", "",
                  "| kind | candidate | balanced accuracy on the judged titles | seeds | seconds per fit |",
-                 "|---|---|---|---|---|", *bench.rows]
+                 "|---|---|---|---|---|", *merged(kept, bench.rows)]
         if args.write:
             from results import write_results
 
@@ -219,7 +264,26 @@ def main() -> None:
         else:
             print("\n".join(lines))
 
-    run(bench, write)
+    if args.only != "bigru":
+        run(bench, write)
+    if args.only != "main":
+        run_bigru(bench, write)
+
+
+def kept_rows(page: Path) -> list[str]:
+    """The table rows of an earlier run's page (none if there is no page yet)."""
+    if not page.is_file():
+        return []
+    return [line for line in page.read_text().splitlines() if line.startswith("| ") and not line.startswith("| kind ")]
+
+
+def merged(kept: list[str], new: list[str]) -> list[str]:
+    """The earlier rows, each replaced by this run's row of the same kind and candidate; this
+    run's other rows after them."""
+    key = lambda row: tuple(row.split(" | ")[:2])  # noqa: E731
+    fresh = {key(r): r for r in new}
+    out = [fresh.pop(key(r), r) for r in kept]
+    return out + [r for r in new if key(r) in fresh]
 
 
 if __name__ == "__main__":

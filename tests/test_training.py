@@ -360,6 +360,42 @@ def test_fresh_distillation_draws_new_recombined_titles_every_epoch(trained, dem
         assert student.checkpoint.metrics["val_balanced_accuracy"] > 0.8
 
 
+def test_a_student_learns_from_teachers_of_any_kind_mixed_by_weight(trained, demo_splits):
+    """A teacher need not be a checkpoint: anything with `members` and `probabilities(titles,
+    device)` teaches (the bench's BiGRU), and `WeightedTeachers` averages several with weights."""
+    from meli.train.distill import CheckpointTeacher, DistillConfig, WeightedTeachers
+
+    train, validation = demo_splits
+    labels = trained["ensemble"].checkpoint.labels
+
+    class Always:  # one category for every title, whatever it says
+        members = 1
+
+        def __init__(self, label: int):
+            self.label = label
+
+        def probabilities(self, titles, device):
+            p = np.zeros((len(titles), len(labels)), np.float32)
+            p[:, self.label] = 1.0
+            return p
+
+    mlps = CheckpointTeacher(trained["ensemble"].checkpoint)
+    titles = validation.titles.slice(0, 50)
+    panel = WeightedTeachers((mlps, Always(3)), (0.75, 0.25))
+    assert panel.members == trained["ensemble"].checkpoint.members + 1
+    expected = 0.75 * mlps.probabilities(titles, torch.device("cpu"))
+    expected[:, 3] += 0.25
+    assert np.allclose(panel.probabilities(titles, torch.device("cpu")), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="one weight per teacher"):
+        WeightedTeachers((mlps,), (0.5, 0.5))
+    # a student of a teacher that always answers category 7 answers 7, on titles it never saw
+    config = small_config("mlp", epochs=3, distill=DistillConfig(enabled=True, recombined=0.5))
+    student = train_model(config, train, validation, quiet=True, teacher=Always(7), teacher_titles=train.titles)
+    model = student.checkpoint.build_model()
+    scores = model(torch.from_numpy(student.checkpoint.tokenizer().encode_batch(validation.titles).rows(np.arange(100))))
+    assert (scores.argmax(1) == 7).all()
+
+
 def test_refit_teachers_refits_the_members_and_teaches_with_them(demo_splits, monkeypatch):
     """distill.refit_teachers: the refit fits every member again on train + validation before
     the student's refit; without it, the refit fits the student alone."""

@@ -16,7 +16,8 @@ the titles the teachers had seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -90,6 +91,61 @@ def teacher_probabilities(teacher: nn.Module, encoded: Encoded, device: torch.de
     return torch.softmax(scores, dim=-1).numpy() if len(scores) else scores.numpy()
 
 
+class Teacher(Protocol):
+    """What a student learns from: the probabilities of `members` models for any titles."""
+
+    members: int
+
+    def probabilities(self, titles: pa.Array, device: torch.device) -> np.ndarray:
+        """``(len(titles), n_labels)`` float32, labels in the student's order."""
+        ...
+
+
+@dataclass
+class CheckpointTeacher:
+    """A trained model (an ensemble's checkpoint) as a teacher, reading titles with its own tokenizer."""
+
+    checkpoint: Checkpoint
+    _model: nn.Module = field(init=False, repr=False)
+    _tokenizer: Tokenizer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._model, self._tokenizer = self.checkpoint.build_model(), self.checkpoint.tokenizer()
+
+    @property
+    def members(self) -> int:
+        return self.checkpoint.members
+
+    def probabilities(self, titles: pa.Array, device: torch.device) -> np.ndarray:
+        return teacher_probabilities(self._model, self._tokenizer.encode_batch(titles), device)
+
+
+@dataclass(frozen=True)
+class WeightedTeachers:
+    """Teachers of several kinds as one: their probabilities averaged with `weights`."""
+
+    teachers: tuple[Teacher, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.teachers) != len(self.weights) or not self.teachers:
+            raise ValueError("one weight per teacher, and at least one teacher")
+        if min(self.weights) < 0 or not sum(self.weights) > 0:
+            raise ValueError(f"teacher weights must be 0 or more and not all 0, got {self.weights}")
+
+    @property
+    def members(self) -> int:
+        return sum(t.members for t in self.teachers)
+
+    def probabilities(self, titles: pa.Array, device: torch.device) -> np.ndarray:
+        total = sum(w * t.probabilities(titles, device) for t, w in zip(self.teachers, self.weights))
+        return (total / sum(self.weights)).astype(np.float32)
+
+
+def as_teacher(teacher: Checkpoint | Teacher) -> Teacher:
+    return CheckpointTeacher(teacher) if isinstance(teacher, Checkpoint) else teacher
+
+
 def soft_targets(probs: np.ndarray, labels: np.ndarray, unseen: np.ndarray, teacher_weight: float,
                  smoothing: float) -> np.ndarray:
     """Training targets: the teachers' probabilities, except for the first ``len(labels)`` rows
@@ -106,16 +162,16 @@ def soft_targets(probs: np.ndarray, labels: np.ndarray, unseen: np.ndarray, teac
 
 class TransferSet:
     """A student's training rows: the real titles, whose targets are fixed once, followed by
-    recombined titles labelled by the teacher. `epoch(k)` gives set ``k`` of recombined titles
-    (set 0 is drawn from the fit's seed alone): a fit draws set 0 once, or with
-    ``distill.fresh`` a new set every epoch, so the student sees more of the teachers' answers
-    at the cost of labelling each set."""
+    recombined titles labelled by the teacher (a checkpoint, or any `Teacher`). `epoch(k)`
+    gives set ``k`` of recombined titles (set 0 is drawn from the fit's seed alone): a fit
+    draws set 0 once, or with ``distill.fresh`` a new set every epoch, so the student sees more
+    of the teachers' answers at the cost of labelling each set."""
 
-    def __init__(self, train, labels: np.ndarray, tokenizer: Tokenizer, teacher: Checkpoint,
+    def __init__(self, train, labels: np.ndarray, tokenizer: Tokenizer, teacher: Checkpoint | Teacher,
                  teacher_titles: pa.Array | None, config, device: torch.device):
         self.titles, self.labels, self.tokenizer, self.device = train.titles, labels, tokenizer, device
         self.seed, self.n = config.seed, round(config.distill.recombined * len(train))
-        self.teacher, self.teacher_tokenizer = teacher.build_model(), teacher.tokenizer()  # the teacher's own reading
+        self.teacher = as_teacher(teacher)
         self.real = tokenizer.encode_batch(train.titles)
         unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
                   else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
@@ -127,8 +183,8 @@ class TransferSet:
         return _concat(self.real, self.tokenizer.encode_batch(extra)), np.concatenate([self.real_targets, self.teach(extra)])
 
     def teach(self, titles: pa.Array) -> np.ndarray:
-        """The teacher's probabilities for titles, read with its own tokenizer."""
-        return teacher_probabilities(self.teacher, self.teacher_tokenizer.encode_batch(titles), self.device)
+        """The teacher's probabilities for titles."""
+        return self.teacher.probabilities(titles, self.device)
 
 
 def _concat(a: Encoded, b: Encoded) -> Encoded:

@@ -38,7 +38,7 @@ from meli.tokenizer import Tokenizer
 from meli.vocabulary import build_vocabulary
 from meli.train.config import TrainConfig
 from meli.train.row_adam import RowAdam, RowSparseEmbedding
-from meli.train.distill import TransferSet
+from meli.train.distill import Teacher, TransferSet
 from meli.train.embeddings import init_embedding, word_vectors
 
 log = logging.getLogger(__name__)
@@ -165,16 +165,17 @@ def train_model(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     quiet: bool = False,
     keep: Literal["best", "last"] = "best",
-    teacher: Checkpoint | None = None,
+    teacher: Checkpoint | Teacher | None = None,
     teacher_titles: pa.Array | None = None,
 ) -> TrainResult:
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
 
-    With a `teacher` (an ensemble's checkpoint), the fit is a distillation (`meli.train.distill`):
-    recombined titles added to the training titles, and the teacher's probabilities (the
-    teacher reading them with its own tokenizer) in the targets; real titles not among
-    `teacher_titles` (what the teacher trained on) also get their true label."""
+    With a `teacher` (an ensemble's checkpoint, or any `meli.train.distill.Teacher`), the fit is
+    a distillation (`meli.train.distill`): recombined titles added to the training titles, and
+    the teacher's probabilities (a checkpoint reads them with its own tokenizer) in the
+    targets; real titles not among `teacher_titles` (what the teacher trained on) also get
+    their true label."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     labels = check_labels(train, validation)
