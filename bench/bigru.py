@@ -106,8 +106,8 @@ class BiGRU(nn.Module):
                                   nn.Linear(config.head, n_labels))
 
     def forward(self, word_ids, grams, positions, lengths) -> torch.Tensor:
+        # row 0 (padding), an unknown word's word vector and an all-padding bag are all zeros
         vectors = self.word(word_ids) + self.subword(grams)
-        vectors = vectors * (torch.arange(len(word_ids)) > 0).unsqueeze(1)  # row 0: padding
         x = self.dropout(vectors[positions])  # (B, T, dim)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=positions.shape[1])

@@ -200,13 +200,17 @@ def run_bigru(bench: Bench, write) -> None:
     mlps = [bench.single(MEMBERS, mlp, s)[0] for s in range(5)]
     teachers = ensemble_checkpoint(mlps)
 
-    def mixed(weight: float, titles: pa.Array) -> np.ndarray:
-        return (1 - weight) * bench.probabilities(teachers, titles) + weight * gru.probabilities(titles)
+    # (five MLPs, BiGRU) probabilities of each split, once: the weight is chosen on choose'
+    choose_p, judged_p = [(bench.probabilities(teachers, titles), gru.probabilities(titles))
+                          for titles in (bench.choose.titles, bench.judged.titles)]
+
+    def mixed(weight: float, probs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return (1 - weight) * probs[0] + weight * probs[1]
 
     choose_y = label_indices(bench.choose.categories, bench.labels)
-    weight = max((0.1, 0.2, 0.3, 0.4, 0.5), key=lambda w: balanced_accuracy(choose_y, mixed(w, bench.choose.titles).argmax(1)))
+    weight = max((0.1, 0.2, 0.3, 0.4, 0.5), key=lambda w: balanced_accuracy(choose_y, mixed(w, choose_p).argmax(1)))
     bench.record("ensemble (probabilities averaged)", f"five MLPs + the BiGRU (its weight {weight}, chosen on choose')",
-                 [bench.judge(mixed(weight, bench.judged.titles))], 0.0)
+                 [bench.judge(mixed(weight, judged_p))], 0.0)
     write()
     panel = WeightedTeachers((CheckpointTeacher(teachers), gru), (1 - weight, weight))
     base = student_config(dataclasses.replace(mlp, refit=False))
