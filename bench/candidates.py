@@ -17,16 +17,16 @@ The rows, in the order they run (each written to the page as soon as it is measu
 - students distilled from the five MLPs (`meli.train.distill`): today's recipe, new
   recombined titles every epoch, a 256-wide student, a student with less dropout, a student
   of five MLPs trained without label smoothing;
-- the refit: today's student refit, the five MLPs refit, and a student refit taught by the
-  refit MLPs (``distill.refit_teachers``);
+- the refit (``--only refit``): today's student refit, the five MLPs refit, and a student
+  refit taught by the refit MLPs (``distill.refit_teachers``);
 - teachers of another kind (``--only bigru``): a BiGRU over words and subword vectors
   (`bigru.py`), the five MLPs + the BiGRU (its weight chosen on choose'), their student, and
   that student refit.
 
     python bench/candidates.py --data ../shared/data/meli-es --write docs/results-candidates.md
 
-About an hour and a half on 2 cores. ``--only SECTION`` measures one section (``main``: all
-rows above but the last group; ``bigru``: the last) and keeps the page's other rows.
+About two hours on 2 cores. ``--only SECTION`` measures one section (``main``: single
+models, ensembles and students; ``refit``; ``bigru``) and keeps the page's other rows.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from meli.train.config import TrainConfig, load_config  # noqa: E402
 from meli.train.distill import CheckpointTeacher, WeightedTeachers, model_scores  # noqa: E402
 from meli.train.recipe import ensemble_checkpoint, student_config  # noqa: E402
 from meli.train.train import resolve_data  # noqa: E402
-from meli.train.trainer import label_indices, train_model  # noqa: E402
+from meli.train.trainer import TrainResult, label_indices, train_model  # noqa: E402
 
 CONFIGS = ROOT / "train" / "configs"
 
@@ -77,7 +77,7 @@ class Bench:
     choose: LabelledSplit  # choose' (15% of train): every choice
     judged: LabelledSplit  # DATA/validation: judged once
     labels: tuple[str, ...] = ()
-    fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch)
+    fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch); (name, "student") -> TrainResult
     rows: list = dataclasses.field(default_factory=list)
 
     @property
@@ -100,6 +100,13 @@ class Bench:
             self.fits[name, seed] = (r.checkpoint, r.best_epoch)
         return self.fits[name, seed]
 
+    def student(self, name: str, config: TrainConfig, teacher: Checkpoint) -> TrainResult:
+        """One student on fit', taught by `teacher` (trained on fit'), its epoch chosen on choose' (cached by name)."""
+        if (name, "student") not in self.fits:
+            self.fits[name, "student"] = train_model(config, self.fit, self.choose, quiet=True, teacher=teacher,
+                                                     teacher_titles=self.fit.titles)
+        return self.fits[name, "student"]
+
     def record(self, group: str, name: str, scores: list[float], seconds: float) -> None:
         spread = f" ({min(scores):.4f}-{max(scores):.4f})" if len(scores) > 1 else ""
         self.rows.append(f"| {group} | {name} | {np.mean(scores):.4f}{spread} | {len(scores)} | {seconds:.0f} s |")
@@ -107,9 +114,11 @@ class Bench:
 
 
 MEMBERS = "one MLP of the members' shape (mlp.toml)"
+TODAYS_STUDENT = "today's student: recombined titles x2, one set"
 
 
-def run(bench: Bench, write) -> None:
+def run_main(bench: Bench, write) -> None:
+    """Single models, ensembles and students, all on fit'."""
     mlp, cnn = load_config(CONFIGS / "mlp.toml"), load_config(CONFIGS / "cnn.toml")
 
     def singles(group: str, name: str, config: TrainConfig, seeds: range) -> None:
@@ -146,23 +155,28 @@ def run(bench: Bench, write) -> None:
                                for s in range(5)])
     base = student_config(dataclasses.replace(mlp, refit=False))
     students = [
-        ("today's student: recombined titles x2, one set", base, teachers),
+        (TODAYS_STUDENT, base, teachers),
         ("new recombined titles every epoch (distill.fresh)", with_settings(base, distill__fresh=True), teachers),
         ("student 256 wide", with_settings(base, mlp__embedding_dim=256), teachers),
         ("student with dropout and word dropout 0.1 (0.3)", with_settings(base, mlp__dropout=0.1, mlp__embedding_dropout=0.1),
          teachers),
         ("student of five MLPs trained without label smoothing", base, ls0),
     ]
-    chosen_epochs = 0
     for name, config, teacher in students:
         t = time.perf_counter()
-        r = train_model(config, bench.fit, bench.choose, quiet=True, teacher=teacher, teacher_titles=bench.fit.titles)
-        chosen_epochs = chosen_epochs or r.best_epoch
+        r = bench.student(name, config, teacher)
         bench.record("student (one MLP distilled from an ensemble)", name,
                      [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
         write()
 
-    # the refit, as `make train` does it: fit' + choose' for the epochs chosen on choose'
+
+def run_refit(bench: Bench, write) -> None:
+    """The refit, as `make train` does it: fit' + choose' for the epochs chosen on choose'."""
+    mlp = load_config(CONFIGS / "mlp.toml")
+    members = MEMBERS
+    teachers = ensemble_checkpoint([bench.single(members, mlp, s)[0] for s in range(5)])
+    base = student_config(dataclasses.replace(mlp, refit=False))
+    chosen_epochs = bench.student(TODAYS_STUDENT, base, teachers).best_epoch
     both = bench.both
     refit_student = dataclasses.replace(base, epochs=chosen_epochs)
     t = time.perf_counter()
@@ -241,7 +255,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "meli-es"))
     ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench-candidates: "
                     "docs/results-candidates.md)")
-    ap.add_argument("--only", choices=("main", "bigru"), help="measure one section and keep the --write page's other rows")
+    ap.add_argument("--only", choices=SECTIONS, help="measure one section and keep the --write page's other rows")
     args = ap.parse_args()
     source = resolve_data(args.data)
     if source.validation is None:
@@ -268,10 +282,12 @@ def main() -> None:
         else:
             print("\n".join(lines))
 
-    if args.only != "bigru":
-        run(bench, write)
-    if args.only != "main":
-        run_bigru(bench, write)
+    for name, section in SECTIONS.items():
+        if args.only in (None, name):
+            section(bench, write)
+
+
+SECTIONS = {"main": run_main, "refit": run_refit, "bigru": run_bigru}
 
 
 def kept_rows(page: Path) -> list[str]:
