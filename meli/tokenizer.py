@@ -163,6 +163,11 @@ class Encoded:
         """(B, T) int64, right-padded; T = the longest title's length, at least 1."""
         return self.rows(np.arange(len(self.offsets) - 1))
 
+    def concat(self, other: Encoded) -> Encoded:
+        """This batch's titles, then `other`'s."""
+        return Encoded(np.concatenate([self.values, other.values]),
+                       np.concatenate([self.offsets, other.offsets[1:] + self.offsets[-1]]))
+
 
 @dataclass
 class Tokenizer:

@@ -116,6 +116,16 @@ def test_truncation_and_shapes():
     assert empty.ids.shape == (0, 1)
 
 
+def test_two_encoded_batches_concatenate_to_the_encoding_of_all_their_titles(demo_titles):
+    config = CONFIGS["default"]
+    tok = Tokenizer(config, build_vocabulary(pa.array(demo_titles), config))
+    first, second = demo_titles[:7] + [None, ""], ["", *demo_titles[7:20]]
+    both = tok.encode_batch(pa.array(first)).concat(tok.encode_batch(pa.array(second)))
+    whole = tok.encode_batch(pa.array(first + second))
+    assert np.array_equal(both.offsets, whole.offsets) and np.array_equal(both.values, whole.values)
+    assert np.array_equal(both.ids, whole.ids)
+
+
 def test_config_round_trips_and_rejects_unknown_settings():
     config = CONFIGS["digits-short"]
     assert TokenizerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -180,13 +180,8 @@ class TransferSet:
     def epoch(self, k: int) -> tuple[Encoded, np.ndarray]:
         """(encoded rows, (rows, n_labels) targets): the real titles, then recombined set ``k``."""
         extra = recombine_titles(self.titles, self.labels, self.n, self.seed if k == 0 else (self.seed, k))
-        return _concat(self.real, self.tokenizer.encode_batch(extra)), np.concatenate([self.real_targets, self.teach(extra)])
+        return self.real.concat(self.tokenizer.encode_batch(extra)), np.concatenate([self.real_targets, self.teach(extra)])
 
     def teach(self, titles: pa.Array) -> np.ndarray:
         """The teacher's probabilities for titles."""
         return self.teacher.probabilities(titles, self.device)
-
-
-def _concat(a: Encoded, b: Encoded) -> Encoded:
-    return Encoded(np.concatenate([a.values, b.values]), np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]]))
-
