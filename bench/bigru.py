@@ -108,7 +108,9 @@ class BiGRU(nn.Module):
     def forward(self, word_ids, grams, positions, lengths) -> torch.Tensor:
         # row 0 (padding), an unknown word's word vector and an all-padding bag are all zeros
         vectors = self.word(word_ids) + self.subword(grams)
-        x = self.dropout(vectors[positions])  # (B, T, dim)
+        # (B, T, dim); a lookup, not vectors[positions]: that indexing's backward sums the
+        # gradients of repeated words in a thread-dependent order, so a fit was not reproducible
+        x = self.dropout(nn.functional.embedding(positions, vectors))
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=positions.shape[1])
         mask = (torch.arange(positions.shape[1]) < lengths.unsqueeze(1)).unsqueeze(2)  # (B, T, 1)

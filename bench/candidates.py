@@ -36,6 +36,7 @@ import dataclasses
 import datetime as dt
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -298,9 +299,13 @@ def kept_rows(page: Path) -> list[str]:
 
 
 def merged(kept: list[str], new: list[str]) -> list[str]:
-    """The earlier rows, each replaced by this run's row of the same kind and candidate; this
-    run's other rows after them."""
-    key = lambda row: tuple(row.split(" | ")[:2])  # noqa: E731
+    """The earlier rows, each replaced by this run's row of the same kind and candidate (its
+    name without the brackets, which may hold what a run chose, such as a weight); this run's
+    other rows after them."""
+    def key(row: str) -> tuple[str, str]:
+        kind, candidate = row.split(" | ")[:2]
+        return kind, re.sub(r" \([^)]*\)", "", candidate)
+
     fresh = {key(r): r for r in new}
     out = [fresh.pop(key(r), r) for r in kept]
     return out + [r for r in new if key(r) in fresh]
