@@ -78,7 +78,8 @@ class Bench:
     choose: LabelledSplit  # choose' (15% of train): every choice
     judged: LabelledSplit  # DATA/validation: judged once
     labels: tuple[str, ...] = ()
-    fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch); (name, "student") -> TrainResult
+    fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch)
+    students: dict = dataclasses.field(default_factory=dict)  # name -> TrainResult
     rows: list = dataclasses.field(default_factory=list)
 
     @property
@@ -103,10 +104,10 @@ class Bench:
 
     def student(self, name: str, config: TrainConfig, teacher: Checkpoint) -> TrainResult:
         """One student on fit', taught by `teacher` (trained on fit'), its epoch chosen on choose' (cached by name)."""
-        if (name, "student") not in self.fits:
-            self.fits[name, "student"] = train_model(config, self.fit, self.choose, quiet=True, teacher=teacher,
-                                                     teacher_titles=self.fit.titles)
-        return self.fits[name, "student"]
+        if name not in self.students:
+            self.students[name] = train_model(config, self.fit, self.choose, quiet=True, teacher=teacher,
+                                              teacher_titles=self.fit.titles)
+        return self.students[name]
 
     def record(self, group: str, name: str, scores: list[float], seconds: float) -> None:
         spread = f" ({min(scores):.4f}-{max(scores):.4f})" if len(scores) > 1 else ""
@@ -128,8 +129,7 @@ def run_main(bench: Bench, write) -> None:
         bench.record(group, name, scores, (time.perf_counter() - t) / len(seeds))
         write()
 
-    members = MEMBERS
-    singles("single model", members, mlp, range(5))
+    singles("single model", MEMBERS, mlp, range(5))
     singles("single model", "one MLP, embedding 256 wide (128)", with_settings(mlp, mlp__embedding_dim=256), range(2))
     singles("single model", "one MLP, hidden layer 1,024 wide (512)", with_settings(mlp, mlp__hidden=(1024,)), range(2))
     singles("single model", "one MLP, word dropout 0.4 (0.3)", with_settings(mlp, mlp__embedding_dropout=0.4), range(2))
@@ -143,7 +143,7 @@ def run_main(bench: Bench, write) -> None:
     svm = svm_probabilities(bench)
     bench.record("single model", "TF-IDF word 1-2 + char_wb 2-5, LinearSVC (decision x 5 as scores)",
                  [bench.judge(svm)], time.perf_counter() - t)
-    judged_probs = [bench.probabilities(bench.single(members, mlp, s)[0], bench.judged.titles) for s in range(5)]
+    judged_probs = [bench.probabilities(bench.single(MEMBERS, mlp, s)[0], bench.judged.titles) for s in range(5)]
     cnn_probs = bench.probabilities(bench.single("one word-level CNN (cnn.toml)", cnn, 0)[0], bench.judged.titles)
     for name, parts in (("five MLPs (seeds 0-4): the teachers", judged_probs),
                         ("five MLPs + the CNN", judged_probs + [cnn_probs]),
@@ -151,7 +151,7 @@ def run_main(bench: Bench, write) -> None:
         bench.record("ensemble (probabilities averaged)", name, [bench.judge(sum(parts) / len(parts))], 0.0)
     write()
 
-    teachers = ensemble_checkpoint([bench.single(members, mlp, s)[0] for s in range(5)])
+    teachers = ensemble_checkpoint([bench.single(MEMBERS, mlp, s)[0] for s in range(5)])
     ls0 = ensemble_checkpoint([bench.single("one MLP, no label smoothing (0.2)", with_settings(mlp, label_smoothing=0.0), s)[0]
                                for s in range(5)])
     base = student_config(dataclasses.replace(mlp, refit=False))
@@ -174,8 +174,7 @@ def run_main(bench: Bench, write) -> None:
 def run_refit(bench: Bench, write) -> None:
     """The refit, as `make train` does it: fit' + choose' for the epochs chosen on choose'."""
     mlp = load_config(CONFIGS / "mlp.toml")
-    members = MEMBERS
-    teachers = ensemble_checkpoint([bench.single(members, mlp, s)[0] for s in range(5)])
+    teachers = ensemble_checkpoint([bench.single(MEMBERS, mlp, s)[0] for s in range(5)])
     base = student_config(dataclasses.replace(mlp, refit=False))
     chosen_epochs = bench.student(TODAYS_STUDENT, base, teachers).best_epoch
     both = bench.both
@@ -188,7 +187,7 @@ def run_refit(bench: Bench, write) -> None:
     t = time.perf_counter()
     refits = []
     for s in range(5):
-        epochs = bench.single(members, mlp, s)[1]
+        epochs = bench.single(MEMBERS, mlp, s)[1]
         refits.append(train_model(dataclasses.replace(mlp, seed=s, members=1, refit=False, epochs=epochs), both, bench.choose,
                                   quiet=True, keep="last").checkpoint)
     refit_teachers = ensemble_checkpoint(refits)
