@@ -53,7 +53,7 @@ from meli.checkpoint import Checkpoint  # noqa: E402
 from meli.dataset import LabelledSplit, load_labelled, split_holdout  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
 from meli.train.config import TrainConfig, load_config  # noqa: E402
-from meli.train.distill import CheckpointTeacher, WeightedTeachers, model_scores  # noqa: E402
+from meli.train.distill import CheckpointTeacher, Teacher, WeightedTeachers, model_scores  # noqa: E402
 from meli.train.recipe import ensemble_checkpoint, student_config  # noqa: E402
 from meli.train.train import resolve_data  # noqa: E402
 from meli.train.trainer import TrainResult, label_indices, train_model  # noqa: E402
@@ -81,6 +81,7 @@ class Bench:
     fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch)
     students: dict = dataclasses.field(default_factory=dict)  # name -> TrainResult
     rows: list = dataclasses.field(default_factory=list)
+    mlp: TrainConfig = dataclasses.field(default_factory=lambda: load_config(CONFIGS / "mlp.toml"))  # today's default
 
     @property
     def both(self) -> LabelledSplit:
@@ -102,7 +103,16 @@ class Bench:
             self.fits[name, seed] = (r.checkpoint, r.best_epoch)
         return self.fits[name, seed]
 
-    def student(self, name: str, config: TrainConfig, teacher: Checkpoint) -> TrainResult:
+    def teachers(self) -> Checkpoint:
+        """Today's teachers: five MLPs of mlp.toml (seeds 0-4) on fit', as one ensemble checkpoint."""
+        return ensemble_checkpoint([self.single(MEMBERS, self.mlp, s)[0] for s in range(5)])
+
+    @property
+    def student_base(self) -> TrainConfig:
+        """Today's student's settings, without the refit."""
+        return student_config(dataclasses.replace(self.mlp, refit=False))
+
+    def student(self, name: str, config: TrainConfig, teacher: Checkpoint | Teacher) -> TrainResult:
         """One student on fit', taught by `teacher` (trained on fit'), its epoch chosen on choose' (cached by name)."""
         if name not in self.students:
             self.students[name] = train_model(config, self.fit, self.choose, quiet=True, teacher=teacher,
@@ -121,7 +131,7 @@ TODAYS_STUDENT = "today's student: recombined titles x2, one set"
 
 def run_main(bench: Bench, write) -> None:
     """Single models, ensembles and students, all on fit'."""
-    mlp, cnn = load_config(CONFIGS / "mlp.toml"), load_config(CONFIGS / "cnn.toml")
+    mlp, cnn = bench.mlp, load_config(CONFIGS / "cnn.toml")
 
     def singles(group: str, name: str, config: TrainConfig, seeds: range) -> None:
         t = time.perf_counter()
@@ -151,10 +161,10 @@ def run_main(bench: Bench, write) -> None:
         bench.record("ensemble (probabilities averaged)", name, [bench.judge(sum(parts) / len(parts))], 0.0)
     write()
 
-    teachers = ensemble_checkpoint([bench.single(MEMBERS, mlp, s)[0] for s in range(5)])
+    teachers = bench.teachers()
     ls0 = ensemble_checkpoint([bench.single("one MLP, no label smoothing (0.2)", with_settings(mlp, label_smoothing=0.0), s)[0]
                                for s in range(5)])
-    base = student_config(dataclasses.replace(mlp, refit=False))
+    base = bench.student_base
     students = [
         (TODAYS_STUDENT, base, teachers),
         ("new recombined titles every epoch (distill.fresh)", with_settings(base, distill__fresh=True), teachers),
@@ -173,12 +183,10 @@ def run_main(bench: Bench, write) -> None:
 
 def run_refit(bench: Bench, write) -> None:
     """The refit, as `make train` does it: fit' + choose' for the epochs chosen on choose'."""
-    mlp = load_config(CONFIGS / "mlp.toml")
-    teachers = ensemble_checkpoint([bench.single(MEMBERS, mlp, s)[0] for s in range(5)])
-    base = student_config(dataclasses.replace(mlp, refit=False))
-    chosen_epochs = bench.student(TODAYS_STUDENT, base, teachers).best_epoch
+    mlp, teachers = bench.mlp, bench.teachers()
+    chosen_epochs = bench.student(TODAYS_STUDENT, bench.student_base, teachers).best_epoch
     both = bench.both
-    refit_student = dataclasses.replace(base, epochs=chosen_epochs)
+    refit_student = dataclasses.replace(bench.student_base, epochs=chosen_epochs)
     t = time.perf_counter()
     r = train_model(refit_student, both, bench.choose, quiet=True, keep="last", teacher=teachers, teacher_titles=bench.fit.titles)
     bench.record("refit on fit' + choose'", "today's recipe: the student refit, taught by the teachers' selection fits",
@@ -205,14 +213,12 @@ def run_bigru(bench: Bench, write) -> None:
     """Teachers of another kind: does a BiGRU beside the five MLPs make a better student?"""
     from bigru import fit_bigru
 
-    mlp = load_config(CONFIGS / "mlp.toml")
     t = time.perf_counter()
     gru, _ = fit_bigru(bench.fit, bench.choose, bench.labels)
     bench.record("single model", "one BiGRU over words + subword vectors (bench/bigru.py)",
                  [bench.judge(gru.probabilities(bench.judged.titles))], time.perf_counter() - t)
     write()
-    mlps = [bench.single(MEMBERS, mlp, s)[0] for s in range(5)]
-    teachers = ensemble_checkpoint(mlps)
+    teachers = bench.teachers()
 
     # (five MLPs, BiGRU) probabilities of each split, once: the weight is chosen on choose'
     choose_p, judged_p = [(bench.probabilities(teachers, titles), gru.probabilities(titles))
@@ -227,15 +233,14 @@ def run_bigru(bench: Bench, write) -> None:
                  [bench.judge(mixed(weight, judged_p))], 0.0)
     write()
     panel = WeightedTeachers((CheckpointTeacher(teachers), gru), (1 - weight, weight))
-    base = student_config(dataclasses.replace(mlp, refit=False))
     t = time.perf_counter()
-    r = train_model(base, bench.fit, bench.choose, quiet=True, teacher=panel, teacher_titles=bench.fit.titles)
+    r = bench.student("student of five MLPs + the BiGRU", bench.student_base, panel)
     bench.record("student (one MLP distilled from an ensemble)", "student of five MLPs + the BiGRU",
                  [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
     write()
     t = time.perf_counter()
-    refit = train_model(dataclasses.replace(base, epochs=r.best_epoch), bench.both, bench.choose, quiet=True, keep="last",
-                        teacher=panel, teacher_titles=bench.fit.titles)
+    refit = train_model(dataclasses.replace(bench.student_base, epochs=r.best_epoch), bench.both, bench.choose, quiet=True,
+                        keep="last", teacher=panel, teacher_titles=bench.fit.titles)
     bench.record("refit on fit' + choose'", "the student of five MLPs + the BiGRU refit, taught by their selection fits",
                  [bench.judge(bench.probabilities(refit.checkpoint, bench.judged.titles))], time.perf_counter() - t)
     write()
