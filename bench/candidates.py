@@ -21,12 +21,14 @@ The rows, in the order they run (each written to the page as soon as it is measu
   refit taught by the refit MLPs (``distill.refit_teachers``);
 - teachers of another kind (``--only bigru``): a BiGRU over words and subword vectors
   (`bigru.py`), the five MLPs + the BiGRU (its weight chosen on choose'), their student, and
-  that student refit.
+  that student refit;
+- today's recipe 256 wide (``--only wide``): five MLPs with a 256-wide embedding, their
+  ensemble, a 256-wide student of them, and its refit.
 
     python bench/candidates.py --data ../shared/data/meli-es --write docs/results-candidates.md
 
 About two hours on 2 cores. ``--only SECTION`` measures one section (``main``: single
-models, ensembles and students; ``refit``; ``bigru``) and keeps the page's other rows.
+models, ensembles and students; ``refit``; ``bigru``; ``wide``) and keeps the page's other rows.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class Bench:
 
 MEMBERS = "one MLP of the members' shape (mlp.toml)"
 TODAYS_STUDENT = "today's student: recombined titles x2, one set"
+WIDE = "one MLP, embedding 256 wide (128)"
 
 
 def run_main(bench: Bench, write) -> None:
@@ -140,7 +143,7 @@ def run_main(bench: Bench, write) -> None:
         write()
 
     singles("single model", MEMBERS, mlp, range(5))
-    singles("single model", "one MLP, embedding 256 wide (128)", with_settings(mlp, mlp__embedding_dim=256), range(2))
+    singles("single model", WIDE, with_settings(mlp, mlp__embedding_dim=256), range(2))
     singles("single model", "one MLP, hidden layer 1,024 wide (512)", with_settings(mlp, mlp__hidden=(1024,)), range(2))
     singles("single model", "one MLP, word dropout 0.4 (0.3)", with_settings(mlp, mlp__embedding_dropout=0.4), range(2))
     singles("single model", "one MLP, label smoothing 0.3 (0.2)", with_settings(mlp, label_smoothing=0.3), range(2))
@@ -246,6 +249,32 @@ def run_bigru(bench: Bench, write) -> None:
     write()
 
 
+def run_wide(bench: Bench, write) -> None:
+    """Today's whole recipe 256 wide: five teachers with a 256-wide embedding, their student of
+    the same width, and its refit (the file would need an int8 table to stay under 64 MB)."""
+    wide = with_settings(bench.mlp, mlp__embedding_dim=256)
+    t = time.perf_counter()
+    members = [bench.single(WIDE, wide, s)[0] for s in range(5)]
+    bench.record("single model", WIDE, [bench.judge(bench.probabilities(m, bench.judged.titles)) for m in members],
+                 (time.perf_counter() - t) / 5)
+    teachers = ensemble_checkpoint(members)
+    bench.record("ensemble (probabilities averaged)", "five MLPs 256 wide (seeds 0-4)",
+                 [bench.judge(bench.probabilities(teachers, bench.judged.titles))], 0.0)
+    write()
+    student = with_settings(bench.student_base, mlp__embedding_dim=256)
+    t = time.perf_counter()
+    r = bench.student("student 256 wide of five MLPs 256 wide", student, teachers)
+    bench.record("student (one MLP distilled from an ensemble)", "student 256 wide of five MLPs 256 wide",
+                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+    t = time.perf_counter()
+    refit = train_model(dataclasses.replace(student, epochs=r.best_epoch), bench.both, bench.choose, quiet=True,
+                        keep="last", teacher=teachers, teacher_titles=bench.fit.titles)
+    bench.record("refit on fit' + choose'", "today's recipe 256 wide: its student refit, taught by its teachers' selection fits",
+                 [bench.judge(bench.probabilities(refit.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+
+
 def svm_probabilities(bench: Bench) -> np.ndarray:
     from accuracy import svm_pipeline
 
@@ -292,7 +321,7 @@ def main() -> None:
             section(bench, write)
 
 
-SECTIONS = {"main": run_main, "refit": run_refit, "bigru": run_bigru}
+SECTIONS = {"main": run_main, "refit": run_refit, "bigru": run_bigru, "wide": run_wide}
 
 
 def kept_rows(page: Path) -> list[str]:
