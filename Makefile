@@ -34,7 +34,7 @@ help:
 	@echo "make score           score INPUT=... into SCORED=..."
 	@echo "make bench           titles/s and peak RSS by stage, vs a fastText pipeline (BENCH_ROWS=...)"
 	@echo "make bench-accuracy  this project's model vs classical baselines (DATA=folder)"
-	@echo "make bench-candidates every candidate tried for a more accurate default, on one protocol (about two hours)"
+	@echo "make bench-candidates every candidate tried for a more accurate default, on one protocol (about 2.5 hours)"
 	@echo "make bench-determinism  one title, one answer: $(OUTPUT) scored many ways (batch sizes, Spark, MLflow)"
 	@echo "make bench-export    parity and calibration of $(OUTPUT), re-measured against its checkpoint"
 	@echo "make bench-cluster   meli-score's engines on one dataset: local, local[2], standalone cluster, Spark Connect"

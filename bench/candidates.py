@@ -14,7 +14,8 @@ The rows, in the order they run (each written to the page as soon as it is measu
   the word-level CNN;
 - the TF-IDF + LinearSVC baseline, and ensembles (probabilities averaged) of five MLPs, with
   the CNN and with the SVM;
-- students distilled from the five MLPs (`meli.train.distill`): today's recipe, new
+- students distilled from the five MLPs (`meli.train.distill`): today's recipe (over
+  ``--student-seeds`` seeds, 3 by default, as is its refit below), new
   recombined titles every epoch, a 256-wide student, a student with less dropout, a student
   of five MLPs trained without label smoothing;
 - the refit (``--only refit``): today's student refit, the five MLPs refit, and a student
@@ -27,7 +28,7 @@ The rows, in the order they run (each written to the page as soon as it is measu
 
     python bench/candidates.py --data ../shared/data/meli-es --write docs/results-candidates.md
 
-About two hours on 2 cores. ``--only SECTION`` measures one section (``main``: single
+About two and a half hours on 2 cores. ``--only SECTION`` measures one section (``main``: single
 models, ensembles and students; ``refit``; ``bigru``; ``wide``) and keeps the page's other rows.
 """
 
@@ -81,7 +82,8 @@ class Bench:
     judged: LabelledSplit  # DATA/validation: judged once
     labels: tuple[str, ...] = ()
     fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch)
-    students: dict = dataclasses.field(default_factory=dict)  # name -> TrainResult
+    students: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> TrainResult
+    student_seeds: int = 1  # seeds of today's student and of its refit (the other students: seed 0)
     rows: list = dataclasses.field(default_factory=list)
     mlp: TrainConfig = dataclasses.field(default_factory=lambda: load_config(CONFIGS / "mlp.toml"))  # today's default
 
@@ -115,11 +117,12 @@ class Bench:
         return student_config(dataclasses.replace(self.mlp, refit=False))
 
     def student(self, name: str, config: TrainConfig, teacher: Checkpoint | Teacher) -> TrainResult:
-        """One student on fit', taught by `teacher` (trained on fit'), its epoch chosen on choose' (cached by name)."""
-        if name not in self.students:
-            self.students[name] = train_model(config, self.fit, self.choose, quiet=True, teacher=teacher,
-                                              teacher_titles=self.fit.titles)
-        return self.students[name]
+        """One student on fit', taught by `teacher` (trained on fit'), its epoch chosen on choose' (cached by
+        name and seed)."""
+        if (name, config.seed) not in self.students:
+            self.students[name, config.seed] = train_model(config, self.fit, self.choose, quiet=True, teacher=teacher,
+                                                           teacher_titles=self.fit.titles)
+        return self.students[name, config.seed]
 
     def record(self, group: str, name: str, scores: list[float], seconds: float) -> None:
         spread = f" ({min(scores):.4f}-{max(scores):.4f})" if len(scores) > 1 else ""
@@ -177,23 +180,26 @@ def run_main(bench: Bench, write) -> None:
         ("student of five MLPs trained without label smoothing", base, ls0),
     ]
     for name, config, teacher in students:
+        seeds = range(bench.student_seeds if name == TODAYS_STUDENT else 1)
         t = time.perf_counter()
-        r = bench.student(name, config, teacher)
-        bench.record("student (one MLP distilled from an ensemble)", name,
-                     [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+        scores = [bench.judge(bench.probabilities(bench.student(name, with_settings(config, seed=s), teacher).checkpoint,
+                                                  bench.judged.titles)) for s in seeds]
+        bench.record("student (one MLP distilled from an ensemble)", name, scores, (time.perf_counter() - t) / len(seeds))
         write()
 
 
 def run_refit(bench: Bench, write) -> None:
     """The refit, as `make train` does it: fit' + choose' for the epochs chosen on choose'."""
-    mlp, teachers = bench.mlp, bench.teachers()
-    chosen_epochs = bench.student(TODAYS_STUDENT, bench.student_base, teachers).best_epoch
-    both = bench.both
-    refit_student = dataclasses.replace(bench.student_base, epochs=chosen_epochs)
-    t = time.perf_counter()
-    r = train_model(refit_student, both, bench.choose, quiet=True, keep="last", teacher=teachers, teacher_titles=bench.fit.titles)
+    mlp, teachers, both = bench.mlp, bench.teachers(), bench.both
+    t, scores = time.perf_counter(), []
+    for seed in range(bench.student_seeds):
+        student = with_settings(bench.student_base, seed=seed)
+        chosen_epochs = bench.student(TODAYS_STUDENT, student, teachers).best_epoch
+        r = train_model(dataclasses.replace(student, epochs=chosen_epochs), both, bench.choose, quiet=True, keep="last",
+                        teacher=teachers, teacher_titles=bench.fit.titles)
+        scores.append(bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles)))
     bench.record("refit on fit' + choose'", "today's recipe: the student refit, taught by the teachers' selection fits",
-                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+                 scores, (time.perf_counter() - t) / bench.student_seeds)
     write()
     t = time.perf_counter()
     refits = []
@@ -206,6 +212,7 @@ def run_refit(bench: Bench, write) -> None:
                  [bench.judge(bench.probabilities(refit_teachers, bench.judged.titles))], (time.perf_counter() - t) / 5)
     write()
     t = time.perf_counter()
+    refit_student = dataclasses.replace(bench.student_base, epochs=bench.student(TODAYS_STUDENT, bench.student_base, teachers).best_epoch)
     r = train_model(refit_student, both, bench.choose, quiet=True, keep="last", teacher=refit_teachers, teacher_titles=both.titles)
     bench.record("refit on fit' + choose'", "the student refit, taught by the refit MLPs (distill.refit_teachers)",
                  [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
@@ -290,12 +297,14 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench-candidates: "
                     "docs/results-candidates.md)")
     ap.add_argument("--only", choices=SECTIONS, help="measure one section and keep the --write page's other rows")
+    ap.add_argument("--student-seeds", type=int, default=3, metavar="N",
+                    help="seeds of today's student and of its refit (seed 0 alone for the other students)")
     args = ap.parse_args()
     source = resolve_data(args.data)
     if source.validation is None:
         sys.exit(f"{args.data}: needs a validation file")
     fit, choose = split_holdout(load_labelled(source.train), 0.15, seed=0)
-    bench = Bench(fit, choose, load_labelled(source.validation))
+    bench = Bench(fit, choose, load_labelled(source.validation), student_seeds=args.student_seeds)
     bench.labels = tuple(sorted(set(fit.categories.to_pylist())))
     started = time.perf_counter()
     kept = kept_rows(args.write) if args.only and args.write else []
