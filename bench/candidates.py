@@ -24,12 +24,14 @@ The rows, in the order they run (each written to the page as soon as it is measu
   (`bigru.py`), the five MLPs + the BiGRU (its weight chosen on choose'), their student, and
   that student refit;
 - today's recipe 256 wide (``--only wide``): five MLPs with a 256-wide embedding, their
-  ensemble, a 256-wide student of them, and its refit.
+  ensemble, a 256-wide student of them, and its refit;
+- a patient student (``--only patient``): twice the epochs on new recombined titles every
+  epoch, and its refit.
 
     python bench/candidates.py --data ../shared/data/meli-es --write docs/results-candidates.md
 
 About two and a half hours on 2 cores. ``--only SECTION`` measures one section (``main``: single
-models, ensembles and students; ``refit``; ``bigru``; ``wide``) and keeps the page's other rows.
+models, ensembles and students; ``refit``; ``bigru``; ``wide``; ``patient``) and keeps the page's other rows.
 """
 
 from __future__ import annotations
@@ -282,6 +284,24 @@ def run_wide(bench: Bench, write) -> None:
     write()
 
 
+def run_patient(bench: Bench, write) -> None:
+    """A patient student: twice the epochs, new recombined titles every epoch, and the early
+    stopping's patience doubled so that the longer schedule runs out (today's teachers)."""
+    teachers, name = bench.teachers(), "patient student: 30 epochs (15), new recombined titles every epoch, patience 10 (5)"
+    student = with_settings(bench.student_base, epochs=30, patience=10, distill__fresh=True)
+    t = time.perf_counter()
+    r = bench.student(name, student, teachers)
+    bench.record("student (one MLP distilled from an ensemble)", name,
+                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+    t = time.perf_counter()
+    refit = train_model(dataclasses.replace(student, epochs=r.best_epoch), bench.both, bench.choose, quiet=True,
+                        keep="last", teacher=teachers, teacher_titles=bench.fit.titles)
+    bench.record("refit on fit' + choose'", "the patient student refit, taught by the teachers' selection fits",
+                 [bench.judge(bench.probabilities(refit.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+
+
 def svm_probabilities(bench: Bench) -> np.ndarray:
     from accuracy import svm_pipeline
 
@@ -330,7 +350,7 @@ def main() -> None:
             section(bench, write)
 
 
-SECTIONS = {"main": run_main, "refit": run_refit, "bigru": run_bigru, "wide": run_wide}
+SECTIONS = {"main": run_main, "refit": run_refit, "bigru": run_bigru, "wide": run_wide, "patient": run_patient}
 
 
 def kept_rows(page: Path) -> list[str]:
