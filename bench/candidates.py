@@ -126,6 +126,11 @@ class Bench:
                                                            teacher_titles=self.fit.titles)
         return self.students[name, config.seed]
 
+    def refit(self, config: TrainConfig, student: TrainResult, teacher: Checkpoint | Teacher) -> Checkpoint:
+        """`student`'s refit on fit' + choose' for its chosen epochs, still taught by `teacher` (fit' titles)."""
+        return train_model(dataclasses.replace(config, epochs=student.best_epoch), self.both, self.choose, quiet=True,
+                           keep="last", teacher=teacher, teacher_titles=self.fit.titles).checkpoint
+
     def record(self, group: str, name: str, scores: list[float], seconds: float) -> None:
         spread = f" ({min(scores):.4f}-{max(scores):.4f})" if len(scores) > 1 else ""
         self.rows.append(f"| {group} | {name} | {np.mean(scores):.4f}{spread} | {len(scores)} | {seconds:.0f} s |")
@@ -135,6 +140,21 @@ class Bench:
 MEMBERS = "one MLP of the members' shape (mlp.toml)"
 TODAYS_STUDENT = "today's student: recombined titles x2, one set"
 WIDE = "one MLP, embedding 256 wide (128)"
+
+
+def student_and_refit(bench: Bench, write, name: str, refit_name: str, config: TrainConfig,
+                      teacher: Checkpoint | Teacher) -> None:
+    """Two rows: a student (seed 0) taught by `teacher`, and its refit."""
+    t = time.perf_counter()
+    r = bench.student(name, config, teacher)
+    bench.record("student (one MLP distilled from an ensemble)", name,
+                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+    write()
+    t = time.perf_counter()
+    refit = bench.refit(config, r, teacher)
+    bench.record("refit on fit' + choose'", refit_name, [bench.judge(bench.probabilities(refit, bench.judged.titles))],
+                 time.perf_counter() - t)
+    write()
 
 
 def run_main(bench: Bench, write) -> None:
@@ -196,10 +216,8 @@ def run_refit(bench: Bench, write) -> None:
     t, scores = time.perf_counter(), []
     for seed in range(bench.student_seeds):
         student = with_settings(bench.student_base, seed=seed)
-        chosen_epochs = bench.student(TODAYS_STUDENT, student, teachers).best_epoch
-        r = train_model(dataclasses.replace(student, epochs=chosen_epochs), both, bench.choose, quiet=True, keep="last",
-                        teacher=teachers, teacher_titles=bench.fit.titles)
-        scores.append(bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles)))
+        refit = bench.refit(student, bench.student(TODAYS_STUDENT, student, teachers), teachers)
+        scores.append(bench.judge(bench.probabilities(refit, bench.judged.titles)))
     bench.record("refit on fit' + choose'", "today's recipe: the student refit, taught by the teachers' selection fits",
                  scores, (time.perf_counter() - t) / bench.student_seeds)
     write()
@@ -245,17 +263,8 @@ def run_bigru(bench: Bench, write) -> None:
                  [bench.judge(mixed(weight, judged_p))], 0.0)
     write()
     panel = WeightedTeachers((CheckpointTeacher(teachers), gru), (1 - weight, weight))
-    t = time.perf_counter()
-    r = bench.student("student of five MLPs + the BiGRU", bench.student_base, panel)
-    bench.record("student (one MLP distilled from an ensemble)", "student of five MLPs + the BiGRU",
-                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
-    write()
-    t = time.perf_counter()
-    refit = train_model(dataclasses.replace(bench.student_base, epochs=r.best_epoch), bench.both, bench.choose, quiet=True,
-                        keep="last", teacher=panel, teacher_titles=bench.fit.titles)
-    bench.record("refit on fit' + choose'", "the student of five MLPs + the BiGRU refit, taught by their selection fits",
-                 [bench.judge(bench.probabilities(refit.checkpoint, bench.judged.titles))], time.perf_counter() - t)
-    write()
+    student_and_refit(bench, write, "student of five MLPs + the BiGRU",
+                      "the student of five MLPs + the BiGRU refit, taught by their selection fits", bench.student_base, panel)
 
 
 def run_wide(bench: Bench, write) -> None:
@@ -270,36 +279,17 @@ def run_wide(bench: Bench, write) -> None:
     bench.record("ensemble (probabilities averaged)", "five MLPs 256 wide (seeds 0-4)",
                  [bench.judge(bench.probabilities(teachers, bench.judged.titles))], 0.0)
     write()
-    student = with_settings(bench.student_base, mlp__embedding_dim=256)
-    t = time.perf_counter()
-    r = bench.student("student 256 wide of five MLPs 256 wide", student, teachers)
-    bench.record("student (one MLP distilled from an ensemble)", "student 256 wide of five MLPs 256 wide",
-                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
-    write()
-    t = time.perf_counter()
-    refit = train_model(dataclasses.replace(student, epochs=r.best_epoch), bench.both, bench.choose, quiet=True,
-                        keep="last", teacher=teachers, teacher_titles=bench.fit.titles)
-    bench.record("refit on fit' + choose'", "today's recipe 256 wide: its student refit, taught by its teachers' selection fits",
-                 [bench.judge(bench.probabilities(refit.checkpoint, bench.judged.titles))], time.perf_counter() - t)
-    write()
+    student_and_refit(bench, write, "student 256 wide of five MLPs 256 wide",
+                      "today's recipe 256 wide: its student refit, taught by its teachers' selection fits",
+                      with_settings(bench.student_base, mlp__embedding_dim=256), teachers)
 
 
 def run_patient(bench: Bench, write) -> None:
     """A patient student: twice the epochs, new recombined titles every epoch, and the early
     stopping's patience doubled so that the longer schedule runs out (today's teachers)."""
-    teachers, name = bench.teachers(), "patient student: 30 epochs (15), new recombined titles every epoch, patience 10 (5)"
-    student = with_settings(bench.student_base, epochs=30, patience=10, distill__fresh=True)
-    t = time.perf_counter()
-    r = bench.student(name, student, teachers)
-    bench.record("student (one MLP distilled from an ensemble)", name,
-                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
-    write()
-    t = time.perf_counter()
-    refit = train_model(dataclasses.replace(student, epochs=r.best_epoch), bench.both, bench.choose, quiet=True,
-                        keep="last", teacher=teachers, teacher_titles=bench.fit.titles)
-    bench.record("refit on fit' + choose'", "the patient student refit, taught by the teachers' selection fits",
-                 [bench.judge(bench.probabilities(refit.checkpoint, bench.judged.titles))], time.perf_counter() - t)
-    write()
+    student_and_refit(bench, write, "patient student: 30 epochs (15), new recombined titles every epoch, patience 10 (5)",
+                      "the patient student refit, taught by the teachers' selection fits",
+                      with_settings(bench.student_base, epochs=30, patience=10, distill__fresh=True), bench.teachers())
 
 
 def svm_probabilities(bench: Bench) -> np.ndarray:
