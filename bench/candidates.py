@@ -30,8 +30,9 @@ The rows, in the order they run (each written to the page as soon as it is measu
 
     python bench/candidates.py --data ../shared/data/meli-es --write docs/results-candidates.md
 
-About two and a half hours on 2 cores. ``--only SECTION`` measures one section (``main``: single
-models, ensembles and students; ``refit``; ``bigru``; ``wide``; ``patient``) and keeps the page's other rows.
+About two and a half hours on 2 cores. ``--only SECTION`` measures one section (``main``:
+single models, ensembles and students; ``refit``; ``bigru``; ``wide``; ``patient``) and keeps
+the page's other rows.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Bench:
     labels: tuple[str, ...] = ()
     fits: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> (checkpoint, best epoch)
     students: dict = dataclasses.field(default_factory=dict)  # (name, seed) -> TrainResult
-    student_seeds: int = 1  # seeds of today's student and of its refit (the other students: seed 0)
+    student_seeds: int = 3  # seeds of today's student and of its refit (the other students: seed 0)
     rows: list = dataclasses.field(default_factory=list)
     mlp: TrainConfig = dataclasses.field(default_factory=lambda: load_config(CONFIGS / "mlp.toml"))  # today's default
 
@@ -126,10 +127,13 @@ class Bench:
                                                            teacher_titles=self.fit.titles)
         return self.students[name, config.seed]
 
-    def refit(self, config: TrainConfig, student: TrainResult, teacher: Checkpoint | Teacher) -> Checkpoint:
-        """`student`'s refit on fit' + choose' for its chosen epochs, still taught by `teacher` (fit' titles)."""
+    def refit(self, config: TrainConfig, student: TrainResult, teacher: Checkpoint | Teacher,
+              teacher_titles: pa.Array | None = None) -> Checkpoint:
+        """`student`'s refit on fit' + choose' for its chosen epochs, taught by `teacher`, which trained on
+        `teacher_titles` (by default fit': the selection fits)."""
+        titles = self.fit.titles if teacher_titles is None else teacher_titles
         return train_model(dataclasses.replace(config, epochs=student.best_epoch), self.both, self.choose, quiet=True,
-                           keep="last", teacher=teacher, teacher_titles=self.fit.titles).checkpoint
+                           keep="last", teacher=teacher, teacher_titles=titles).checkpoint
 
     def record(self, group: str, name: str, scores: list[float], seconds: float) -> None:
         spread = f" ({min(scores):.4f}-{max(scores):.4f})" if len(scores) > 1 else ""
@@ -140,6 +144,14 @@ class Bench:
 MEMBERS = "one MLP of the members' shape (mlp.toml)"
 TODAYS_STUDENT = "today's student: recombined titles x2, one set"
 WIDE = "one MLP, embedding 256 wide (128)"
+
+
+def singles(bench: Bench, write, name: str, config: TrainConfig, seeds: range) -> None:
+    """One row: single models of `config` (cached by name and seed), over `seeds`."""
+    t = time.perf_counter()
+    scores = [bench.judge(bench.probabilities(bench.single(name, config, s)[0], bench.judged.titles)) for s in seeds]
+    bench.record("single model", name, scores, (time.perf_counter() - t) / len(seeds))
+    write()
 
 
 def student_and_refit(bench: Bench, write, name: str, refit_name: str, config: TrainConfig,
@@ -161,21 +173,15 @@ def run_main(bench: Bench, write) -> None:
     """Single models, ensembles and students, all on fit'."""
     mlp, cnn = bench.mlp, load_config(CONFIGS / "cnn.toml")
 
-    def singles(group: str, name: str, config: TrainConfig, seeds: range) -> None:
-        t = time.perf_counter()
-        scores = [bench.judge(bench.probabilities(bench.single(name, config, s)[0], bench.judged.titles)) for s in seeds]
-        bench.record(group, name, scores, (time.perf_counter() - t) / len(seeds))
-        write()
-
-    singles("single model", MEMBERS, mlp, range(5))
-    singles("single model", WIDE, with_settings(mlp, mlp__embedding_dim=256), range(2))
-    singles("single model", "one MLP, hidden layer 1,024 wide (512)", with_settings(mlp, mlp__hidden=(1024,)), range(2))
-    singles("single model", "one MLP, word dropout 0.4 (0.3)", with_settings(mlp, mlp__embedding_dropout=0.4), range(2))
-    singles("single model", "one MLP, label smoothing 0.3 (0.2)", with_settings(mlp, label_smoothing=0.3), range(2))
-    singles("single model", "one MLP, no label smoothing (0.2)", with_settings(mlp, label_smoothing=0.0), range(5))
-    singles("single model", "one MLP, word vectors trained on the fit' titles (gensim FastText skip-gram; random)",
+    singles(bench, write, MEMBERS, mlp, range(5))
+    singles(bench, write, WIDE, with_settings(mlp, mlp__embedding_dim=256), range(2))
+    singles(bench, write, "one MLP, hidden layer 1,024 wide (512)", with_settings(mlp, mlp__hidden=(1024,)), range(2))
+    singles(bench, write, "one MLP, word dropout 0.4 (0.3)", with_settings(mlp, mlp__embedding_dropout=0.4), range(2))
+    singles(bench, write, "one MLP, label smoothing 0.3 (0.2)", with_settings(mlp, label_smoothing=0.3), range(2))
+    singles(bench, write, "one MLP, no label smoothing (0.2)", with_settings(mlp, label_smoothing=0.0), range(5))
+    singles(bench, write, "one MLP, word vectors trained on the fit' titles (gensim FastText skip-gram; random)",
             with_settings(mlp, embeddings__init="fasttext"), range(1))
-    singles("single model", "one word-level CNN (cnn.toml)", cnn, range(1))
+    singles(bench, write, "one word-level CNN (cnn.toml)", cnn, range(1))
 
     t = time.perf_counter()
     svm = svm_probabilities(bench)
@@ -232,10 +238,10 @@ def run_refit(bench: Bench, write) -> None:
                  [bench.judge(bench.probabilities(refit_teachers, bench.judged.titles))], (time.perf_counter() - t) / 5)
     write()
     t = time.perf_counter()
-    refit_student = dataclasses.replace(bench.student_base, epochs=bench.student(TODAYS_STUDENT, bench.student_base, teachers).best_epoch)
-    r = train_model(refit_student, both, bench.choose, quiet=True, keep="last", teacher=refit_teachers, teacher_titles=both.titles)
+    refit = bench.refit(bench.student_base, bench.student(TODAYS_STUDENT, bench.student_base, teachers), refit_teachers,
+                        teacher_titles=both.titles)
     bench.record("refit on fit' + choose'", "the student refit, taught by the refit MLPs (distill.refit_teachers)",
-                 [bench.judge(bench.probabilities(r.checkpoint, bench.judged.titles))], time.perf_counter() - t)
+                 [bench.judge(bench.probabilities(refit, bench.judged.titles))], time.perf_counter() - t)
     write()
 
 
@@ -271,11 +277,8 @@ def run_wide(bench: Bench, write) -> None:
     """Today's whole recipe 256 wide: five teachers with a 256-wide embedding, their student of
     the same width, and its refit (the file would need an int8 table to stay under 64 MB)."""
     wide = with_settings(bench.mlp, mlp__embedding_dim=256)
-    t = time.perf_counter()
-    members = [bench.single(WIDE, wide, s)[0] for s in range(5)]
-    bench.record("single model", WIDE, [bench.judge(bench.probabilities(m, bench.judged.titles)) for m in members],
-                 (time.perf_counter() - t) / 5)
-    teachers = ensemble_checkpoint(members)
+    singles(bench, write, WIDE, wide, range(5))
+    teachers = ensemble_checkpoint([bench.single(WIDE, wide, s)[0] for s in range(5)])
     bench.record("ensemble (probabilities averaged)", "five MLPs 256 wide (seeds 0-4)",
                  [bench.judge(bench.probabilities(teachers, bench.judged.titles))], 0.0)
     write()
@@ -307,7 +310,7 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="also write the table to this Markdown file (make bench-candidates: "
                     "docs/results-candidates.md)")
     ap.add_argument("--only", choices=SECTIONS, help="measure one section and keep the --write page's other rows")
-    ap.add_argument("--student-seeds", type=int, default=3, metavar="N",
+    ap.add_argument("--student-seeds", type=int, default=Bench.student_seeds, metavar="N",
                     help="seeds of today's student and of its refit (seed 0 alone for the other students)")
     args = ap.parse_args()
     source = resolve_data(args.data)
