@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meli.models import CNN, MLP, Ensemble
-from meli.tokenizer import N_SPECIAL, PAD, Tokenizer
+from meli.tokenizer import PAD, Tokenizer
 
 Precision = Literal["fp16", "fp32"]
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
@@ -119,18 +119,12 @@ def compactable(model: nn.Module) -> bool:
 
 def fused_groups(tokenizer: Tokenizer) -> tuple[list[int], list[list[int]]]:
     """For each vocabulary token that has a fused id: (fused id, the full ids it stands for)."""
-    cfg = tokenizer.config
+    ptr, ids = tokenizer.fused_groups()
     fused, groups = [], []
-    for i, token in enumerate(tokenizer.vocabulary):
-        vid = i + N_SPECIAL
-        if " " in token:  # bigrams stay plain ids
-            continue
-        if "^" in token:  # a head token: its head_repeat copies
-            group = [vid] * cfg.head_repeat
-        else:  # a word: itself and its character n-grams
-            group = [vid, *tokenizer.char_ngram_ids(token)]
-        fused.append(tokenizer.fused_offset + i)
-        groups.append(group)
+    for i in range(len(ptr) - 1):
+        if ptr[i + 1] > ptr[i]:
+            fused.append(tokenizer.fused_offset + i)
+            groups.append(ids[ptr[i] : ptr[i + 1]].tolist())
     return fused, groups
 
 

@@ -34,11 +34,17 @@ class Checkpoint(SpecFields):
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
     provenance: dict[str, str] = field(default_factory=dict)  # run id, data fingerprint, versions…
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, shared: bool = False) -> nn.Module:
         """The model in eval mode, weights loaded, on the CPU: it returns scores (logits; an
-        ensemble's log mean probability), not calibrated."""
-        model = build_model(self.model_kind, self.model_config, self.members)
-        model.load_state_dict(self.state_dict)
+        ensemble's log mean probability), not calibrated. ``shared``: its weights *are* the
+        checkpoint's tensors (no copy, for read-only use such as a teacher's)."""
+        if not shared:
+            model = build_model(self.model_kind, self.model_config, self.members)
+            model.load_state_dict(self.state_dict)
+            return model.eval()
+        with torch.device("meta"):
+            model = build_model(self.model_kind, self.model_config, self.members)
+        model.load_state_dict(self.state_dict, assign=True)
         return model.eval()
 
     def probability_model(self) -> nn.Module:

@@ -221,6 +221,25 @@ class Tokenizer:
         """Size of the compact id space (full ids, then one fused id per vocabulary token)."""
         return self.n_ids + len(self.vocabulary)
 
+    def fused_groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """What each compact fused id stands for, as CSR arrays ``(ptr, ids)``: fused id
+        ``fused_offset + i`` (vocabulary token ``i``) stands for the full ids
+        ``ids[ptr[i]:ptr[i + 1]]``: a word for itself and its character n-grams, a head token for
+        its ``head_repeat`` copies; a bigram has no fused id (an empty group)."""
+        groups: list[list[int]] = []
+        for i, token in enumerate(self.vocabulary):
+            vid = i + N_SPECIAL
+            if " " in token:  # bigrams stay plain ids
+                groups.append([])
+            elif "^" in token:  # a head token: its head_repeat copies
+                groups.append([vid] * self.config.head_repeat)
+            else:  # a word: itself and its character n-grams
+                groups.append([vid, *self.char_ngram_ids(token)])
+        ptr = np.zeros(len(groups) + 1, dtype=np.int64)
+        ptr[1:] = np.cumsum([len(g) for g in groups])
+        ids = np.fromiter((i for g in groups for i in g), dtype=np.int64, count=int(ptr[-1]))
+        return ptr, ids
+
     # ---------------------------------------------------------------- reference
     def words_reference(self, title: str | None) -> list[str]:
         """Steps 1–2 for one title."""

@@ -394,3 +394,38 @@ def pad_rows(values, offsets, rows, width):
         n = min(width, offsets[r + 1] - offsets[r])
         out[i, :n] = values[offsets[r] : offsets[r] + n]
     return out
+
+
+@nb.njit(cache=True, nogil=True)
+def expanded_rows(values, offsets, rows, fused_offset, group_ptr, group_ids, width):
+    """Rows `rows` of a compact encoding with every fused id replaced by the full ids it stands
+    for (``group_ids[group_ptr[g]:group_ptr[g + 1]]`` for fused id ``fused_offset + g``), right-padded
+    to `width` (0: the longest row): ``(len(rows), width)`` int64. Same multiset of ids per title
+    as the full encoding, grouped by word instead of by n-gram size."""
+    lengths = np.zeros(len(rows), dtype=np.int64)
+    for i in range(len(rows)):
+        r = rows[i]
+        n = 0
+        for j in range(offsets[r], offsets[r + 1]):
+            v = values[j]
+            n += 1 if v < fused_offset else group_ptr[v - fused_offset + 1] - group_ptr[v - fused_offset]
+        lengths[i] = n
+    if width == 0:
+        width = max(1, lengths.max()) if len(rows) else 1
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i in range(len(rows)):
+        r = rows[i]
+        k = 0
+        for j in range(offsets[r], offsets[r + 1]):
+            v = values[j]
+            if v < fused_offset:
+                if k < width:
+                    out[i, k] = v
+                k += 1
+            else:
+                g = v - fused_offset
+                for q in range(group_ptr[g], group_ptr[g + 1]):
+                    if k < width:
+                        out[i, k] = group_ids[q]
+                    k += 1
+    return out

@@ -2,6 +2,13 @@
 
 Index 0 is padding and 1 is unknown (`meli.tokenizer.PAD`, `UNK`); token ``i`` of the
 vocabulary has id ``i + 2``. Built from training titles only, most frequent first.
+
+Counting streams: `VocabularyCounter` takes the titles chunk by chunk and keeps one Arrow
+table of (token, count) per kind, merged as it goes, so its memory follows the number of
+distinct tokens, not of titles. When the distinct tokens pass ``max_distinct`` it drops the
+ones seen once so far (fastText's pruning, with the same caveat: a token seen once in each of
+many far-apart chunks can be lost); below that bound the counts, and so the vocabulary, are
+exact.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import numpy as np
 import pyarrow.compute as pc
 
 from meli.tokenizer import Tokenizer, TokenizerConfig, head_words, word_bigrams
@@ -27,30 +35,69 @@ class VocabularyConfig:
 
 
 def build_vocabulary(
-    titles: pa.Array | pa.ChunkedArray, tokenizer: TokenizerConfig, config: VocabularyConfig = VocabularyConfig()
+    titles: pa.Array | pa.ChunkedArray, tokenizer: TokenizerConfig, config: VocabularyConfig = VocabularyConfig(),
+    chunk_rows: int = 200_000,
 ) -> tuple[str, ...]:
     """Count words (and bigrams and head words, when the tokenizer uses them) and keep the frequent ones.
 
     Ties are broken alphabetically so that the same titles always give the same ids.
     """
+    counter = VocabularyCounter(tokenizer, config)
     if isinstance(titles, pa.ChunkedArray):
         titles = titles.combine_chunks()
-    words, rows = Tokenizer(tokenizer, ()).words_batch(titles)
-    candidates = [_frequent(words, config.min_count)]
-    if tokenizer.word_bigrams:
-        bigrams, _ = word_bigrams(words, rows)
-        candidates.append(_frequent(bigrams, config.bigram_min_count))
-    if tokenizer.head_words:
-        heads, _ = head_words(words, rows, tokenizer.head_words)
-        candidates.append(_frequent(heads, config.min_count))
-    ranked = sorted((pair for c in candidates for pair in c), key=lambda tc: (-tc[1], tc[0]))
-    return tuple(tok for tok, _ in ranked[: config.max_size])
+    for start in range(0, len(titles), chunk_rows):
+        counter.add(titles.slice(start, chunk_rows))
+    return counter.vocabulary()
 
 
-def _frequent(tokens: pa.Array, min_count: int) -> list[tuple[str, int]]:
-    if len(tokens) == 0:
-        return []
-    counts = pc.value_counts(tokens)
-    values = counts.field("values").to_pylist()
-    freq = counts.field("counts").to_numpy()
-    return [(v, int(c)) for v, c in zip(values, freq) if c >= min_count]
+class VocabularyCounter:
+    """Token counts over titles given chunk by chunk (see the module docstring)."""
+
+    KINDS = ("word", "bigram", "head")
+
+    def __init__(self, tokenizer: TokenizerConfig, config: VocabularyConfig = VocabularyConfig(),
+                 max_distinct: int = 20_000_000):
+        self.tokenizer, self.config, self.max_distinct = tokenizer, config, max_distinct
+        self._words = Tokenizer(tokenizer, ())
+        self.counts: dict[str, pa.Table] = {}
+        self.pruned = 0  # distinct tokens dropped by pruning
+
+    def add(self, titles: pa.Array) -> None:
+        words, rows = self._words.words_batch(titles)
+        self._merge("word", words)
+        if self.tokenizer.word_bigrams:
+            self._merge("bigram", word_bigrams(words, rows)[0])
+        if self.tokenizer.head_words:
+            self._merge("head", head_words(words, rows, self.tokenizer.head_words)[0])
+        if sum(t.num_rows for t in self.counts.values()) > self.max_distinct:
+            self._prune()
+
+    def _merge(self, kind: str, tokens: pa.Array) -> None:
+        if len(tokens) == 0:
+            return
+        counts = pc.value_counts(tokens)
+        table = pa.table({"token": counts.field("values").cast(pa.string()), "count": counts.field("counts").cast(pa.int64())})
+        if kind in self.counts:
+            both = pa.concat_tables([self.counts[kind], table])
+            table = both.group_by("token").aggregate([("count", "sum")]).rename_columns(["token", "count"])
+        self.counts[kind] = table
+
+    def _prune(self) -> None:
+        for kind, table in self.counts.items():
+            keep = pc.greater(table["count"], 1)
+            self.pruned += table.num_rows - pc.sum(keep).as_py()
+            self.counts[kind] = table.filter(keep)
+
+    def vocabulary(self) -> tuple[str, ...]:
+        """The kept tokens, most frequent first (ties alphabetically)."""
+        minimum = {"word": self.config.min_count, "bigram": self.config.bigram_min_count, "head": self.config.min_count}
+        tokens, counts = [], []
+        for kind, table in self.counts.items():
+            table = table.filter(pc.greater_equal(table["count"], minimum[kind]))
+            tokens.extend(table["token"].to_pylist())
+            counts.append(table["count"].to_numpy())
+        if not tokens:
+            return ()
+        count = np.concatenate(counts)
+        ranked = sorted(zip((-count).tolist(), tokens))[: self.config.max_size]
+        return tuple(tok for _, tok in ranked)

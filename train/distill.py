@@ -16,17 +16,21 @@ the titles the teachers had seen.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from meli.checkpoint import Checkpoint
 from meli.tokenizer import Encoded, Tokenizer
+from meli.train.shards import Corpus, Expander, Shards, ShardWriter, TargetWriter
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class DistillConfig:
     # seen every real title) instead of their selection fits
     refit_teachers: bool = False
     fresh: bool = False  # new recombined titles every epoch (the teachers label each set) instead of one set
+    # each title's target keeps the teachers' top_k probabilities (the rest share what is left
+    # evenly): `SparseTargets`; at least the number of categories keeps them all
+    top_k: int = 16
 
     def __post_init__(self) -> None:
         if self.recombined < 0:
@@ -49,27 +56,54 @@ class DistillConfig:
             raise ValueError("distill.teacher_weight must be between 0 and 1")
         if self.epochs < 0:
             raise ValueError("distill.epochs must be 0 or more")
+        if self.top_k < 1:
+            raise ValueError("distill.top_k must be at least 1")
+
+
+class Recombiner:
+    """Draws recombined titles: the first half of a training title's words + the second half of
+    another's, of the same category (label index) for half of them, of any title otherwise."""
+
+    def __init__(self, titles: pa.Array, labels: np.ndarray):
+        self.titles, self.labels = titles, labels
+        self.order = np.argsort(labels, kind="stable")  # titles grouped by label: a random partner of the same label
+        self.starts = np.searchsorted(labels[self.order], labels)
+        self.ends = np.searchsorted(labels[self.order], labels, side="right")
+
+    def pairs(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(first, partner) row numbers of `n` recombined titles."""
+        size = len(self.labels)
+        first = rng.integers(0, size, n)
+        same = rng.random(n) < 0.5
+        span = self.ends[first] - self.starts[first]
+        partner = np.where(same, self.order[self.starts[first] + (rng.random(n) * span).astype(np.int64)],
+                           rng.integers(0, size, n))
+        return first, partner
+
+    def draw(self, n: int, seed: int | tuple[int, ...], block: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The pairs of `n` recombined titles, `block` at a time, block ``b`` drawn from
+        ``(seed, b)``: the same titles however the caller reads them."""
+        seed = seed if isinstance(seed, tuple) else (seed,)
+        for b, start in enumerate(range(0, n, block)):
+            yield self.pairs(min(block, n - start), np.random.default_rng((*seed, b)))
+
+    def titles_of(self, first: np.ndarray, partner: np.ndarray) -> pa.Array:
+        """The recombined titles of pairs (`pairs`)."""
+        out = []
+        heads = self.titles.take(pa.array(first)).to_pylist()
+        tails = self.titles.take(pa.array(partner)).to_pylist()
+        for a, b in zip(heads, tails):
+            wa, wb = (a or "").split(), (b or "").split()
+            out.append(" ".join(wa[: (len(wa) + 1) // 2] + wb[len(wb) // 2 :]))
+        return pa.array(out, pa.string())
 
 
 def recombine_titles(titles: pa.Array, labels: np.ndarray, n: int, seed: int | tuple[int, ...]) -> pa.Array:
-    """`n` new titles, each the first half of a training title's words + the second half of
-    another's: of the same category (label index) for half of them, of any title otherwise."""
+    """`n` recombined titles (`Recombiner`) drawn from `seed`."""
     if n == 0 or len(titles) == 0:
         return pa.array([], pa.string())
-    rng = np.random.default_rng(seed)
-    words = [(t or "").split() for t in titles.to_pylist()]
-    order = np.argsort(labels, kind="stable")  # titles grouped by label: a random partner of the same label
-    starts = np.searchsorted(labels[order], labels)
-    ends = np.searchsorted(labels[order], labels, side="right")
-    first = rng.integers(0, len(words), n)
-    same = rng.random(n) < 0.5
-    partner = np.where(same, order[starts[first] + (rng.random(n) * (ends[first] - starts[first])).astype(np.int64)],
-                       rng.integers(0, len(words), n))
-    out = []
-    for a, b in zip(first, partner):
-        wa, wb = words[a], words[b]
-        out.append(" ".join(wa[: (len(wa) + 1) // 2] + wb[len(wb) // 2 :]))
-    return pa.array(out, pa.string())
+    recombiner = Recombiner(titles, labels)
+    return pa.concat_arrays([recombiner.titles_of(*pairs) for pairs in recombiner.draw(n, seed)])
 
 
 def model_scores(model: nn.Module, encoded: Encoded, device: torch.device, batch_size: int = 2048) -> np.ndarray:
@@ -110,7 +144,7 @@ class CheckpointTeacher:
     _tokenizer: Tokenizer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._model, self._tokenizer = self.checkpoint.build_model(), self.checkpoint.tokenizer()
+        self._model, self._tokenizer = self.checkpoint.build_model(shared=True), self.checkpoint.tokenizer()
 
     @property
     def members(self) -> int:
@@ -146,42 +180,121 @@ def as_teacher(teacher: Checkpoint | Teacher) -> Teacher:
     return CheckpointTeacher(teacher) if isinstance(teacher, Checkpoint) else teacher
 
 
-def soft_targets(probs: np.ndarray, labels: np.ndarray, unseen: np.ndarray, teacher_weight: float,
-                 smoothing: float) -> np.ndarray:
-    """Training targets: the teachers' probabilities, except for the first ``len(labels)`` rows
-    (real titles) that the teachers never trained on (`unseen`), whose targets mix them with
-    the smoothed true label (``teacher_weight`` of teacher). Recombined rows keep the teachers'."""
-    targets = probs.astype(np.float32, copy=True)
-    rows = np.flatnonzero(unseen)
-    k = probs.shape[1]
-    hard = np.full((len(rows), k), smoothing / k, dtype=np.float32)
-    hard[np.arange(len(rows)), labels[rows]] += 1.0 - smoothing
-    targets[rows] = teacher_weight * targets[rows] + (1.0 - teacher_weight) * hard
-    return targets
+@dataclass(frozen=True)
+class SparseTargets:
+    """Soft targets without a titles x categories matrix: per title, the teachers' ``k`` most
+    probable categories with their probabilities, one more slot for the true label's share
+    (titles the teachers never saw), and ``base``: what every other category gets (the
+    teachers' remaining mass shared evenly, plus the smoothed label's floor). With ``k`` at
+    least the number of categories they are the dense targets exactly; `dense` rebuilds those."""
+
+    idx: np.ndarray  # (n, k + 1) int64: the top-k categories, then the true label
+    val: np.ndarray  # (n, k + 1) float32
+    base: np.ndarray  # (n,) float32
+
+    @property
+    def k(self) -> int:
+        return self.idx.shape[1] - 1
+
+    @classmethod
+    def of(cls, probs: np.ndarray, labels: np.ndarray, unseen: np.ndarray, teacher_weight: float, smoothing: float,
+           top_k: int) -> "SparseTargets":
+        """The targets of titles whose teachers' probabilities are `probs`: the teachers' own,
+        except for titles the teachers never trained on (`unseen`), whose targets mix them with
+        the smoothed true label (``teacher_weight`` of teacher)."""
+        n, n_labels = probs.shape
+        k = min(top_k, n_labels)
+        top = (np.argpartition(-probs, k - 1, axis=1)[:, :k] if k < n_labels
+               else np.broadcast_to(np.arange(n_labels), (n, n_labels)))
+        val = np.take_along_axis(probs, top, axis=1).astype(np.float32)
+        rest = n_labels - k
+        base = (np.clip(1.0 - val.sum(1), 0.0, None) / rest if rest else np.zeros(n)).astype(np.float32)
+        w = np.where(unseen, teacher_weight, 1.0).astype(np.float32)
+        floor = np.where(unseen, (1.0 - teacher_weight) * smoothing / n_labels, 0.0).astype(np.float32)
+        val = w[:, None] * val + floor[:, None]
+        base = w * base + floor
+        label_share = np.where(unseen, (1.0 - teacher_weight) * (1.0 - smoothing), 0.0).astype(np.float32)
+        idx = np.concatenate([top, np.asarray(labels, np.int64)[:, None]], axis=1)
+        return cls(idx.astype(np.int64), np.concatenate([val, label_share[:, None]], axis=1).astype(np.float32), base)
+
+    def dense(self, n_labels: int) -> np.ndarray:
+        """The ``(n, n_labels)`` targets these stand for."""
+        out = np.repeat(self.base[:, None], n_labels, axis=1)
+        rows = np.arange(len(self.base))[:, None]
+        out[rows, self.idx[:, : self.k]] = 0.0  # the top-k slots hold their whole value
+        np.add.at(out, (np.repeat(rows, self.k + 1, axis=1), self.idx), self.val)
+        return out
+
+
+def soft_cross_entropy(logits: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `logits` against `SparseTargets` rows (the same as against their
+    `dense` matrix): ``-sum_c t_c log p_c`` with ``t`` = base everywhere, the top-k slots' own
+    values in their place, and the last slot's value added."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, idx)  # (B, k + 1)
+    weight = val.clone()
+    weight[:, :-1] -= base.unsqueeze(1)  # the top-k slots replace the base; the label slot adds to it
+    return -((weight * picked).sum(1) + base * logp.sum(1)).mean()
 
 
 class TransferSet:
-    """A student's training rows: the real titles, whose targets are fixed once, followed by
-    recombined titles labelled by the teacher (a checkpoint, or any `Teacher`). `epoch(k)`
-    gives set ``k`` of recombined titles (set 0 is drawn from the fit's seed alone): a fit
-    draws set 0 once, or with ``distill.fresh`` a new set every epoch, so the student sees more
-    of the teachers' answers at the cost of labelling each set."""
+    """A student's training rows, written to shard folders (`meli.train.shards`) with their
+    sparse targets: the real titles, labelled by the teacher once, and set ``k`` of recombined
+    titles labelled by the teacher (`corpus(k)`; set 0 is drawn from the fit's seed alone). A
+    fit uses set 0, or with ``distill.fresh`` a new set every epoch, so the student sees more of
+    the teachers' answers at the cost of labelling each set. Titles go through the teacher
+    ``chunk_rows`` at a time, so no titles x categories matrix is ever held."""
 
-    def __init__(self, train, labels: np.ndarray, tokenizer: Tokenizer, teacher: Checkpoint | Teacher,
-                 teacher_titles: pa.Array | None, config, device: torch.device):
-        self.titles, self.labels, self.tokenizer, self.device = train.titles, labels, tokenizer, device
+    def __init__(self, folder: Path, train, labels: np.ndarray, n_labels: int, tokenizer: Tokenizer,
+                 teacher: Checkpoint | Teacher, teacher_titles: pa.Array | None, config, device: torch.device, compact: bool,
+                 chunk_rows: int = 16_384, quiet: bool = True):
+        self.folder, self.titles, self.labels, self.tokenizer, self.device = Path(folder), train.titles, labels, tokenizer, device
         self.seed, self.n = config.seed, round(config.distill.recombined * len(train))
+        self.settings, self.smoothing, self.compact = config.distill, config.label_smoothing, compact
+        self.chunk_rows, self.quiet, self.n_labels = chunk_rows, quiet, n_labels
         self.teacher = as_teacher(teacher)
-        self.real = tokenizer.encode_batch(train.titles)
+        self.recombiner = Recombiner(train.titles, labels)
         unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
                   else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
-        self.real_targets = soft_targets(self.teach(train.titles), labels, unseen, config.distill.teacher_weight, config.label_smoothing)
+        chunks = ((train.titles.slice(s, chunk_rows), labels[s : s + chunk_rows], unseen[s : s + chunk_rows])
+                  for s in range(0, len(train), chunk_rows))
+        self.real = self._write(self.folder / "real", chunks, len(train), "teacher: training titles")
+        self._sets: dict[int, Shards] = {}
 
-    def epoch(self, k: int) -> tuple[Encoded, np.ndarray]:
-        """(encoded rows, (rows, n_labels) targets): the real titles, then recombined set ``k``."""
-        extra = recombine_titles(self.titles, self.labels, self.n, self.seed if k == 0 else (self.seed, k))
-        return self.real.concat(self.tokenizer.encode_batch(extra)), np.concatenate([self.real_targets, self.teach(extra)])
+    def corpus(self, k: int) -> Corpus:
+        """The real titles, then recombined set ``k`` (made on first use; the previous set's
+        files are removed when a later one is made)."""
+        if k not in self._sets:
+            for old in list(self._sets):
+                shutil.rmtree(self._sets.pop(old).folder, ignore_errors=True)
+            def chunks():
+                for pairs in self.recombiner.draw(self.n, self.seed if k == 0 else (self.seed, k)):
+                    for start in range(0, len(pairs[0]), self.chunk_rows):
+                        first, partner = (p[start : start + self.chunk_rows] for p in pairs)
+                        yield self.recombiner.titles_of(first, partner), self.labels[first], np.zeros(len(first), bool)
+
+            self._sets[k] = self._write(self.folder / f"recombined-{k}", chunks(), self.n, "teacher: recombined titles")
+        return Corpus((self.real, self._sets[k]), Expander.of(self.tokenizer) if self.compact else None)
 
     def teach(self, titles: pa.Array) -> np.ndarray:
         """The teacher's probabilities for titles."""
         return self.teacher.probabilities(titles, self.device)
+
+    def _write(self, folder: Path, chunks, total: int, what: str) -> Shards:
+        writer = ShardWriter(folder, self.compact)
+        targets = TargetWriter(folder, min(self.settings.top_k, self.n_labels) + 1)
+        try:
+            with tqdm(total=total, desc=what, unit="title", unit_scale=True, leave=False,
+                      disable=True if self.quiet else None) as bar:
+                for titles, labels, unseen in chunks:
+                    writer.append(self.tokenizer.encode_batch(titles, compact=self.compact), labels)
+                    t = SparseTargets.of(self.teach(titles), labels, unseen, self.settings.teacher_weight,
+                                         self.smoothing, self.settings.top_k)
+                    targets.append(t.idx, t.val, t.base)
+                    bar.update(len(titles))
+            writer.close()
+            targets.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return Shards.open(folder)

@@ -25,8 +25,9 @@ from meli.train.config import EmbeddingConfig
 log = logging.getLogger(__name__)
 
 
-def word_vectors(settings: EmbeddingConfig, tokenizer: Tokenizer, titles: list[str], dim: int, seed: int):
-    """gensim KeyedVectors for `settings`, or None for random init."""
+def word_vectors(settings: EmbeddingConfig, tokenizer: Tokenizer, titles, dim: int, seed: int):
+    """gensim KeyedVectors for `settings`, or None for random init (`titles`: a list or an
+    Arrow string array, read only to train vectors)."""
     if settings.init == "random":
         return None
     if settings.init == "pretrained":
@@ -35,7 +36,7 @@ def word_vectors(settings: EmbeddingConfig, tokenizer: Tokenizer, titles: list[s
         return load_pretrained(Path(settings.path))
     from gensim.models import FastText, Word2Vec
 
-    sentences = [tokenizer.words_reference(t) for t in titles]
+    sentences = [tokenizer.words_reference(t) for t in (titles if isinstance(titles, list) else titles.to_pylist())]
     cls = Word2Vec if settings.init == "word2vec" else FastText
     log.info("training %s vectors (dim %d) on %d titles", settings.init, dim, len(sentences))
     model = cls(

@@ -7,11 +7,16 @@ every step runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from meli.calibration import calibrate
@@ -21,7 +26,7 @@ from meli.errors import MeliError
 from meli.metrics import balanced_accuracy
 from meli.train.config import TrainConfig
 from meli.train.distill import model_scores
-from meli.train.trainer import STUDENT, EpochMetrics, TrainResult, evaluate, train_model
+from meli.train.trainer import STUDENT, EpochMetrics, TrainResult, evaluate, prepare, train_model
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ def train_and_refit(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     on_refit_epoch: Callable[[EpochMetrics], None] | None = None,
     quiet: bool = False,
+    work: Path | None = None,
 ) -> TrainResult:
     """Fit ``members`` models with early stopping on validation (one, or an ensemble); with
     ``distill.enabled`` they teach one student, the model kept; calibrate its probabilities
@@ -45,12 +51,26 @@ def train_and_refit(
 
     The returned metrics, history, validation predictions and temperature are the selection
     fit's: the refit model has seen the validation titles, so nothing measured on them
-    afterwards would be honest."""
+    afterwards would be honest.
 
-    def fit(cfg: TrainConfig, data: LabelledSplit, **kwargs) -> TrainResult:
-        return train_model(cfg, data, validation, provenance=provenance, quiet=quiet, **kwargs)
+    Encoded titles and targets go to shard folders under `work` (a temporary folder when none
+    is given), removed as each step is done with them."""
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meli-train-")))
+        return _recipe(config, train, validation, provenance, on_epoch, on_refit_epoch, quiet, Path(work))
 
-    members = fit_members(config, train, fit, on_epoch)
+
+def _recipe(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, provenance, on_epoch, on_refit_epoch,
+            quiet: bool, work: Path) -> TrainResult:
+    def fit(cfg: TrainConfig, data: LabelledSplit, *, name: str, **kwargs) -> TrainResult:
+        folder = work / name.replace(" ", "-")
+        try:
+            return train_model(cfg, data, validation, provenance=provenance, quiet=quiet, work=folder, name=name, **kwargs)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    members = fit_members(config, train, fit, on_epoch, work / "titles", quiet)
     selection = members[0] if config.members == 1 else ensemble_result(members, validation)
     teachers = selection.checkpoint if distills(config) else None
     if teachers is not None:
@@ -70,14 +90,27 @@ def student_config(config: TrainConfig) -> TrainConfig:
 
 
 def fit_members(config: TrainConfig, train: LabelledSplit, fit: Fit,
-                on_epoch: Callable[[EpochMetrics], None] | None) -> list[TrainResult]:
-    """Step 1: the members' selection fits, seeds ``seed``, ``seed + 1``, …"""
+                on_epoch: Callable[[EpochMetrics], None] | None, folder: Path | None = None,
+                quiet: bool = True) -> list[TrainResult]:
+    """Step 1: the members' selection fits, seeds ``seed``, ``seed + 1``, …, all reading the
+    titles encoded once (into `folder`, removed afterwards; none: each fit encodes its own)."""
+    prepared = None
+    if folder is not None and config.members > 1:
+        prepared = prepare(config, train, tuple(sorted(pc.unique(train.categories).to_pylist())), folder, quiet)
     results = []
-    for member in range(config.members):
-        member_config = dataclasses.replace(config, seed=config.seed + member, members=1)
-        if config.members > 1:
-            log.info("ensemble member %d of %d (seed %d)", member + 1, config.members, member_config.seed)
-        results.append(fit(member_config, train, on_epoch=_tagged(on_epoch, member)))
+    try:
+        for member in range(config.members):
+            member_config = dataclasses.replace(config, seed=config.seed + member, members=1)
+            if config.members > 1:
+                log.info("ensemble member %d of %d (seed %d)", member + 1, config.members, member_config.seed)
+            results.append(fit(member_config, train, on_epoch=_tagged(on_epoch, member), prepared=prepared,
+                               name=f"member {member + 1}" if config.members > 1 else "model"))
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    if prepared is not None:
+        for r in results:
+            r.timings["tokenize_s"] = r.timings.get("tokenize_s", 0.0) + prepared.seconds / len(results)
     return results
 
 
@@ -87,7 +120,7 @@ def distil_student(config: TrainConfig, teachers: Checkpoint, ensemble: TrainRes
     (`meli.train.distill`); its result keeps the teachers' metrics, curves and timings."""
     log.info("distilling one student from the ensemble of %d", config.members)
     student = fit(student_config(config), train, on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers,
-                  teacher_titles=train.titles)
+                  teacher_titles=train.titles, name="student")
     metrics = {
         **student.checkpoint.metrics,
         **{k: v for k, v in ensemble.checkpoint.metrics.items() if k.startswith("member")},
@@ -105,7 +138,7 @@ def calibrated(result: TrainResult, validation: LabelledSplit) -> TrainResult:
     in its checkpoint, with the calibration's metrics (ECE before/after, coverage table)."""
     checkpoint = result.checkpoint
     encoded = checkpoint.tokenizer().encode_batch(validation.titles)
-    scores = model_scores(checkpoint.build_model(), encoded, torch.device("cpu"))
+    scores = model_scores(checkpoint.build_model(shared=True), encoded, torch.device("cpu"))
     calibration = calibrate(scores, result.val_true)
     log.info("calibration: temperature %.3f; expected calibration error %.4f -> %.4f on validation (after: %d-fold "
              "cross-fitted); share of titles at 99%% accuracy %.1f%% -> %.1f%%", calibration.temperature,
@@ -141,7 +174,8 @@ def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult
             teachers, teacher_titles = refit_ensemble, combined.titles
         log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
         final = fit(dataclasses.replace(student_config(config), epochs=selection.best_epoch), combined, keep="last",
-                    on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=teacher_titles)
+                    on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=teacher_titles,
+                    name="refit student")
         timings = _summed(timings, final.timings, "refit_student_")
         checkpoint, epochs = final.checkpoint, [selection.best_epoch]
     checkpoint = dataclasses.replace(
@@ -160,7 +194,7 @@ def refit_members(config: TrainConfig, members: list[TrainResult], combined: Lab
     for member, chosen in enumerate(members):
         log.info("refit on train + validation (%d titles) for %d epochs", len(combined), chosen.best_epoch)
         final = fit(dataclasses.replace(config, seed=config.seed + member, members=1, epochs=chosen.best_epoch),
-                    combined, keep="last", on_epoch=_tagged(on_epoch, member))
+                    combined, keep="last", on_epoch=_tagged(on_epoch, member), name=f"refit member {member + 1}")
         refits.append(final.checkpoint)
         timings = _summed(timings, final.timings)
     return refits, timings
@@ -182,7 +216,7 @@ def ensemble_result(fits: list[TrainResult], validation: LabelledSplit) -> Train
     checkpoint = ensemble_checkpoint([f.checkpoint for f in fits])
     enc = checkpoint.tokenizer().encode_batch(validation.titles)
     y_val = fits[0].val_true
-    val_loss, pred = evaluate(checkpoint.build_model(), enc.ids, enc.lengths, y_val, torch.device("cpu"))
+    val_loss, pred = evaluate(checkpoint.build_model(shared=True), enc, y_val, torch.device("cpu"))
     bacc = balanced_accuracy(y_val, pred)
     metrics = {
         "val_balanced_accuracy": bacc,

@@ -1,6 +1,8 @@
 """The training loop: tokenize, build the vocabulary, fit, keep the best epoch.
 
-Mini-batches are padded to their own longest title. The embedding table is large (words,
+The training titles are encoded once into shard folders on disk (`meli.train.shards`) and
+read back in shuffled windows, so memory follows the window, not the data. Mini-batches are
+padded to their own longest title. The embedding table is large (words,
 bigrams and hashed n-gram buckets) and each batch touches few rows of it, so only those
 rows are updated, with SparseAdam's arithmetic (`meli.train.row_adam`); the rest of the network
 gets the configured optimizer, so a step costs what the batch touches, not what the table
@@ -11,13 +13,15 @@ training stops after `patience` epochs without improvement.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
-import math
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from pathlib import Path
+from typing import Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,14 +38,16 @@ from meli.dataset import LabelledSplit, check_labels
 from meli.errors import MeliError
 from meli.metrics import balanced_accuracy
 from meli.models import build_model
-from meli.tokenizer import Tokenizer
+from meli.tokenizer import Encoded, Tokenizer
 from meli.vocabulary import build_vocabulary
 from meli.train.config import TrainConfig
 from meli.train.row_adam import RowAdam, RowSparseEmbedding
-from meli.train.distill import Teacher, TransferSet
+from meli.train.distill import Teacher, TransferSet, soft_cross_entropy
 from meli.train.embeddings import init_embedding, word_vectors
+from meli.train.shards import Corpus, Expander, ShardWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 STUDENT = -1  # EpochMetrics.member of a distilled student's epochs
@@ -122,34 +128,71 @@ class _Optimizers:
             s.step()
 
 
-def _zero_unseen_rows(weight: torch.Tensor, ids: np.ndarray) -> None:
+def _zero_unseen_rows(weight: torch.Tensor, seen: np.ndarray) -> None:
     """Zero the rows of ids that no training title holds (most are hash buckets).
 
     They never get a gradient, so they would keep their random start and add noise to any
     title that has such an n-gram; at zero they stay zero, and the export drops them
     (`meli.export.compaction`), halving the ONNX file."""
-    unseen = torch.ones(weight.shape[0], dtype=torch.bool)
-    unseen[torch.from_numpy(np.unique(ids).astype(np.int64))] = False
     with torch.no_grad():
-        weight[unseen] = 0.0
+        weight[torch.from_numpy(~seen)] = 0.0
+
+
+def compact_training(config: TrainConfig) -> bool:
+    """Whether a fit's titles are stored in the compact encoding: a mean-pooling MLP reads the
+    same thing from them (`meli.train.shards`); a CNN or attention pooling needs full ids."""
+    return config.model == "mlp" and config.mlp.pooling == "mean"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the fits of one set of training titles share: the vocabulary's tokenizer and the
+    titles encoded once into a shard folder (every member, every epoch reads it)."""
+
+    tokenizer: Tokenizer
+    corpus: Corpus
+    seconds: float = 0.0
+
+
+def prepare(config: TrainConfig, train: LabelledSplit, labels: tuple[str, ...], folder: Path, quiet: bool = True,
+            chunk_rows: int = 65_536) -> Prepared:
+    """Count the vocabulary over `train` and encode its titles into ``folder``, chunk by chunk."""
+    t0 = time.perf_counter()
+    vocabulary = build_vocabulary(train.titles, config.tokenizer, config.vocabulary)
+    if not vocabulary and not config.tokenizer.char_ngrams:
+        raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
+    tokenizer = Tokenizer(config.tokenizer, vocabulary)
+    compact = compact_training(config)
+    writer = ShardWriter(folder, compact)
+    try:
+        with tqdm(total=len(train), desc="encoding titles", unit="title", unit_scale=True, leave=False,
+                  disable=True if quiet else None) as bar:
+            for start in range(0, len(train), chunk_rows):
+                titles = train.titles.slice(start, chunk_rows)
+                writer.append(tokenizer.encode_batch(titles, compact=compact),
+                              label_indices(train.categories.slice(start, chunk_rows), labels))
+                bar.update(len(titles))
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return Prepared(tokenizer, Corpus((shards,), Expander.of(tokenizer) if compact else None), time.perf_counter() - t0)
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _to_tensor(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray, device: torch.device) -> torch.Tensor:
-    width = max(1, int(lengths[rows].max()))
-    return torch.from_numpy(ids[rows, :width].astype(np.int64)).to(device, non_blocking=True)
-
-
-def evaluate(model: nn.Module, ids: np.ndarray, lengths: np.ndarray, y: np.ndarray, device: torch.device, batch_size: int = 1024):
-    """(mean loss, predictions) of `model` on pre-encoded rows."""
+def evaluate(model: nn.Module, encoded: Encoded, y: np.ndarray, device: torch.device, batch_size: int = 1024,
+             expander: Expander | None = None):
+    """(mean loss, predictions) of `model` on encoded titles (full ids, or compact ones with
+    their `expander`), padded batch by batch."""
     model.eval()
     losses, preds = [], []
     with torch.no_grad():
         for rows in _batches(len(y), batch_size, np.arange(len(y))):
-            logits = model(_to_tensor(ids, rows, lengths, device))
+            ids = expander.rows(encoded, rows) if expander is not None else encoded.rows(rows)
+            logits = model(torch.from_numpy(ids).to(device))
             target = torch.from_numpy(y[rows]).to(device)
             losses.append(F.cross_entropy(logits, target, reduction="sum").item())
             preds.append(logits.argmax(1).cpu().numpy())
@@ -167,6 +210,9 @@ def train_model(
     keep: Literal["best", "last"] = "best",
     teacher: Checkpoint | Teacher | None = None,
     teacher_titles: pa.Array | None = None,
+    prepared: Prepared | None = None,
+    work: Path | None = None,
+    name: str = "fit",
 ) -> TrainResult:
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
@@ -175,79 +221,91 @@ def train_model(
     a distillation (`meli.train.distill`): recombined titles added to the training titles, and
     the teacher's probabilities (a checkpoint reads them with its own tokenizer) in the
     targets; real titles not among `teacher_titles` (what the teacher trained on) also get
-    their true label."""
+    their true label.
+
+    The encoded titles and targets live in shard folders under `work` (a temporary folder
+    when none is given); `prepared` (`prepare`) reuses a vocabulary and encoded titles of the
+    same `train`. `name` labels the progress bars."""
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meli-fit-")))
+        return _fit(config, train, validation, provenance=provenance, on_epoch=on_epoch, quiet=quiet, keep=keep,
+                    teacher=teacher, teacher_titles=teacher_titles, prepared=prepared, work=Path(work), name=name)
+
+
+def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *, provenance, on_epoch, quiet, keep,
+         teacher, teacher_titles, prepared: Prepared | None, work: Path, name: str) -> TrainResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     labels = check_labels(train, validation)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     log.info("training a %s on %s (%d train / %d validation titles, %d categories)",
              config.model, device, len(train), len(validation), len(labels))
-
-    tokenizer_config = config.tokenizer
-    vocabulary = build_vocabulary(train.titles, tokenizer_config, config.vocabulary)
-    if not vocabulary and not tokenizer_config.char_ngrams:
-        raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
-    tokenizer = Tokenizer(tokenizer_config, vocabulary)
-    y_train, y_val = label_indices(train.categories, labels), label_indices(validation.categories, labels)
+    if prepared is None:
+        prepared = prepare(config, train, labels, work / "titles", quiet)
+    tokenizer = prepared.tokenizer
+    vocabulary = tokenizer.vocabulary
+    y_val = label_indices(validation.categories, labels)
     enc_val = tokenizer.encode_batch(validation.titles)
-    x_val, len_val = enc_val.ids.astype(np.int32), enc_val.lengths
     if teacher is None:
-        enc_train, targets = tokenizer.encode_batch(train.titles), y_train  # targets: (N,) label indices
-    else:  # (N, n_labels) probabilities: real titles, then recombined ones labelled by the teacher
-        transfer = TransferSet(train, y_train, tokenizer, teacher, teacher_titles, config, device)
-        enc_train, targets = transfer.epoch(0)
-        log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", teacher.members, len(targets),
-                 len(targets) - len(train), ", new ones every epoch" if config.distill.fresh else "")
-    # int32 halves the memory of the encoded titles; batches are widened to int64
-    x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
+        corpus_of: Callable[[int], Corpus] = lambda epoch: prepared.corpus  # noqa: E731
+    else:  # real titles, then recombined ones labelled by the teacher, with sparse soft targets
+        transfer = TransferSet(work / "student", train, label_indices(train.categories, labels), len(labels), tokenizer,
+                               teacher, teacher_titles, config, device, prepared.corpus.expander is not None, quiet=quiet)
+        corpus_of = transfer.corpus if config.distill.fresh else (lambda epoch: transfer.corpus(0))
+        log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", teacher.members,
+                 len(corpus_of(0)), transfer.n, ", new ones every epoch" if config.distill.fresh else "")
+        if not config.distill.fresh:
+            transfer.teacher = None  # every target is written: the teacher's weights can go
+    corpus = corpus_of(0)
     timings["tokenize_s"] = time.perf_counter() - t0
-    log.info("vocabulary: %d words, bigrams and head words; id space %d; mean ids per title %.1f",
-             len(vocabulary), tokenizer.n_ids, float(len_train.mean()))
+    log.info("vocabulary: %d words, bigrams and head words; id space %d; %d training rows in %s (%.0f MB on disk)",
+             len(vocabulary), tokenizer.n_ids, len(corpus), work, sum(s.nbytes() for s in corpus.shards) / 1e6)
 
     model_config = config.model_config(tokenizer.n_ids, len(labels))
     model = build_model(config.model, model_config)
-    vectors = word_vectors(config.embeddings, tokenizer, train.titles.to_pylist(), model_config.embedding_dim, config.seed)
+    vectors = word_vectors(config.embeddings, tokenizer, train.titles, model_config.embedding_dim, config.seed)
     init_embedding(model.embedding.weight, vectors, tokenizer)
-    _zero_unseen_rows(model.embedding.weight, x_train)
+    _zero_unseen_rows(model.embedding.weight, corpus.seen_ids(tokenizer.n_ids))
     model.to(device)
 
-    steps_per_epoch = math.ceil(len(targets) / config.batch_size)
+    steps_per_epoch = corpus.steps(config.batch_size)
     optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch)
     history: list[EpochMetrics] = []
     # training titles measured like the validation ones (eval mode, plain cross-entropy on the
     # true label), for curves that compare like with like; drawn apart from the training rng
-    probe = np.sort(np.random.default_rng(config.seed + 7919).permutation(len(train))[:5000])
+    probe = corpus.sample(np.sort(np.random.default_rng(config.seed + 7919).permutation(len(train))[:5000]))
     best_state, best_bacc, best_epoch, best_pred, stale = None, -1.0, -1, None, 0
     stopped_early = False
     t_fit = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         t_epoch = time.perf_counter()
-        if teacher is not None and config.distill.fresh and epoch > 1:
-            enc_train, targets = transfer.epoch(epoch - 1)
-            x_train, len_train = enc_train.ids.astype(np.int32), enc_train.lengths
+        corpus = corpus_of(epoch - 1)
         model.train()
-        order = rng.permutation(len(targets))
         total, seen = 0.0, 0
-        bar = tqdm(_batches(len(targets), config.batch_size, order), desc=f"epoch {epoch}/{config.epochs}",
-                   unit="batch", leave=False, disable=True if quiet else None)  # None: bars only on a terminal
-        for rows in bar:
-            logits = model(_to_tensor(x_train, rows, len_train, device))
-            target = torch.from_numpy(targets[rows]).to(device)
-            if target.ndim == 2:  # probabilities: the smoothing is already in them
-                loss = F.cross_entropy(logits, target)
-            else:
-                loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
-            optimizers.step(loss)
-            total += loss.item() * len(rows)
-            seen += len(rows)
-            bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
-        val_loss, pred = evaluate(model, x_val, len_val, y_val, device)
+        bar = tqdm(total=len(corpus), desc=f"{name} epoch {epoch}/{config.epochs}", unit="title", unit_scale=True,
+                   leave=False, disable=True if quiet else None)  # None: bars only on a terminal; titles/s and ETA
+        for window in prefetched(corpus.windows(np.random.default_rng((config.seed, epoch)))):
+            for rows in _batches(len(window), config.batch_size, np.arange(len(window))):
+                logits = model(torch.from_numpy(corpus.ids(window, rows)).to(device, non_blocking=True))
+                if window.target_idx is not None:  # soft targets: the smoothing is already in them
+                    loss = soft_cross_entropy(logits, *(torch.from_numpy(a[rows]).to(device) for a in
+                                                        (window.target_idx, window.target_val, window.target_base)))
+                else:
+                    target = torch.from_numpy(window.labels[rows]).to(device)
+                    loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
+                optimizers.step(loss)
+                total += loss.item() * len(rows)
+                seen += len(rows)
+                bar.update(len(rows))
+            bar.set_postfix(loss=f"{total / max(1, seen):.3f}")
+        bar.close()
+        val_loss, pred = evaluate(model, enc_val, y_val, device)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=total / max(1, seen),
-            train_eval_loss=evaluate(model, x_train[probe], len_train[probe], y_train[probe], device)[0],
+            train_eval_loss=evaluate(model, probe.encoded, probe.labels, device, expander=corpus.expander)[0],
             val_loss=val_loss,
             val_balanced_accuracy=balanced_accuracy(y_val, pred),
             val_accuracy=float((pred == y_val).mean()),
@@ -256,8 +314,9 @@ def train_model(
         history.append(metrics)
         if not quiet:
             tqdm.write(
-                f"epoch {epoch:>3}  train loss {metrics.train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val balanced acc {metrics.val_balanced_accuracy:.4f}  ({metrics.seconds:.1f}s)",
+                f"{name} epoch {epoch:>3}  train loss {metrics.train_loss:.4f}  val loss {val_loss:.4f}  "
+                f"val balanced acc {metrics.val_balanced_accuracy:.4f}  ({metrics.seconds:.1f}s, "
+                f"{seen / max(metrics.seconds, 1e-9):,.0f} titles/s)",
                 file=sys.stderr,  # logs go to stderr; stdout holds the command's result
             )
         if on_epoch is not None:
@@ -274,8 +333,8 @@ def train_model(
     timings["fit_s"] = time.perf_counter() - t_fit
     best = history[best_epoch - 1]
     checkpoint = Checkpoint(
-        spec=ModelSpec(config.model, model_config, tokenizer_config, tuple(vocabulary), tuple(labels)),
-        state_dict=copy.deepcopy(best_state),
+        spec=ModelSpec(config.model, model_config, config.tokenizer, tuple(vocabulary), tuple(labels)),
+        state_dict=best_state,
         metrics={
             "val_balanced_accuracy": best.val_balanced_accuracy,
             "val_accuracy": best.val_accuracy,
@@ -285,3 +344,13 @@ def train_model(
         provenance=dict(provenance or {}),
     )
     return TrainResult(checkpoint, history, best_epoch, str(device), y_val, best_pred, stopped_early, timings)
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """`items`, the next one read in a background thread while the caller works on this one
+    (file reads and the compiled kernels release the GIL), so a GPU is not kept waiting."""
+    with ThreadPoolExecutor(1, thread_name_prefix="meli-prefetch") as pool:
+        pending = pool.submit(next, items, None)
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next, items, None)
+            yield item
