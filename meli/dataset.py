@@ -110,8 +110,10 @@ def fingerprint(*splits: LabelledSplit) -> str:
     """A short content hash of titles and categories: which data a model was trained on."""
     h = hashlib.sha256()
     for split in splits:
-        for title, category in zip(split.titles.to_pylist(), split.categories.to_pylist()):
-            h.update(f"{title}\x1f{category}\x1e".encode("utf-8"))
+        for start in range(0, len(split), 65_536):  # a chunk at a time: no Python string per title held
+            titles = split.titles.slice(start, 65_536).to_pylist()
+            categories = split.categories.slice(start, 65_536).to_pylist()
+            h.update("".join(f"{t}\x1f{c}\x1e" for t, c in zip(titles, categories)).encode("utf-8"))
         h.update(b"\x1d")
     return h.hexdigest()[:16]
 

@@ -429,3 +429,31 @@ def expanded_rows(values, offsets, rows, fused_offset, group_ptr, group_ids, wid
                         out[i, k] = group_ids[q]
                     k += 1
     return out
+
+
+@nb.njit(cache=True, nogil=True)
+def expanded_flat(values, offsets, rows, fused_offset, group_ptr, group_ids):
+    """`expanded_rows` without the padding: the full ids of titles `rows`, flat, and their offsets."""
+    out_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    for i in range(len(rows)):
+        r = rows[i]
+        n = 0
+        for j in range(offsets[r], offsets[r + 1]):
+            v = values[j]
+            n += 1 if v < fused_offset else group_ptr[v - fused_offset + 1] - group_ptr[v - fused_offset]
+        out_offsets[i + 1] = out_offsets[i] + n
+    out = np.empty(out_offsets[-1], dtype=np.int64)
+    for i in range(len(rows)):
+        r = rows[i]
+        k = out_offsets[i]
+        for j in range(offsets[r], offsets[r + 1]):
+            v = values[j]
+            if v < fused_offset:
+                out[k] = v
+                k += 1
+            else:
+                g = v - fused_offset
+                for q in range(group_ptr[g], group_ptr[g + 1]):
+                    out[k] = group_ids[q]
+                    k += 1
+    return out, out_offsets

@@ -161,13 +161,14 @@ class RunRecorder:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, experiment_id: str) -> Iterator["RunRecorder"]:
-        """A new run in `experiment_id`, ended (FINISHED, or FAILED on an error) on leaving."""
+    def open(cls, experiment_id: str, run_id: str | None = None) -> Iterator["RunRecorder"]:
+        """A new run in `experiment_id` (or run `run_id` again, to carry it on), ended
+        (FINISHED, or FAILED on an error) on leaving."""
         import mlflow
 
         mlflow_client()  # sets the tracking URI for the fluent API
         with store_errors():
-            run = mlflow.start_run(experiment_id=experiment_id)
+            run = mlflow.start_run(experiment_id=experiment_id, run_id=run_id)
         with run:
             yield cls(run)
 

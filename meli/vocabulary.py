@@ -13,6 +13,8 @@ exact.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -45,8 +47,15 @@ def build_vocabulary(
     counter = VocabularyCounter(tokenizer, config)
     if isinstance(titles, pa.ChunkedArray):
         titles = titles.combine_chunks()
-    for start in range(0, len(titles), chunk_rows):
-        counter.add(titles.slice(start, chunk_rows))
+    # two chunks counted at once (Arrow's kernels release the GIL), merged in order
+    with ThreadPoolExecutor(2, thread_name_prefix="meli-vocabulary") as pool:
+        pending: deque = deque()
+        for start in range(0, len(titles), chunk_rows):
+            pending.append(pool.submit(counter.count, titles.slice(start, chunk_rows)))
+            if len(pending) > 2:
+                counter.merge(pending.popleft().result())
+        while pending:
+            counter.merge(pending.popleft().result())
     return counter.vocabulary()
 
 
@@ -63,24 +72,29 @@ class VocabularyCounter:
         self.pruned = 0  # distinct tokens dropped by pruning
 
     def add(self, titles: pa.Array) -> None:
+        self.merge(self.count(titles))
+
+    def count(self, titles: pa.Array) -> dict[str, pa.Table]:
+        """The (token, count) tables of one chunk, by kind (reads nothing of this counter's state)."""
         words, rows = self._words.words_batch(titles)
-        self._merge("word", words)
+        out = {"word": _counts(words)}
         if self.tokenizer.word_bigrams:
-            self._merge("bigram", word_bigrams(words, rows)[0])
+            out["bigram"] = _counts(word_bigrams(words, rows)[0])
         if self.tokenizer.head_words:
-            self._merge("head", head_words(words, rows, self.tokenizer.head_words)[0])
+            out["head"] = _counts(head_words(words, rows, self.tokenizer.head_words)[0])
+        return out
+
+    def merge(self, chunk: dict[str, pa.Table]) -> None:
+        """Add one chunk's counts (`count`)."""
+        for kind, table in chunk.items():
+            if table.num_rows == 0:
+                continue
+            if kind in self.counts:
+                both = pa.concat_tables([self.counts[kind], table])
+                table = both.group_by("token").aggregate([("count", "sum")]).rename_columns(["token", "count"])
+            self.counts[kind] = table
         if sum(t.num_rows for t in self.counts.values()) > self.max_distinct:
             self._prune()
-
-    def _merge(self, kind: str, tokens: pa.Array) -> None:
-        if len(tokens) == 0:
-            return
-        counts = pc.value_counts(tokens)
-        table = pa.table({"token": counts.field("values").cast(pa.string()), "count": counts.field("counts").cast(pa.int64())})
-        if kind in self.counts:
-            both = pa.concat_tables([self.counts[kind], table])
-            table = both.group_by("token").aggregate([("count", "sum")]).rename_columns(["token", "count"])
-        self.counts[kind] = table
 
     def _prune(self) -> None:
         for kind, table in self.counts.items():
@@ -101,3 +115,8 @@ class VocabularyCounter:
         count = np.concatenate(counts)
         ranked = sorted(zip((-count).tolist(), tokens))[: self.config.max_size]
         return tuple(tok for _, tok in ranked)
+
+
+def _counts(tokens: pa.Array) -> pa.Table:
+    counts = pc.value_counts(tokens)
+    return pa.table({"token": counts.field("values").cast(pa.string()), "count": counts.field("counts").cast(pa.int64())})

@@ -32,10 +32,14 @@ from meli.dataset import DataFilter
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the checkpoint into this folder (it is always stored in the MLflow run, which "
                    "meli-export reads).")
+@click.option("--resume", "resume", default=None, metavar="RUN_ID",
+              help="Carry on an unfinished run (killed, or failed) from its last saved epoch, in the same MLflow run; "
+                   "give the same data and settings it was started with.")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
-@reports_errors(interrupted=lambda kw: "no checkpoint written; the MLflow run is marked FAILED")
+@reports_errors(interrupted=lambda kw: "no checkpoint written; the MLflow run is marked FAILED, and "
+                                    "meli-train --resume RUN_ID (the id in the log) carries it on")
 def main(config_path, data, train_path, validation_path, model, epochs, device, seed, members, languages, label_qualities,
-         experiment, checkpoint_dir, quiet):
+         experiment, checkpoint_dir, resume, quiet):
     """Train a title classifier and log the run to MLflow.
 
     \b
@@ -49,7 +53,7 @@ def main(config_path, data, train_path, validation_path, model, epochs, device, 
     config = load_config(config_path, model=model, epochs=epochs, device=device, seed=seed, members=members)
     source = resolve_data(data, train_path, validation_path)
     outcome = run_training(config, source, data_filter=DataFilter(tuple(languages), tuple(label_qualities)),
-                           experiment=experiment, checkpoint_dir=checkpoint_dir, quiet=quiet)
+                           experiment=experiment, checkpoint_dir=checkpoint_dir, quiet=quiet, resume=resume)
     best = outcome.result.checkpoint.metrics
     if config.members > 1:
         members = ", ".join(f"{best[f'member{i}_val_balanced_accuracy']:.4f}" for i in range(1, config.members + 1))

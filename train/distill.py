@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from meli.checkpoint import Checkpoint
 from meli.tokenizer import Encoded, Tokenizer
-from meli.train.shards import Corpus, Expander, Shards, ShardWriter, TargetWriter
+from meli.train.shards import Corpus, Expander, Shards, ShardWriter, TargetWriter, encoded_in_order
 
 
 @dataclass(frozen=True)
@@ -286,8 +286,8 @@ class TransferSet:
         try:
             with tqdm(total=total, desc=what, unit="title", unit_scale=True, leave=False,
                       disable=True if self.quiet else None) as bar:
-                for titles, labels, unseen in chunks:
-                    writer.append(self.tokenizer.encode_batch(titles, compact=self.compact), labels)
+                for (titles, labels, unseen), encoded in encoded_in_order(self.tokenizer, chunks, lambda c: c[0], self.compact):
+                    writer.append(encoded, labels)
                     t = SparseTargets.of(self.teach(titles), labels, unseen, self.settings.teacher_weight,
                                          self.smoothing, self.settings.top_k)
                     targets.append(t.idx, t.val, t.base)

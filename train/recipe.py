@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 import tempfile
@@ -26,7 +27,8 @@ from meli.errors import MeliError
 from meli.metrics import balanced_accuracy
 from meli.train.config import TrainConfig
 from meli.train.distill import model_scores
-from meli.train.trainer import STUDENT, EpochMetrics, TrainResult, evaluate, prepare, train_model
+from meli.train.trainer import (STUDENT, EpochMetrics, TrainResult, evaluate, load_saved, prepare, save_atomically,
+                                train_model)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ def train_and_refit(
     on_refit_epoch: Callable[[EpochMetrics], None] | None = None,
     quiet: bool = False,
     work: Path | None = None,
+    save_every_s: float | None = None,
 ) -> TrainResult:
     """Fit ``members`` models with early stopping on validation (one, or an ensemble); with
     ``distill.enabled`` they teach one student, the model kept; calibrate its probabilities
@@ -54,21 +57,37 @@ def train_and_refit(
     afterwards would be honest.
 
     Encoded titles and targets go to shard folders under `work` (a temporary folder when none
-    is given), removed as each step is done with them."""
+    is given), removed as each step is done with them. With `save_every_s` the recipe can be
+    resumed: each finished fit's result stays in ``work/<fit>/result.pt`` (a rerun over the same
+    `work` takes it instead of fitting again) and an unfinished fit's state in
+    ``work/<fit>/state.pt`` (`train_model`)."""
     with contextlib.ExitStack() as stack:
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meli-train-")))
-        return _recipe(config, train, validation, provenance, on_epoch, on_refit_epoch, quiet, Path(work))
+        return _recipe(config, train, validation, provenance, on_epoch, on_refit_epoch, quiet, Path(work), save_every_s)
 
 
 def _recipe(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, provenance, on_epoch, on_refit_epoch,
-            quiet: bool, work: Path) -> TrainResult:
-    def fit(cfg: TrainConfig, data: LabelledSplit, *, name: str, **kwargs) -> TrainResult:
+            quiet: bool, work: Path, save_every_s: float | None) -> TrainResult:
+    def fit(cfg: TrainConfig, data: LabelledSplit, *, name: str, prepared=None, **kwargs) -> TrainResult:
         folder = work / name.replace(" ", "-")
+        done = folder / "result.pt"
+        if save_every_s is not None and done.is_file():
+            log.info("%s: already fitted (%s)", name, done)
+            return load_saved(done)
         try:
-            return train_model(cfg, data, validation, provenance=provenance, quiet=quiet, work=folder, name=name, **kwargs)
-        finally:
+            result = train_model(cfg, data, validation, provenance=provenance, quiet=quiet, work=folder, name=name,
+                                 prepared=prepared() if callable(prepared) else prepared, save_every_s=save_every_s,
+                                 **kwargs)
+        finally:  # the shards go; a saved state stays for a rerun
+            for shards in ("titles", "student"):
+                shutil.rmtree(folder / shards, ignore_errors=True)
+        if save_every_s is not None:
+            save_atomically(done, result)
+            (folder / "state.pt").unlink(missing_ok=True)
+        else:
             shutil.rmtree(folder, ignore_errors=True)
+        return result
 
     members = fit_members(config, train, fit, on_epoch, work / "titles", quiet)
     selection = members[0] if config.members == 1 else ensemble_result(members, validation)
@@ -95,8 +114,9 @@ def fit_members(config: TrainConfig, train: LabelledSplit, fit: Fit,
     """Step 1: the members' selection fits, seeds ``seed``, ``seed + 1``, …, all reading the
     titles encoded once (into `folder`, removed afterwards; none: each fit encodes its own)."""
     prepared = None
-    if folder is not None and config.members > 1:
-        prepared = prepare(config, train, tuple(sorted(pc.unique(train.categories).to_pylist())), folder, quiet)
+    if folder is not None and config.members > 1:  # encoded on first use (a resumed run may need none)
+        prepared = functools.cache(lambda: prepare(config, train, tuple(sorted(pc.unique(train.categories).to_pylist())),
+                                                   folder, quiet))
     results = []
     try:
         for member in range(config.members):
@@ -108,9 +128,9 @@ def fit_members(config: TrainConfig, train: LabelledSplit, fit: Fit,
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-    if prepared is not None:
+    if prepared is not None and prepared.cache_info().currsize:
         for r in results:
-            r.timings["tokenize_s"] = r.timings.get("tokenize_s", 0.0) + prepared.seconds / len(results)
+            r.timings["tokenize_s"] = r.timings.get("tokenize_s", 0.0) + prepared().seconds / len(results)
     return results
 
 

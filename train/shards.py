@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 from meli.errors import MeliError
 from meli.tokenizer import Encoded, Tokenizer
-from meli.tokenizer_kernels import expanded_rows, pad_rows
+from meli.tokenizer_kernels import expanded_flat, expanded_rows, pad_rows
 
 FORMAT = 1
 FILES = ("ids.i32", "offsets.i64", "labels.i32")
 TARGET_FILES = ("targets.idx.i32", "targets.val.f32", "targets.base.f32")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ class Expander:
         return expanded_rows(encoded.values, encoded.offsets, np.asarray(rows, np.int64), self.fused_offset,
                              self.group_ptr, self.group_ids, 0)
 
+    def flat(self, encoded: Encoded, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Titles `rows` as flat full ids and their offsets."""
+        return expanded_flat(encoded.values, encoded.offsets, np.asarray(rows, np.int64), self.fused_offset,
+                             self.group_ptr, self.group_ids)
+
     def seen(self, values: np.ndarray, n_ids: int) -> np.ndarray:
         """Which of the ``n_ids`` full ids the compact `values` reach: ``(n_ids,)`` bool."""
         seen = np.zeros(n_ids, dtype=bool)
@@ -84,6 +92,22 @@ class Expander:
             picked[groups] = True
             seen[self.group_ids[np.repeat(picked, np.diff(self.group_ptr))]] = True
         return seen
+
+
+def encoded_in_order(tokenizer: Tokenizer, chunks: Iterable[T], titles_of: Callable[[T], object], compact: bool,
+                     threads: int = 2) -> Iterator[tuple[T, Encoded]]:
+    """``(chunk, its encoded titles)`` for each chunk, in order, `threads` chunks encoded at once
+    (the compiled tokenizer releases the GIL); at most ``threads + 1`` chunks in flight."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="meli-encode") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(tokenizer.encode_batch, titles_of(chunk), compact)))
+            if len(pending) > threads:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 class ShardWriter:
@@ -240,6 +264,13 @@ class Corpus:
         lengths = window.encoded.lengths[rows]
         return pad_rows(window.encoded.values, window.encoded.offsets, np.asarray(rows, np.int64),
                         max(1, int(lengths.max(initial=0))))
+
+    def flat(self, window: Window, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Full ids of `rows` of `window`, flat, and their offsets."""
+        if self.expander is not None:
+            return self.expander.flat(window.encoded, rows)
+        part = take(window, np.asarray(rows, np.int64)).encoded
+        return part.values, part.offsets
 
     def seen_ids(self, n_ids: int) -> np.ndarray:
         """Which full ids any training title holds: ``(n_ids,)`` bool, read chunk by chunk."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,34 +102,44 @@ def run_training(
     experiment: str | None = None,
     checkpoint_dir: Path | None = None,
     quiet: bool = False,
+    resume: str | None = None,
+    work_root: Path | None = None,
 ) -> RunOutcome:
+    """Train and log one MLflow run. Its unfinished work is kept under ``work_root/<run id>``
+    (`work_folder`) until the run ends well; `resume` (a run id) carries on such a run, with
+    the same data and settings, in the same MLflow run."""
     check_store()  # before reading the data: an unreachable server fails in seconds
     train, validation = load_splits(source, config, data_filter)
     fp = fingerprint(train, validation)
     experiment = experiment or source.name
     with store_errors():
         experiment_id = experiment_for(experiment, fp)
+        if resume is not None:
+            check_resumable(resume, experiment_id, fp, config, work_folder(resume, work_root))
     if checkpoint_dir is not None:
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
         except OSError as e:
             raise OutputError(f"{checkpoint_dir}: cannot create the checkpoint folder ({e.strerror or e})") from e
-    with RunRecorder.open(experiment_id) as run:
+    with RunRecorder.open(experiment_id, resume) as run:
         run_id = run.run_id
-        with store_errors():  # the store and its artifact location take writes, or nothing is trained
-            run.tags({
-                FINGERPRINT_TAG: fp,
-                MODEL_TAG: config.model,
-                # absolute: meli-export finds them from any folder
-                TRAIN_SOURCE_TAG: str(source.train.resolve()),
-                VALIDATION_SOURCE_TAG: str(source.validation.resolve() if source.validation else f"{source.train.resolve()}{HELD_OUT}"),
-                VALIDATION_SHA256_TAG: file_sha256(source.validation or source.train),
-            })
-            run.params(config.flat())
-            run.params({"data.train_rows": len(train), "data.validation_rows": len(validation),
-                        "data.languages": ",".join(data_filter.languages) or "all",
-                        "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
-            run.json(config.to_dict(), "config.json")
+        work = work_folder(run_id, work_root)
+        check_room(work, train, config)
+        if resume is None:  # the store and its artifact location take writes, or nothing is trained
+            with store_errors():
+                run.tags({
+                    FINGERPRINT_TAG: fp,
+                    MODEL_TAG: config.model,
+                    # absolute: meli-export finds them from any folder
+                    TRAIN_SOURCE_TAG: str(source.train.resolve()),
+                    VALIDATION_SOURCE_TAG: str(source.validation.resolve() if source.validation else f"{source.train.resolve()}{HELD_OUT}"),
+                    VALIDATION_SHA256_TAG: file_sha256(source.validation or source.train),
+                })
+                run.params(config.flat())
+                run.params({"data.train_rows": len(train), "data.validation_rows": len(validation),
+                            "data.languages": ",".join(data_filter.languages) or "all",
+                            "data.label_qualities": ",".join(data_filter.label_qualities) or "all"})
+                run.json(config.to_dict(), "config.json")
 
         def prefix(m: EpochMetrics) -> str:  # an ensemble's members each get their own curves
             return f"{m.model_name}_" if config.members > 1 else ""
@@ -151,8 +163,9 @@ def run_training(
             "python_version": platform.python_version(),
             TRAIN_MIX: json.dumps(train.category_counts(), ensure_ascii=False),
         }
+        log.info("unfinished work of this run goes to %s (meli-train --resume %s carries it on)", work, run_id)
         result = train_and_refit(config, train, validation, provenance=provenance, on_epoch=log_epoch,
-                                 on_refit_epoch=log_refit_epoch, quiet=quiet)
+                                 on_refit_epoch=log_refit_epoch, quiet=quiet, work=work, save_every_s=SAVE_EVERY_S)
         run.tags({DEVICE_TAG: result.device})
         run.metrics({f"{BEST_PREFIX}{k}": v for k, v in result.checkpoint.metrics.items()})
         run.metrics(result.timings)
@@ -185,5 +198,90 @@ def run_training(
         run.table({"category": [r.category for r in rows], "precision": [r.precision for r in rows],
                    "recall": [r.recall for r in rows], "f1": [r.f1 for r in rows], "support": [r.support for r in rows]},
                   f"{REPORT_ARTIFACTS}/per_category.json")
+    shutil.rmtree(work, ignore_errors=True)  # the run ended well: nothing to resume
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking_uri())
     return RunOutcome(run_id, experiment, checkpoint_path, result)
+
+
+SAVE_EVERY_S = 60.0  # a fit's state is saved after an epoch once this long has passed since the last save
+
+
+def work_folder(run_id: str, root: Path | None = None) -> Path:
+    """Where run `run_id` keeps its shards and saved states: ``root`` (default: ``$MELI_WORK_DIR``,
+    else ``meli-train`` in the system's temporary folder) / the run id."""
+    root = root or Path(os.environ.get("MELI_WORK_DIR") or Path(tempfile.gettempdir()) / "meli-train")
+    return Path(root) / run_id
+
+
+def check_resumable(run_id: str, experiment_id: str, fp: str, config: TrainConfig, work: Path) -> None:
+    """An error unless run `run_id` is an unfinished run of this experiment, on this data, with
+    these settings, whose saved work is still there."""
+    from mlflow.exceptions import MlflowException
+
+    from meli.tracking import mlflow_client
+
+    try:
+        run = mlflow_client().get_run(run_id)
+    except MlflowException as e:
+        raise SettingError("--resume", f"no MLflow run {run_id} in {tracking_uri()}") from e
+    if run.info.experiment_id != experiment_id:
+        raise SettingError("--resume", f"run {run_id} belongs to another experiment (pass the --experiment and data it was started with)")
+    if run.data.tags.get(FINGERPRINT_TAG) != fp:
+        raise SettingError("--resume", f"run {run_id} was trained on other data (fingerprint "
+                           f"{run.data.tags.get(FINGERPRINT_TAG)}, this data is {fp})")
+    if run.info.status == "FINISHED":
+        raise SettingError("--resume", f"run {run_id} has finished; there is nothing to resume")
+    changed = sorted(k for k, v in config.flat().items() if k in run.data.params and run.data.params[k] != str(v))
+    if changed:
+        shown = ", ".join(f"{k} = {run.data.params[k]} (now {config.flat()[k]})" for k in changed[:3])
+        raise SettingError("--resume", f"run {run_id} was started with other settings: {shown}; resume it with the "
+                           "settings it was started with")
+    if not work.is_dir():
+        raise SettingError("--resume", f"run {run_id} left no saved work in {work} (was it started on another machine, "
+                           "or with another MELI_WORK_DIR?)")
+
+
+def check_room(work: Path, train: LabelledSplit, config: TrainConfig) -> None:
+    """Fail before training when the work folder's disk, or the memory, cannot hold the run.
+
+    Disk: the encoded titles (about 100 bytes a title, compact) and a student's targets
+    (recombined titles too, 8 bytes per kept probability). Memory: the embedding table with its
+    optimizer moments and kept copies (8 per model), times the members kept for the student."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(work).free
+    except OSError as e:
+        raise OutputError(f"{work}: cannot use it for the run's work files ({e.strerror or e}); set MELI_WORK_DIR") from e
+    rows = len(train) * (1 + (config.distill.recombined if config.distill.enabled and config.members > 1 else 0))
+    per_row = 100 + (8 * (config.distill.top_k + 1) + 4 if config.distill.enabled and config.members > 1 else 0)
+    need_disk = int(rows * per_row * 1.2)
+    if need_disk > free:
+        raise OutputError(f"{work}: the run needs about {need_disk / 2**30:.1f} GiB of disk for its encoded titles and "
+                          f"targets, {free / 2**30:.1f} GiB are free; set MELI_WORK_DIR to a folder with room")
+    dim = config.mlp.embedding_dim if config.model == "mlp" else config.cnn.embedding_dim
+    ids = config.vocabulary.max_size + (config.tokenizer.char_buckets if config.tokenizer.char_ngrams else 0)
+    need_memory = ids * dim * 4 * (config.members + 4) + len(train) * 200
+    available = available_memory()
+    if available is not None and need_memory > available:
+        raise OutputError(f"the run needs about {need_memory / 2**30:.1f} GiB of memory (an embedding table of {ids:,} x "
+                          f"{dim} for {config.members} member(s), and the titles), {available / 2**30:.1f} GiB are "
+                          "available; lower members, vocabulary.max_size or tokenizer.char_buckets")
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: the smaller of MemAvailable and the cgroup's room."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

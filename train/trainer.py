@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -35,16 +36,16 @@ from meli.calibration import Calibration
 from meli.checkpoint import Checkpoint
 from meli.contract import ModelSpec
 from meli.dataset import LabelledSplit, check_labels
-from meli.errors import MeliError
+from meli.errors import MeliError, OutputError, first_line
 from meli.metrics import balanced_accuracy
 from meli.models import build_model
 from meli.tokenizer import Encoded, Tokenizer
 from meli.vocabulary import build_vocabulary
 from meli.train.config import TrainConfig
-from meli.train.row_adam import RowAdam, RowSparseEmbedding
+from meli.train.row_adam import PooledRows, RowAdam, RowSparseEmbedding
 from meli.train.distill import Teacher, TransferSet, soft_cross_entropy
 from meli.train.embeddings import init_embedding, word_vectors
-from meli.train.shards import Corpus, Expander, ShardWriter
+from meli.train.shards import Corpus, Expander, ShardWriter, encoded_in_order
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,17 +99,23 @@ def label_indices(categories: pa.Array, labels: tuple[str, ...]) -> np.ndarray:
 class _Optimizers:
     """The embedding table's row-wise Adam and the rest's optimizer, stepped together.
 
-    Puts a `RowSparseEmbedding` in place of ``model.embedding`` (same weight, same state-dict key)."""
+    With `pooled`, the table is read through `PooledRows` (``self.pooled``: the compiled mean
+    pooling of a mean-pooling MLP on the CPU); else a `RowSparseEmbedding` takes the place of
+    ``model.embedding`` (same weight, same state-dict key)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int):
-        model.embedding = RowSparseEmbedding(model.embedding)
+    def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int, pooled: bool = False):
+        self.pooled = PooledRows(model.embedding.weight) if pooled else None
+        if self.pooled is None:
+            model.embedding = RowSparseEmbedding(model.embedding)
+        table = self.pooled or model.embedding
         rest = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
         lr = config.lr
-        self.opts: list[torch.optim.Optimizer] = [RowAdam(model.embedding, lr=config.embedding_lr or lr)]
+        fused = {"fused": True} if _fused_ok(rest) else {}  # one kernel for every tensor: the same update, faster
+        self.opts: list[torch.optim.Optimizer] = [RowAdam(table, lr=config.embedding_lr or lr)]
         if config.optimizer == "adamw":
-            self.opts.append(torch.optim.AdamW(rest, lr=lr, weight_decay=config.weight_decay))
+            self.opts.append(torch.optim.AdamW(rest, lr=lr, weight_decay=config.weight_decay, **fused))
         elif config.optimizer == "adam":
-            self.opts.append(torch.optim.Adam(rest, lr=lr, weight_decay=config.weight_decay))
+            self.opts.append(torch.optim.Adam(rest, lr=lr, weight_decay=config.weight_decay, **fused))
         else:
             self.opts.append(torch.optim.SGD(rest, lr=lr, momentum=0.9, weight_decay=config.weight_decay))
         self.schedules = []
@@ -126,6 +133,10 @@ class _Optimizers:
             o.step()
         for s in self.schedules:
             s.step()
+
+
+def _fused_ok(params: list[torch.Tensor]) -> bool:
+    return bool(params) and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def _zero_unseen_rows(weight: torch.Tensor, seen: np.ndarray) -> None:
@@ -167,11 +178,10 @@ def prepare(config: TrainConfig, train: LabelledSplit, labels: tuple[str, ...], 
     try:
         with tqdm(total=len(train), desc="encoding titles", unit="title", unit_scale=True, leave=False,
                   disable=True if quiet else None) as bar:
-            for start in range(0, len(train), chunk_rows):
-                titles = train.titles.slice(start, chunk_rows)
-                writer.append(tokenizer.encode_batch(titles, compact=compact),
-                              label_indices(train.categories.slice(start, chunk_rows), labels))
-                bar.update(len(titles))
+            starts = range(0, len(train), chunk_rows)
+            for start, encoded in encoded_in_order(tokenizer, starts, lambda s: train.titles.slice(s, chunk_rows), compact):
+                writer.append(encoded, label_indices(train.categories.slice(start, chunk_rows), labels))
+                bar.update(len(encoded.offsets) - 1)
         shards = writer.close()
     except BaseException:
         writer.abort()
@@ -213,6 +223,7 @@ def train_model(
     prepared: Prepared | None = None,
     work: Path | None = None,
     name: str = "fit",
+    save_every_s: float | None = None,
 ) -> TrainResult:
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
@@ -225,16 +236,24 @@ def train_model(
 
     The encoded titles and targets live in shard folders under `work` (a temporary folder
     when none is given); `prepared` (`prepare`) reuses a vocabulary and encoded titles of the
-    same `train`. `name` labels the progress bars."""
+    same `train`. `name` labels the progress bars.
+
+    With `save_every_s`, the fit's whole state (weights, optimizer moments, schedules, random
+    generators, curves, best epoch so far) is written to ``work/state.pt`` after an epoch once
+    that many seconds have passed since the last save (0: after every epoch), and a fit that
+    finds that file carries on from the epoch after it, exactly as if it had never stopped
+    (every epoch's shuffle and word dropout are drawn from the seed and the epoch number)."""
     with contextlib.ExitStack() as stack:
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meli-fit-")))
         return _fit(config, train, validation, provenance=provenance, on_epoch=on_epoch, quiet=quiet, keep=keep,
-                    teacher=teacher, teacher_titles=teacher_titles, prepared=prepared, work=Path(work), name=name)
+                    teacher=teacher, teacher_titles=teacher_titles, prepared=prepared, work=Path(work), name=name,
+                    save_every_s=save_every_s)
 
 
 def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *, provenance, on_epoch, quiet, keep,
-         teacher, teacher_titles, prepared: Prepared | None, work: Path, name: str) -> TrainResult:
+         teacher, teacher_titles, prepared: Prepared | None, work: Path, name: str,
+         save_every_s: float | None) -> TrainResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     labels = check_labels(train, validation)
@@ -271,24 +290,46 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
     model.to(device)
 
     steps_per_epoch = corpus.steps(config.batch_size)
-    optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch)
+    # a mean-pooling MLP on the CPU pools its rows in one compiled loop (`PooledRows`)
+    pooled = corpus.expander is not None and device.type == "cpu"
+    optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch, pooled=pooled)
+    word_dropout = config.mlp.embedding_dropout if config.model == "mlp" else 0.0
     history: list[EpochMetrics] = []
     # training titles measured like the validation ones (eval mode, plain cross-entropy on the
     # true label), for curves that compare like with like; drawn apart from the training rng
     probe = corpus.sample(np.sort(np.random.default_rng(config.seed + 7919).permutation(len(train))[:5000]))
     best_state, best_bacc, best_epoch, best_pred, stale = None, -1.0, -1, None, 0
     stopped_early = False
+    state_path, first_epoch, last_save = work / "state.pt", 1, time.perf_counter()
+    if save_every_s is not None and state_path.is_file():
+        state = load_saved(state_path)
+        model.load_state_dict(state["model"])
+        for opt, saved in zip(optimizers.opts, state["optimizers"]):
+            opt.load_state_dict(saved)
+        for schedule, saved in zip(optimizers.schedules, state["schedules"]):
+            schedule.load_state_dict(saved)
+        torch.set_rng_state(state["torch_rng"])
+        history, stale = state["history"], state["stale"]
+        best_state, best_bacc, best_epoch, best_pred = state["best"]
+        first_epoch = len(history) + 1
+        log.info("%s: resuming after epoch %d (state saved in %s)", name, len(history), state_path)
     t_fit = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, config.epochs + 1):
         t_epoch = time.perf_counter()
         corpus = corpus_of(epoch - 1)
         model.train()
         total, seen = 0.0, 0
         bar = tqdm(total=len(corpus), desc=f"{name} epoch {epoch}/{config.epochs}", unit="title", unit_scale=True,
                    leave=False, disable=True if quiet else None)  # None: bars only on a terminal; titles/s and ETA
+        dropout_rng = np.random.default_rng((config.seed, epoch, 1))
         for window in prefetched(corpus.windows(np.random.default_rng((config.seed, epoch)))):
             for rows in _batches(len(window), config.batch_size, np.arange(len(window))):
-                logits = model(torch.from_numpy(corpus.ids(window, rows)).to(device, non_blocking=True))
+                if optimizers.pooled is not None:
+                    values, offsets = corpus.flat(window, rows)
+                    kept = dropout_rng.random(len(values)) >= word_dropout
+                    logits = model.head(optimizers.pooled.pool(values, offsets, kept))
+                else:
+                    logits = model(torch.from_numpy(corpus.ids(window, rows)).to(device, non_blocking=True))
                 if window.target_idx is not None:  # soft targets: the smoothing is already in them
                     loss = soft_cross_entropy(logits, *(torch.from_numpy(a[rows]).to(device) for a in
                                                         (window.target_idx, window.target_val, window.target_base)))
@@ -330,6 +371,12 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
                 stopped_early = True
                 log.info("early stop: no better validation balanced accuracy for %d epochs", stale)
                 break
+        if save_every_s is not None and epoch < config.epochs and time.perf_counter() - last_save >= save_every_s:
+            save_atomically(state_path, {
+                "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers.opts],
+                "schedules": [s.state_dict() for s in optimizers.schedules], "torch_rng": torch.get_rng_state(),
+                "history": history, "stale": stale, "best": (best_state, best_bacc, best_epoch, best_pred)})
+            last_save = time.perf_counter()
     timings["fit_s"] = time.perf_counter() - t_fit
     best = history[best_epoch - 1]
     checkpoint = Checkpoint(
@@ -344,6 +391,27 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
         provenance=dict(provenance or {}),
     )
     return TrainResult(checkpoint, history, best_epoch, str(device), y_val, best_pred, stopped_early, timings)
+
+
+def save_atomically(path: Path, state: object) -> None:
+    """Write a fit's state (or result) whole or not at all (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot save the training state ({e.strerror or e})") from e
+
+
+def load_saved(path: Path):
+    """What `save_atomically` wrote."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # a state cut short by a full disk reads as any of several errors
+        raise MeliError(f"{path}: cannot read the saved training state ({first_line(e)}); remove it to start "
+                        "this fit again") from e
 
 
 def prefetched(items: Iterator[T]) -> Iterator[T]:

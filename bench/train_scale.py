@@ -1,0 +1,232 @@
+"""`make bench-train-scale`: training at the scale users hold, against fastText, in one run.
+
+Builds labelled sets of N titles (default 500,000 and 2,000,000) from the shared training
+titles (``../shared/data/meli-es``, else the embedded demo data), each new title the first
+half of one title's words + the second half of another's *of the same category* (so its label
+holds), written as Parquet for meli-train and as fastText's ``__label__`` text. Then, for each
+size, in child processes of their own (peak RSS polled, the whole process tree):
+
+- fastText supervised, 2 threads, one epoch, word bigrams, dim 100 (reading its text file
+  included);
+- ``meli-train``, one member, one epoch, no refit: start-up, reading, vocabulary, encoding and
+  the epoch, as a user runs it;
+- ``meli-train``, the default recipe (``train/configs/mlp.toml``: five members teaching a
+  student on recombined titles, then the refit) with one epoch per stage, its peak RSS and
+  time stage by stage (stages read from its log).
+
+Validation is the shared validation file (6,371 titles). Accuracy at these sizes means little
+(every title is a splice of the same 38,205), time and memory are the point.
+
+    python bench/train_scale.py --sizes 500000,2000000 --write docs/results-train-scale.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results import write_results  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "meli-es"
+DEMO = ROOT / "meli" / "resources" / "demo"
+BIN = Path(sys.executable).parent
+
+
+def sources() -> tuple[Path, Path]:
+    base = SHARED if (SHARED / "train.jsonl.gz").is_file() else DEMO
+    return base / "train.jsonl.gz", base / "validation.jsonl.gz"
+
+
+def make_labelled(rows: int, parquet: Path, fasttext_txt: Path, seed: int = 1) -> None:
+    """`rows` labelled titles spliced within their category (see the module docstring)."""
+    from meli.dataset import load_labelled
+    from meli.tokenizer import normalize_title
+
+    split = load_labelled(sources()[0])
+    titles = split.titles.to_pylist()
+    cats = split.categories.to_numpy(zero_copy_only=False)
+    words = [t.split() for t in titles]
+    order = np.argsort(cats, kind="stable")
+    starts = np.searchsorted(cats[order], cats)
+    ends = np.searchsorted(cats[order], cats, side="right")
+    rng = np.random.default_rng(seed)
+    writer = None
+    with open(fasttext_txt, "w", encoding="utf-8") as ft:
+        for start in range(0, rows, 250_000):
+            n = min(250_000, rows - start)
+            first = rng.integers(0, len(titles), n)
+            partner = order[starts[first] + (rng.random(n) * (ends[first] - starts[first])).astype(np.int64)]
+            out = [" ".join(words[a][: (len(words[a]) + 1) // 2] + words[b][len(words[b]) // 2 :])
+                   for a, b in zip(first, partner)]
+            batch = pa.table({"title": pa.array(out, pa.string()), "category": pa.array(cats[first], pa.string())})
+            writer = writer or pq.ParquetWriter(parquet, batch.schema)
+            writer.write_table(batch, row_group_size=100_000)
+            ft.writelines(f"__label__{c} {' '.join(normalize_title(t))}\n" for t, c in zip(out, cats[first]))
+    writer.close()
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss: int  # bytes, whole process tree
+    returncode: int
+    stderr: str
+    stages: dict[str, tuple[float, int]] = field(default_factory=dict)  # stage -> (seconds, peak RSS)
+
+
+STAGE_MARKS = (  # a log line -> the stage that starts there
+    (re.compile(r"ensemble member (\d+) of"), lambda m: f"member {m.group(1)}"),
+    (re.compile(r"distilling one student"), lambda m: "student"),
+    (re.compile(r"refit the student|refit on train \+ validation"), lambda m: "refit"),
+)
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> Run:
+    """Run `cmd`, polling the RSS of its process tree every 0.1 s; stages from its stderr."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    stage, marks, lines = "start-up and encoding", [], []
+    peaks: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def read_stderr():
+        nonlocal stage
+        for line in proc.stderr:
+            lines.append(line)
+            for pattern, name in STAGE_MARKS:
+                m = pattern.search(line)
+                if m:
+                    with lock:
+                        marks.append((stage, time.perf_counter()))
+                        stage = name(m)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
+        except psutil.Error:
+            rss = 0
+        with lock:
+            peaks[stage] = max(peaks.get(stage, 0), rss)
+        time.sleep(0.1)
+    reader.join()
+    end = time.perf_counter()
+    marks.append((stage, end))
+    stages, begin = {}, t0
+    for name, at in marks:
+        seconds = stages.get(name, (0.0, 0))[0] + at - begin
+        stages[name] = (seconds, peaks.get(name, 0))
+        begin = at
+    return Run(end - t0, max(peaks.values(), default=0), proc.returncode, "".join(lines), stages)
+
+
+FASTTEXT_CHILD = """
+import sys, fasttext
+fasttext.train_supervised(input=sys.argv[1], dim=100, epoch=1, lr=1.0, wordNgrams=2, thread=2, verbose=0)
+"""
+
+
+def config_file(folder: Path, name: str, **changes) -> Path:
+    """train/configs/mlp.toml with top-level keys changed."""
+    text = (ROOT / "train" / "configs" / "mlp.toml").read_text()
+    for key, value in changes.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        if not n:
+            text = f"{key} = {value}\n" + text
+    tomllib.loads(text)
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def meli_train(config: Path, train: Path, validation: Path, work: Path) -> Run:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "TMPDIR": str(work)}
+    return run_measured([str(BIN / "meli-train"), "--config", str(config), "--train", str(train),
+                         "--validation", str(validation), "--experiment", f"scale-{train.stem}"], env)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="500000,2000000")
+    ap.add_argument("--skip-recipe", action="store_true", help="only fastText and one member's epoch")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: a temporary one)")
+    ap.add_argument("--write", type=Path, default=None)
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="meli-train-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    one_epoch = config_file(work, "one-member-epoch", epochs=1, members=1, refit="false")
+    recipe = config_file(work, "recipe-one-epoch-per-stage", epochs=1)
+    validation = sources()[1]
+    rows, detail = [], []
+    gib = 2**30
+    for n in sizes:
+        parquet, txt = work / f"train-{n}.parquet", work / f"train-{n}.txt"
+        if not parquet.is_file():
+            print(f"making {n:,} labelled titles", file=sys.stderr)
+            make_labelled(n, parquet, txt)
+        ft = run_measured([sys.executable, "-c", FASTTEXT_CHILD, str(txt)])
+        one = meli_train(one_epoch, parquet, validation, work)
+        for name, run in (("fastText", ft), ("meli one member epoch", one)):
+            if run.returncode:
+                sys.exit(f"{name} failed at {n:,} titles:\n{run.stderr[-3000:]}")
+        line = {"titles": n, "fasttext_s": ft.seconds, "fasttext_rss": ft.peak_rss, "member_s": one.seconds,
+                "member_rss": one.peak_rss}
+        print(f"{n:,}: fastText {ft.seconds:.1f}s {ft.peak_rss / gib:.2f} GiB; one member epoch {one.seconds:.1f}s "
+              f"{one.peak_rss / gib:.2f} GiB", file=sys.stderr)
+        if not args.skip_recipe:
+            full = meli_train(recipe, parquet, validation, work)
+            if full.returncode:
+                sys.exit(f"the recipe failed at {n:,} titles:\n{full.stderr[-3000:]}")
+            line.update(recipe_s=full.seconds, recipe_rss=full.peak_rss)
+            detail += [f"| {n:,} | {stage} | {s:.0f} | {rss / gib:.2f} |" for stage, (s, rss) in full.stages.items()]
+            print(f"{n:,}: recipe {full.seconds:.0f}s {full.peak_rss / gib:.2f} GiB", file=sys.stderr)
+        rows.append(line)
+    table = ["| titles | fastText: s | fastText: peak RSS GiB | meli one member epoch: s | its peak RSS GiB | "
+             "meli / fastText time | default recipe, 1 epoch a stage: s | its peak RSS GiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['titles']:,} | {r['fasttext_s']:.1f} | {r['fasttext_rss'] / gib:.2f} | {r['member_s']:.1f} | "
+                     f"{r['member_rss'] / gib:.2f} | {r['member_s'] / r['fasttext_s']:.2f} | "
+                     + (f"{r['recipe_s']:.0f} | {r['recipe_rss'] / gib:.2f} |" if "recipe_s" in r else "- | - |"))
+    body = [
+        f"Measured {dt.date.today()} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
+        "",
+        "Labelled titles spliced within their category from the shared training titles; validation: the shared "
+        "validation file. Times include start-up, reading and encoding; peak RSS is the whole process tree's.",
+        "",
+        *table,
+    ]
+    if detail:
+        body += ["", "The default recipe stage by stage (one epoch per stage):", "",
+                 "| titles | stage | s | peak RSS GiB |", "|---:|---|---:|---:|", *detail]
+    print("\n".join(body))
+    if args.write:
+        write_results(args.write, "Training at scale", body)
+
+
+if __name__ == "__main__":
+    main()
