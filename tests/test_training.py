@@ -544,3 +544,89 @@ def test_attention_pooling_trains_exports_and_keeps_parity(demo_splits, tmp_path
     assert model.card.encoding == "full"  # attention weighs each id: no fused rows
     report = check_parity(result.checkpoint, model, validation.titles)
     assert report.passed and report.top1_agreement == 1.0 and report.max_abs_diff <= 1e-5
+
+
+def test_a_fit_stopped_after_an_epoch_carries_on_exactly(demo_splits, tmp_path):
+    """A fit killed after epoch 2 of 4, rerun over the same work folder, carries on from its
+    saved state and ends with the very weights and curves of a fit never stopped."""
+    train, validation = demo_splits
+    config = small_config("mlp", epochs=4, patience=4)
+    whole = train_model(config, train, validation, quiet=True, work=tmp_path / "whole", save_every_s=0)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(m):
+        if m.epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_model(config, train, validation, quiet=True, work=tmp_path / "stopped", save_every_s=0, on_epoch=kill_after_two)
+    assert (tmp_path / "stopped" / "state.pt").exists()  # killed before epoch 2 was saved: epoch 1 was
+    seen = []
+    resumed = train_model(config, train, validation, quiet=True, work=tmp_path / "stopped", save_every_s=0,
+                          on_epoch=lambda m: seen.append(m.epoch))
+    assert seen == [2, 3, 4]  # epoch 1 came from the saved state
+    assert [m.val_balanced_accuracy for m in resumed.history] == [m.val_balanced_accuracy for m in whole.history]
+    for key, value in whole.checkpoint.state_dict.items():
+        assert torch.equal(value, resumed.checkpoint.state_dict[key]), key
+
+
+def test_meli_train_resume_carries_on_the_same_mlflow_run(tmp_path):
+    """`meli-train` killed mid-run exits with one Error line naming --resume; `meli-train
+    --resume RUN_ID` finishes that very run (same id, every epoch's curve, a checkpoint), and
+    refuses changed settings, a finished run or an unknown id with one Error line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    from conftest import ROOT
+
+    config = tmp_path / "resumable.toml"
+    config.write_text("save_every_s = 0\n" + (ROOT / "train" / "configs" / "mlp.toml").read_text()
+                      .replace("members = 5", "members = 2").replace("epochs = 15", "epochs = 6")
+                      .replace("refit = true", "refit = false").replace("patience = 5", "patience = 6"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MELI_WORK_DIR": str(tmp_path / "work")}
+    cmd = [str(Path(sys.executable).parent / "meli-train"), "--config", str(config), "--experiment", "resume"]
+
+    def meli_train(*args):
+        return subprocess.run(cmd + list(args), cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    def one_error(done):
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+        assert done.returncode != 0 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        return errors[0]
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # stopped in its second member, after that member's second epoch
+        seen.append(line)
+        if "member 2 epoch   2" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + rest
+    errors = [line for line in rest.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--resume RUN_ID" in errors[0]
+    client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment_id = client.get_experiment_by_name("resume").experiment_id
+    (run,) = client.search_runs([experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status != "FINISHED" and (tmp_path / "work" / run_id / "member-1" / "result.pt").is_file()
+
+    assert one_error(meli_train("--resume", run_id, "--epochs", "3")) == (
+        f"Error: --resume: run {run_id} was started with other settings: epochs = 6 (now 3); "
+        "resume it with the settings it was started with")
+    done = meli_train("--resume", run_id)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"run {run_id} ") and "member 1: already fitted" in done.stderr
+    assert client.get_run(run_id).info.status == "FINISHED" and len(client.search_runs([experiment_id])) == 1
+    for name in ("member1_val_balanced_accuracy", "member2_val_balanced_accuracy", "student_val_balanced_accuracy"):
+        assert {m.step for m in client.get_metric_history(run_id, name)} == set(range(1, 7)), name
+    assert not (tmp_path / "work" / run_id).exists()  # finished: nothing left to resume
+    assert one_error(meli_train("--resume", run_id)) == f"Error: --resume: run {run_id} has finished; there is nothing to resume"
+    assert one_error(meli_train("--resume", "0" * 32)).startswith(f"Error: --resume: no MLflow run {'0' * 32} in ")

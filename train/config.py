@@ -52,6 +52,9 @@ class TrainConfig:
     validation_fraction: float = 0.15  # only when the data has no validation file
     refit: bool = False  # after early stopping, fit again on train + validation for the best epoch count
     members: int = 1  # > 1: train that many models (seeds seed, seed+1, …); the graph averages their probabilities
+    # a run's state is saved after an epoch once this many seconds have passed since the last
+    # save (0: every epoch), for meli-train --resume
+    save_every_s: float = 60.0
     # the tokenizer's own settings (`meli.tokenizer.TokenizerConfig`, what a model file carries);
     # a config names the stopword lists by language (`stopword_languages`), resolved on reading
     tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(stopwords=load_stopwords()))
@@ -109,6 +112,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float | None, bool]] = {
     ("", "seed"): (0, None, False),
     ("", "validation_fraction"): (0, 1, True),
     ("", "members"): (1, None, False),
+    ("", "save_every_s"): (0, None, False),
     ("tokenizer", "min_token_length"): (1, None, False),
     ("tokenizer", "head_words"): (0, None, False),
     ("tokenizer", "head_repeat"): (1, None, False),
@@ -125,6 +129,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float | None, bool]] = {
     ("distill", "recombined"): (0, None, False),
     ("distill", "teacher_weight"): (0, 1, False),
     ("distill", "epochs"): (0, None, False),
+    ("distill", "top_k"): (1, None, False),
     ("mlp", "embedding_dim"): (1, None, False),
     ("mlp", "hidden"): (1, None, False),
     ("mlp", "dropout"): (0, 1, False),

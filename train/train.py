@@ -165,7 +165,7 @@ def run_training(
         }
         log.info("unfinished work of this run goes to %s (meli-train --resume %s carries it on)", work, run_id)
         result = train_and_refit(config, train, validation, provenance=provenance, on_epoch=log_epoch,
-                                 on_refit_epoch=log_refit_epoch, quiet=quiet, work=work, save_every_s=SAVE_EVERY_S)
+                                 on_refit_epoch=log_refit_epoch, quiet=quiet, work=work, save_every_s=config.save_every_s)
         run.tags({DEVICE_TAG: result.device})
         run.metrics({f"{BEST_PREFIX}{k}": v for k, v in result.checkpoint.metrics.items()})
         run.metrics(result.timings)
@@ -203,9 +203,6 @@ def run_training(
     return RunOutcome(run_id, experiment, checkpoint_path, result)
 
 
-SAVE_EVERY_S = 60.0  # a fit's state is saved after an epoch once this long has passed since the last save
-
-
 def work_folder(run_id: str, root: Path | None = None) -> Path:
     """Where run `run_id` keeps its shards and saved states: ``root`` (default: ``$MELI_WORK_DIR``,
     else ``meli-train`` in the system's temporary folder) / the run id."""
@@ -223,21 +220,22 @@ def check_resumable(run_id: str, experiment_id: str, fp: str, config: TrainConfi
     try:
         run = mlflow_client().get_run(run_id)
     except MlflowException as e:
-        raise SettingError("--resume", f"no MLflow run {run_id} in {tracking_uri()}") from e
+        raise SettingError("resume", f"no MLflow run {run_id} in {tracking_uri()}") from e
     if run.info.experiment_id != experiment_id:
-        raise SettingError("--resume", f"run {run_id} belongs to another experiment (pass the --experiment and data it was started with)")
+        raise SettingError("resume", f"run {run_id} belongs to another experiment (pass the --experiment and data it was started with)")
     if run.data.tags.get(FINGERPRINT_TAG) != fp:
-        raise SettingError("--resume", f"run {run_id} was trained on other data (fingerprint "
+        raise SettingError("resume", f"run {run_id} was trained on other data (fingerprint "
                            f"{run.data.tags.get(FINGERPRINT_TAG)}, this data is {fp})")
     if run.info.status == "FINISHED":
-        raise SettingError("--resume", f"run {run_id} has finished; there is nothing to resume")
-    changed = sorted(k for k, v in config.flat().items() if k in run.data.params and run.data.params[k] != str(v))
+        raise SettingError("resume", f"run {run_id} has finished; there is nothing to resume")
+    changed = sorted(k for k, v in config.flat().items()
+                     if k in run.data.params and run.data.params[k] != str(v) and k != "save_every_s")
     if changed:
         shown = ", ".join(f"{k} = {run.data.params[k]} (now {config.flat()[k]})" for k in changed[:3])
-        raise SettingError("--resume", f"run {run_id} was started with other settings: {shown}; resume it with the "
+        raise SettingError("resume", f"run {run_id} was started with other settings: {shown}; resume it with the "
                            "settings it was started with")
     if not work.is_dir():
-        raise SettingError("--resume", f"run {run_id} left no saved work in {work} (was it started on another machine, "
+        raise SettingError("resume", f"run {run_id} left no saved work in {work} (was it started on another machine, "
                            "or with another MELI_WORK_DIR?)")
 
 
