@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from meli import __version__
-from meli.command import reports_errors, setup_logging
+from meli.command import console_script, reports_errors, setup_logging
 from meli.tracking import REGISTERED_NAME
 
 
@@ -20,7 +20,7 @@ from meli.tracking import REGISTERED_NAME
               show_default=True, help="Where model.onnx is written (atomically).")
 @click.option("--parity-data", type=click.Path(dir_okay=False), default=None,
               help="Titles for the parity check; default: the run's validation file, else the demo's.")
-@click.option("--parity-rows", type=int, default=None, help="Check only the first N titles (default: all).")
+@click.option("--parity-rows", type=click.IntRange(min=1), default=None, help="Check only the first N titles (default: all).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="onnxruntime provider for the parity check.")
 @click.option("--register-name", default=REGISTERED_NAME, show_default=True, help="MLflow registered model name.")
@@ -70,3 +70,6 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
     if outcome.registered:
         click.echo(f"registered as models:/{outcome.registered.version} (an MLflow pyfunc model); "
                    f"{outcome.registered.reason}")
+
+
+entry = console_script(main)  # the installed `meli-export`

@@ -14,7 +14,7 @@ import pyarrow as pa
 from meli.checkpoint import Checkpoint, load_checkpoint
 from meli.dataset import TRAIN_MIX, fingerprint, load_labelled
 from meli.demo_catalog import DEMO_DIR
-from meli.errors import MeliError
+from meli.errors import MeliError, OutputError
 from meli.formats import AtomicWriter, iter_batches
 from meli.onnx_model import file_sha256, load_onnx_model
 from meli.calibration import coverage_table
@@ -105,7 +105,12 @@ def parity_titles(path: str | Path | None, validation_source: str | None, max_ro
             break
     titles = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
     titles = titles.filter(titles.is_valid())
-    return ParityTitles(titles.slice(0, max_rows) if max_rows else titles, source)
+    titles = titles.slice(0, max_rows) if max_rows else titles
+    usable = len(titles) if checkpoint is None else int((checkpoint.tokenizer().encode_batch(titles).lengths > 0).sum())
+    if usable == 0:
+        raise MeliError(f"{source}: no usable titles for the parity check ({len(titles)} non-null, none with a word the "
+                        "model reads); pass --parity-data FILE with real titles")
+    return ParityTitles(titles, source)
 
 
 def _demo_fingerprint() -> str:
@@ -133,6 +138,9 @@ def export_model(
     force: bool = False,
 ) -> ExportOutcome:
     output = Path(output)
+    for source, what in ((chosen.path, "the checkpoint being exported"), (parity_data, "the parity titles")):
+        if source is not None and output.exists() and Path(source).exists() and output.resolve() == Path(source).resolve():
+            raise OutputError(f"{output}: --output names {what}; write the model to another file")
     writer = AtomicWriter(output)  # fails now, before any work, on a missing or read-only folder
     with writer:
         proto = to_onnx(chosen.checkpoint, chosen.provenance(), precision=precision, quantize=quantize)

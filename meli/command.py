@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 from typing import Callable
@@ -53,12 +54,13 @@ def one_line(message: str) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
 
 
-def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = None):
+def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = None, out_of_memory: str = ""):
     """Turn the library's errors into a one-line click error and exit code 1, and SIGTERM or
     SIGINT into ``Error: interrupted by SIGTERM[; what]`` and exit code 128 + signal, where
-    `interrupted(kwargs)` says what the interruption left (e.g. the output untouched)."""
+    `interrupted(kwargs)` says what the interruption left (e.g. the output untouched). Running
+    out of memory is one error line too, with the command's advice (`out_of_memory`)."""
     if func is None:
-        return functools.partial(reports_errors, interrupted=interrupted)
+        return functools.partial(reports_errors, interrupted=interrupted, out_of_memory=out_of_memory)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -72,6 +74,8 @@ def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = Non
             raise click.ClickException(one_line(f"--{e.setting.replace('_', '-')}: {e.problem}")) from e
         except MeliError as e:
             raise click.ClickException(one_line(str(e))) from e
+        except MemoryError as e:
+            raise click.ClickException(f"out of memory (the machine's, or this process's limit){out_of_memory}") from e
         except Interrupted as e:
             for s in previous:  # a second signal while unwinding must not print a traceback
                 signal.signal(s, signal.SIG_IGN)
@@ -83,3 +87,28 @@ def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = Non
                     signal.signal(s, handler)
 
     return wrapper
+
+
+def console_script(command: click.Command) -> Callable[[], None]:
+    """The installed entry point of `command`: runs it as click does, then ends the process
+    with its exit code at once, output flushed, without the interpreter's teardown: there,
+    Arrow's thread pools can abort a process that did all its work (``terminate called without
+    an active exception``, exit 134; apache/arrow#34314), which a scheduler reads as a failed job.
+    Everything a command writes is closed (renamed into place) before it returns."""
+
+    def main() -> None:
+        try:
+            command.main(standalone_mode=True)
+            code = 0
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+                pass
+        os._exit(code)
+
+    return main

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 from urllib.parse import unquote
 
+import numba as nb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -218,6 +219,8 @@ def checked_parts(path: Path) -> tuple[list[Part], pa.Schema]:
     for part in parts:
         try:
             schema = pq.read_schema(part.path)
+        except MemoryError:  # Arrow's failed allocations too: the command says how to use less
+            raise
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
         _check_unique(part.path, schema.names + partitions.names)
@@ -241,6 +244,8 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
     for part in parts:
         try:
             f = pq.ParquetFile(part.path)
+        except MemoryError:  # Arrow's failed allocations too: the command says how to use less
+            raise
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
         values = [pa.scalar(v, pa.string()) for _, v in part.partition]  # one per partition column
@@ -254,6 +259,8 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
                     batch = pa.RecordBatch.from_arrays(batch.columns + [pa.repeat(v, batch.num_rows) for v in values],
                                                        schema=with_partitions)
                 yield batch
+        except MemoryError:  # Arrow's failed allocations too: the command says how to use less
+            raise
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{part.path}: not a readable Parquet file ({first_line(e)})") from e
 
@@ -374,6 +381,53 @@ def _first_undecodable_line(path: Path) -> int | None:
 
 
 JSONL_CHUNK = 16 << 20  # bytes of whole lines the schema pass parses at a time
+MAX_LINE = 64 << 20  # bytes: the longest line (one JSON record, one CSV row) any reader takes
+MAX_DEPTH = 32  # how deeply a JSON record may nest objects and arrays (Arrow reads back about twice that)
+MAX_BLOCK = 1 << 30  # bytes: Arrow's reader blocks (a 32-bit setting) never ask for more
+
+
+def _block_size(batch_size: int, bytes_per_row: int, longest: int) -> int:
+    """Arrow's block size for a batch of rows: room for `batch_size` rows, and for two of the
+    longest lines (at most MAX_LINE each, so always below MAX_BLOCK)."""
+    return max(min(MAX_BLOCK, max(1 << 20, batch_size * bytes_per_row)), 2 * longest + 2)
+
+
+@nb.njit(cache=True, nogil=True)
+def _deepest(data, limit):
+    """(deepest nesting of JSON objects and arrays outside strings, index of the byte where it
+    first passes `limit`, or -1)."""
+    depth, deepest, in_string, escaped = 0, 0, False, False
+    for i in range(len(data)):
+        c = data[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 92:  # backslash
+                escaped = True
+            elif c == 34:  # quote
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 123 or c == 91:  # { [
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if depth > limit:
+                    return deepest, i
+        elif c == 125 or c == 93:  # } ]
+            depth -= 1
+        elif c == 10:  # a new record: a broken one must not carry its depth on
+            depth, in_string = 0, False
+    return deepest, -1
+
+
+def _check_depth(path: Path, first: int, chunk: bytes) -> None:
+    """One clear error, instead of a crash inside the JSON parser, for a record nested deeper
+    than MAX_DEPTH."""
+    _, at = _deepest(np.frombuffer(chunk, dtype=np.uint8), MAX_DEPTH)
+    if at >= 0:
+        line = first + chunk.count(b"\n", 0, at)
+        raise InputError(f"{path}: line {line}: JSON nested more than {MAX_DEPTH} levels deep (the most a record may be)")
 INT64_MAX = 2**63 - 1
 
 
@@ -387,11 +441,13 @@ def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...])
         schema, longest = _jsonl_schema(path, string_columns)
         if schema is None:
             return  # no records
-        read = pjson.ReadOptions(block_size=max(1 << 20, batch_size * 256, 2 * longest + 2))
+        read = pjson.ReadOptions(block_size=_block_size(batch_size, 256, longest))
         parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
         with pa.input_stream(str(path), compression=_compression(path)) as stream:
             for batch in pjson.open_json(stream, read_options=read, parse_options=parse):
                 yield from _split(batch, batch_size)
+    except MemoryError:  # Arrow's failed allocations too: the command says how to use less
+        raise
     except (pa.ArrowException, OSError, EOFError) as e:
         raise InputError(_explain_jsonl(path, string_columns) or f"{path}: unreadable JSON Lines ({first_line(e)})") from e
 
@@ -403,8 +459,14 @@ def _line_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
     line = 1
     with opener(path, "rb") as f:
         while chunk := f.read(JSONL_CHUNK):
-            if not chunk.endswith(b"\n"):
-                chunk += f.readline()
+            if not chunk.endswith(b"\n"):  # the rest of the last line, read no further than MAX_LINE
+                head = len(chunk) - 1 - chunk.rfind(b"\n")
+                rest = f.readline(max(0, MAX_LINE - head) + 1)
+                if head + len(rest) > MAX_LINE and not rest.endswith(b"\n"):
+                    number = line + chunk.count(b"\n")
+                    raise InputError(f"{path}: line {number}: longer than {MAX_LINE >> 20} MiB, the most one line may hold "
+                                     "(is it really one record per line?)")
+                chunk += rest
             yield line, chunk.removeprefix(b"\xef\xbb\xbf") if line == 1 else chunk
             line += chunk.count(b"\n")
 
@@ -422,6 +484,7 @@ def _jsonl_schema(path: Path, string_columns: tuple[str, ...]) -> tuple[pa.Schem
         longest = max(longest, _longest_line(chunk))
         if not chunk.strip():
             continue
+        _check_depth(path, first, chunk)
         table = pjson.read_json(io.BytesIO(chunk), read_options=pjson.ReadOptions(block_size=max(1 << 20, 2 * longest + 2)))
         _refuse_big_integers(path, first, chunk, table.schema)
         schemas.append(table.schema)
@@ -521,7 +584,7 @@ def _csv_batches(path: Path, batch_size: int, string_columns: tuple[str, ...] = 
         )
     longest = max((_longest_line(chunk) for _, chunk in _line_chunks(path)), default=0)  # a row must fit a block
     read = pcsv.ReadOptions(
-        column_names=names, skip_rows=1 if has_header else 0, block_size=max(1 << 20, batch_size * 128, 2 * longest + 2)
+        column_names=names, skip_rows=1 if has_header else 0, block_size=_block_size(batch_size, 128, longest)
     )
     convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
     parse = pcsv.ParseOptions(newlines_in_values=True)
@@ -530,6 +593,8 @@ def _csv_batches(path: Path, batch_size: int, string_columns: tuple[str, ...] = 
             reader = pcsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
                 yield from _split(batch, batch_size)
+    except MemoryError:  # Arrow's failed allocations too: the command says how to use less
+        raise
     except (pa.ArrowException, OSError, EOFError) as e:
         if "invalid UTF8" in str(e) and (line := _first_undecodable_line(path)):
             raise InputError(f"{path}: line {line}: invalid UTF-8") from e

@@ -113,6 +113,11 @@ def experiment_for(name: str, fingerprint: str) -> str:
             location = (Path.cwd() / DEFAULT_ARTIFACTS).resolve().as_uri()
         return client.create_experiment(name, artifact_location=location, tags={FINGERPRINT_TAG: fingerprint})
     other = exp.tags.get(FINGERPRINT_TAG)
+    if other is not None and other != fingerprint and not client.search_runs(
+            [exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=1):
+        # no run of that data ever finished (a refused or failed one): the experiment is not theirs
+        client.set_experiment_tag(exp.experiment_id, FINGERPRINT_TAG, fingerprint)
+        return exp.experiment_id
     if other is not None and other != fingerprint:
         raise MeliError(
             f"MLflow experiment {name!r} holds runs on other data (fingerprint {other}, this data is "

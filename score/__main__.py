@@ -1,5 +1,5 @@
 """`python -m meli.score` runs meli-score."""
 
-from meli.score.cli import main
+from meli.score.cli import entry
 
-main()
+entry()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from meli import __version__
-from meli.command import reports_errors, setup_logging
+from meli.command import console_script, reports_errors, setup_logging
 from meli.score.report import EXIT_DRIFT, DriftRules
 
 MAX_BATCH = 1 << 24  # rows: far beyond what memory allows for titles, well inside Arrow's and onnxruntime's limits
@@ -54,7 +54,8 @@ MAX_THREADS = 1024
                    "the report as an artifact, the model version as a tag.")
 @click.option("--quiet", is_flag=True, help="No progress bar or logs; the summary line still goes to stderr.")
 @reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was"
-                + (f", {kw['route_low']} too" if kw.get("route_low") else ""))
+                + (f", {kw['route_low']} too" if kw.get("route_low") else ""),
+                out_of_memory="; lower --batch-size (memory follows it)")
 def main(input_path, output_path, model, title_column, keep_columns, top_k, min_probability, route_low, batch_size,
          provider, threads, engine, spark_master, spark_remote, report, drift_threshold, fail_on_drift, track, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
@@ -109,3 +110,6 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
     if fail_on_drift and summary.report["drift"]:
         click.echo("Drift: " + "; ".join(summary.report["drift_reasons"]), err=True)
         raise click.exceptions.Exit(EXIT_DRIFT)
+
+
+entry = console_script(main)  # the installed `meli-score`

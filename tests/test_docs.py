@@ -12,9 +12,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
 
 
-def test_the_readme_is_short_and_names_the_two_setup_commands():
+def test_the_readme_names_the_two_setup_commands():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert len(text.splitlines()) <= 275
     setup = text.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     assert [line.split()[:2] for line in setup.strip().splitlines()] == [["make", "demo"], ["make", "test"]]
 
@@ -41,17 +40,3 @@ def test_results_pages_say_which_command_wrote_them_without_machine_paths(page):
     assert f"--write docs/{page.name}" in command.group(2)
     assert re.search(r"\b20\d\d-\d\d-\d\d\b", text), "no date"
     assert not re.search(r"(?<![\w.])/(tmp|home|work|root|Users)/", text), "an absolute path of the machine it ran on"
-
-
-def test_the_readmes_accuracy_figures_are_the_results_pages():
-    """Each row of the README's accuracy table (candidate, figure) is a row of the page the
-    bench command wrote: no figure typed by hand."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Accuracy", 1)[1].split("\n## ", 1)[0]
-    pages = [(ROOT / "docs" / name).read_text(encoding="utf-8") for name in ("results-candidates.md", "results-accuracy.md")]
-    page_rows = [[c.strip() for c in line.strip("|").split("|")] for p in pages for line in p.splitlines() if line.startswith("|")]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
-    figures = [r for r in rows if re.fullmatch(r"0\.\d{4}( \(.*\))?", r[1])]
-    assert len(figures) >= 10, "the README's accuracy table is missing"
-    for candidate, figure, *_ in figures:
-        assert any(candidate in row and figure in row for row in page_rows), f"README: {candidate} {figure} is on no results page"

@@ -600,3 +600,174 @@ def test_one_line_errors_survive_exceptions_without_text():
     assert first_line(ValueError("bad header\nmore detail")) == "bad header"
     assert first_line(ValueError()) == "ValueError"
     assert first_line(OSError("  \n")) == "OSError"
+
+
+# ================================================================ bounds on any input
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("inflating.jsonl.gz",  # one line of 100 MiB that gzips to about 100 KiB
+     lambda p: gzip.open(p, "wb").write(b'{"title": "ok"}\n{"title": "' + b"a" * (100 << 20) + b'"}\n'),
+     "line 2: longer than 64 MiB, the most one line may hold (is it really one record per line?)"),
+    ("inflating.csv.gz",
+     lambda p: gzip.open(p, "wb").write(b"title\nok\n" + b"b" * (100 << 20) + b"\n"),
+     "line 3: longer than 64 MiB, the most one line may hold (is it really one record per line?)"),
+    ("deep.jsonl",  # nesting that crashes a recursive JSON parser
+     lambda p: p.write_text('{"title": "a"}\n{"title": "b", "extra": ' + "[" * 200_000 + "]" * 200_000 + "}\n"),
+     "line 2: JSON nested more than 32 levels deep (the most a record may be)"),
+    ("deep-objects.jsonl",
+     lambda p: p.write_text('{"title": "a", "x": ' + '{"k": ' * 40 + "1" + "}" * 40 + "}\n"),
+     "line 1: JSON nested more than 32 levels deep (the most a record may be)"),
+])
+def test_no_line_or_record_makes_a_reader_hold_more_than_its_bound(name, write, message, model, tmp_path):
+    """A reader's memory is bounded by the batch size and the longest allowed line, however the
+    input is compressed or nested: past the bound, one error naming the line."""
+    path = tmp_path / name
+    write(path)
+    out = tmp_path / "out.parquet"
+    expect_error([path, out, "--model", model], f"{path}: {message}", out)
+
+
+def test_nesting_inside_strings_and_at_the_bound_reads(model, tmp_path):
+    """Brackets inside strings are text, and a record nested exactly as deep as allowed reads."""
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"title": "Funda [[[[{{{{ Iphone", "x": json.loads("[" * 31 + "]" * 31)}])
+    assert expect_scored([path, tmp_path / "out.parquet", "--model", model], tmp_path / "out.parquet").num_rows == 1
+
+
+@pytest.mark.parametrize("batch_size", ["16777216"])
+def test_the_largest_batch_size_reads_json_lines_and_csv(batch_size, model, tmp_path):
+    """The largest --batch-size asks no reader for a block past Arrow's 32-bit limit."""
+    rows = [{"title": t} for t in [t for t in TITLES if t][:5]]
+    for path in (write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "in.csv"):
+        if path.suffix == ".csv":
+            path.write_text("title\n" + "\n".join(r["title"] for r in rows) + "\n")
+        out = tmp_path / f"out-{path.suffix[1:]}.parquet"
+        assert expect_scored([path, out, "--model", model, "--batch-size", batch_size], out).num_rows == 5
+
+
+def test_running_out_of_memory_is_one_line(model, tmp_path):
+    """A batch that does not fit the process's memory limit: one Error line with the advice."""
+    import resource
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": t} for t in TITLES] * 2000)
+    out = tmp_path / "out.parquet"
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+              "sys.argv = ['meli-score', *sys.argv[1:]]; from meli.score.cli import entry; entry()")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(out), "--model", str(model), "--quiet",
+                           "--batch-size", "16777216"], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    if done.returncode == 0:  # the machine found the memory after all: then the output is right
+        assert pq.read_table(out).num_rows == len(TITLES) * 2000
+        return
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("Error: ") and lines[0].endswith("; lower --batch-size (memory follows it)"), lines
+    assert not out.exists() and temporaries(tmp_path) == []
+    assert resource  # imported for the child's sake: RLIMIT_AS is POSIX
+
+
+# ================================================================ exit codes
+
+
+def test_the_installed_commands_exit_with_their_code_and_skip_teardown(model, tmp_path):
+    """The console scripts end the process with the command's exit code once everything is
+    written (no interpreter teardown, where Arrow's thread pools can abort a finished process):
+    0 on success with the output complete, 1 with one Error line, 2 on a usage error."""
+    bin_dir = Path(sys.executable).parent
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "title": t} for i, t in enumerate(TITLES)])
+    runs = [([str(bin_dir / "meli-score"), str(src), str(tmp_path / "out.parquet"), "--model", str(model), "--quiet"], 0),
+            ([str(bin_dir / "meli-score"), str(tmp_path / "missing.jsonl"), str(tmp_path / "o.parquet"), "--model",
+              str(model), "--quiet"], 1),
+            ([str(bin_dir / "meli-score"), "--no-such-option"], 2),
+            ([str(bin_dir / "meli-train"), "--version"], 0),
+            ([str(bin_dir / "meli-export"), "--parity-rows", "-3"], 2)]
+    for _ in range(3):  # an abort at teardown shows up under load, not every time
+        for cmd, code in runs:
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+            assert done.returncode == code, (cmd, done.returncode, done.stderr[-2000:])
+            assert "terminate called" not in done.stderr and "Traceback" not in done.stderr
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == len(TITLES)
+    stdout = subprocess.run([str(bin_dir / "meli-score"), str(src), "-", "--model", str(model), "--quiet"],
+                            capture_output=True, text=True, timeout=300).stdout
+    assert len(stdout.splitlines()) == len(TITLES)  # flushed before the process ends
+
+
+# ================================================================ export mistakes
+
+
+def _export(*args):
+    from meli.export.cli import main as export_main
+
+    return CliRunner().invoke(export_main, [str(a) for a in args] + ["--quiet", "--no-register"])
+
+
+def test_export_never_writes_over_its_own_checkpoint(trained, tmp_path):
+    from meli.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(trained["mlp"].checkpoint, tmp_path / "model.pt")
+    before = ckpt.read_bytes()
+    result = _export("--checkpoint", ckpt, "--output", ckpt)
+    assert result.exit_code == 1
+    assert result.output == f"Error: {ckpt}: --output names the checkpoint being exported; write the model to another file\n"
+    assert ckpt.read_bytes() == before and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"title": None}, {"title": ""}, {"title": "!!! ??? ..."}],
+     "no usable titles for the parity check (2 non-null, none with a word the model reads); pass --parity-data FILE "
+     "with real titles"),
+    ([], "no usable titles for the parity check (0 non-null, none with a word the model reads); pass --parity-data "
+         "FILE with real titles"),
+])
+def test_parity_is_never_proven_on_titles_the_model_cannot_read(rows, message, trained, tmp_path):
+    from meli.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(trained["mlp"].checkpoint, tmp_path / "model.pt")
+    data = tmp_path / "parity.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "model.onnx"
+    result = _export("--checkpoint", ckpt, "--output", out, "--parity-data", data)
+    assert result.exit_code == 1 and result.output == f"Error: {data}: {message}\n", result.output
+    assert not out.exists() and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "many"])
+def test_parity_rows_must_be_a_positive_count(value, tmp_path):
+    result = _export("--parity-rows", value)
+    assert result.exit_code == 2 and "Invalid value for '--parity-rows'" in result.output
+    assert "Traceback" not in result.output
+
+
+# ================================================================ training inputs
+
+
+def test_categories_of_one_title_each_cannot_be_held_out(tmp_path):
+    from meli.train.cli import main as train_main
+
+    data = write_jsonl(tmp_path / "singles.jsonl", [{"title": f"producto {i} marca{i}", "category": f"CAT_{i}"}
+                                                    for i in range(40)])
+    result = CliRunner().invoke(train_main, ["--data", str(data), "--epochs", "1", "--quiet"])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {data}: too few titles per category to hold out a validation split (a category "
+                             "needs two titles to give one); pass a validation file (--validation)\n")
+
+
+def test_a_refused_run_does_not_bind_the_experiment_to_its_data(tmp_path):
+    """Data refused before training leaves no experiment behind it, and an experiment whose
+    only runs failed takes the corrected data; one with a finished run of other data refuses."""
+    import mlflow
+
+    from meli.train.cli import main as train_main
+
+    demo = ROOT / "meli" / "resources" / "demo"
+    bad = write_jsonl(tmp_path / "validation.jsonl", [{"title": "Taladro", "category": "NEVER_IN_TRAIN"}])
+    args = ["--train", str(demo / "train.jsonl.gz"), "--experiment", "exp", "--epochs", "1", "--members", "1", "--quiet"]
+    refused = CliRunner().invoke(train_main, args + ["--validation", str(bad)])
+    assert refused.exit_code == 1 and refused.output.startswith(f"Error: {bad}: 1 category(ies) appear only in validation")
+    client = mlflow.tracking.MlflowClient("sqlite:///mlflow.db")
+    assert client.get_experiment_by_name("exp") is None
+    good = CliRunner().invoke(train_main, args + ["--validation", str(demo / "validation.jsonl.gz")])
+    assert good.exit_code == 0, good.output
+    other = write_jsonl(tmp_path / "other.jsonl", [{"title": "Taladro Bosch", "category": "DRILLS"}] * 3)
+    again = CliRunner().invoke(train_main, ["--train", str(demo / "train.jsonl.gz"), "--validation", str(other),
+                                            "--experiment", "exp", "--epochs", "1", "--quiet"])
+    assert again.exit_code == 1 and "holds runs on other data" in again.output

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from meli import __version__
-from meli.command import reports_errors, setup_logging
+from meli.command import console_script, reports_errors, setup_logging
 from meli.dataset import DataFilter
 
 
@@ -37,7 +37,8 @@ from meli.dataset import DataFilter
                    "give the same data and settings it was started with.")
 @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
 @reports_errors(interrupted=lambda kw: "no checkpoint written; the MLflow run is marked FAILED, and "
-                                    "meli-train --resume RUN_ID (the id in the log) carries it on")
+                                    "meli-train --resume RUN_ID (the id in the log) carries it on",
+                out_of_memory="; lower members, vocabulary.max_size or tokenizer.char_buckets in the config")
 def main(config_path, data, train_path, validation_path, model, epochs, device, seed, members, languages, label_qualities,
          experiment, checkpoint_dir, resume, quiet):
     """Train a title classifier and log the run to MLflow.
@@ -75,3 +76,6 @@ def _ui_uri() -> str:
     from meli.tracking import tracking_uri
 
     return tracking_uri()
+
+
+entry = console_script(main)  # the installed `meli-train`

@@ -15,7 +15,7 @@ import torch
 
 from meli import __version__
 from meli.checkpoint import save_checkpoint
-from meli.dataset import TRAIN_MIX, DataFilter, LabelledSplit, fingerprint, load_labelled, split_holdout
+from meli.dataset import TRAIN_MIX, DataFilter, LabelledSplit, check_labels, fingerprint, load_labelled, split_holdout
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import InputError, OutputError, SettingError
 from meli.formats import detect_format
@@ -79,11 +79,18 @@ def _stem(p: Path) -> str:
 
 
 def load_splits(source: DataSource, config: TrainConfig, data_filter: DataFilter) -> tuple[LabelledSplit, LabelledSplit]:
+    """The train and validation splits, checked (`check_labels`) before any run is made of them."""
     train = load_labelled(source.train, data_filter)
     if source.validation is None:
         log.info("no validation file: holding out %.0f%% of %s", 100 * config.validation_fraction, source.train)
-        return split_holdout(train, config.validation_fraction, config.seed)
-    return train, load_labelled(source.validation, data_filter)
+        train, validation = split_holdout(train, config.validation_fraction, config.seed)
+        if len(validation) == 0:
+            raise InputError(f"{source.train}: too few titles per category to hold out a validation split (a category "
+                             "needs two titles to give one); pass a validation file (--validation)")
+    else:
+        validation = load_labelled(source.validation, data_filter)
+    check_labels(train, validation)
+    return train, validation
 
 
 @dataclass(frozen=True)
