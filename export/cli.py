@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from meli import __version__
-from meli.command import console_script, reports_errors, setup_logging
+from meli.command import console_script, one_line, reports_errors, setup_logging
 from meli.tracking import REGISTERED_NAME
 
 
@@ -65,7 +65,7 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
     outcome = export_model(chosen, output, parity_data=parity_data, parity_rows=parity_rows, provider=provider,
                            register_as=None if no_register else register_name, precision=table_precision,
                            quantize=quantize, force=force)
-    click.echo(f"wrote {outcome.output} (run {outcome.run_id or '-'}); {outcome.report.summary()}")
+    click.echo(f"wrote {one_line(str(outcome.output))} (run {outcome.run_id or '-'}); {outcome.report.summary()}")
     click.echo(calibration_summary(chosen.checkpoint))
     if outcome.registered:
         click.echo(f"registered as models:/{outcome.registered.version} (an MLflow pyfunc model); "

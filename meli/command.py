@@ -19,6 +19,7 @@ from typing import Callable
 import click
 
 from meli.errors import MeliError, SettingError
+from meli.formats import shown
 
 
 class Interrupted(BaseException):
@@ -50,8 +51,10 @@ def setup_logging(quiet: bool) -> None:
 
 def one_line(message: str) -> str:
     """A message on one line whatever it quotes (a file name may hold a newline): line breaks
-    and other control characters written as Python escapes."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+    and other control characters written as Python escapes, and the bytes of a file name that
+    are not UTF-8 (which Python holds as lone surrogates) as ``\\xNN``, as a shell shows them."""
+
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in shown(message))
 
 
 def reports_errors(func=None, *, interrupted: Callable[[dict], str] | None = None, out_of_memory: str = ""):

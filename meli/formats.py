@@ -218,7 +218,7 @@ def checked_parts(path: Path) -> tuple[list[Part], pa.Schema]:
     first: tuple[Path, pa.Schema] | None = None
     for part in parts:
         try:
-            schema = pq.read_schema(part.path)
+            schema = pq.read_schema(arrow_file(part.path))
         except MemoryError:  # Arrow's failed allocations too: the command says how to use less
             raise
         except (pa.ArrowException, OSError) as e:
@@ -243,7 +243,7 @@ def _parquet_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
     with_partitions = pa.schema(list(schema) + list(partitions), metadata=schema.metadata)
     for part in parts:
         try:
-            f = pq.ParquetFile(part.path)
+            f = pq.ParquetFile(arrow_file(part.path))
         except MemoryError:  # Arrow's failed allocations too: the command says how to use less
             raise
         except (pa.ArrowException, OSError) as e:
@@ -443,7 +443,7 @@ def _jsonl_batches(path: Path, batch_size: int, string_columns: tuple[str, ...])
             return  # no records
         read = pjson.ReadOptions(block_size=_block_size(batch_size, 256, longest))
         parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
-        with pa.input_stream(str(path), compression=_compression(path)) as stream:
+        with pa.input_stream(arrow_file(path), compression=_compression(path)) as stream:
             for batch in pjson.open_json(stream, read_options=read, parse_options=parse):
                 yield from _split(batch, batch_size)
     except MemoryError:  # Arrow's failed allocations too: the command says how to use less
@@ -589,7 +589,7 @@ def _csv_batches(path: Path, batch_size: int, string_columns: tuple[str, ...] = 
     convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
     parse = pcsv.ParseOptions(newlines_in_values=True)
     try:
-        with pa.input_stream(str(path), compression=_compression(path)) as stream:
+        with pa.input_stream(arrow_file(path), compression=_compression(path)) as stream:
             reader = pcsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
                 yield from _split(batch, batch_size)
@@ -612,6 +612,22 @@ def _csv_header(path: Path) -> list[str] | None:
         raise InputError(f"{path}: unreadable CSV ({first_line(e)})") from e
 
 
+def shown(text: str | os.PathLike) -> str:
+    """A path as a shell shows it: the bytes of a name that are not UTF-8 (which Python holds as
+    lone surrogates) written as ``\\xNN``, so that it can be printed and stored as UTF-8."""
+    return re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", os.fspath(text))
+
+
+def arrow_file(path: str | os.PathLike, mode: str = "rb"):
+    """`path` as Arrow's readers and writers take it: the path itself, or, for a name whose
+    bytes are not UTF-8 (which Arrow cannot encode), the file opened by Python."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+        return str(path)
+    except UnicodeEncodeError:
+        return open(path, mode)
+
+
 def _split(batch: pa.RecordBatch, batch_size: int) -> Iterator[pa.RecordBatch]:
     for start in range(0, batch.num_rows, batch_size):
         yield batch.slice(start, batch_size)
@@ -622,7 +638,7 @@ def batch_writer(path: Path, schema: pa.Schema, fmt: Format, gzipped: bool = Fal
     """Write record batches of `schema` to `path` as Parquet (zstd) or JSON Lines (gzipped
     when `gzipped`): ``with batch_writer(...) as write: write(batch)``."""
     if fmt == "parquet":
-        with pq.ParquetWriter(path, schema, compression="zstd") as w:
+        with pq.ParquetWriter(arrow_file(path, "wb"), schema, compression="zstd") as w:
             yield w.write_batch
     elif fmt == "jsonl":
         opener = gzip.open if gzipped else open
@@ -674,7 +690,7 @@ class AtomicWriter:
             raise OutputError(f"{self.target}: folder {folder} is not writable")
         limit = check_name_length(self.target)
         # the temporary name adds 14 characters (".", ".", 8 random, ".tmp"): shorten its stem
-        stem = self.target.name.encode()[: max(1, limit - 14)].decode("utf-8", "ignore")
+        stem = os.fsdecode(os.fsencode(self.target.name)[: max(1, limit - 14)])
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
         except OSError as e:
@@ -711,7 +727,7 @@ def check_name_length(path: Path) -> int:
         limit = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    size = len(path.name.encode())
+    size = len(os.fsencode(path.name))  # the bytes the file system stores, undecodable ones too
     if size > limit:
         raise OutputError(f"{path}: file name too long ({size} bytes; this file system allows {limit})")
     return limit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from meli import __version__
-from meli.command import console_script, reports_errors, setup_logging
+from meli.command import console_script, one_line, reports_errors, setup_logging
 from meli.score.report import EXIT_DRIFT, DriftRules
 
 MAX_BATCH = 1 << 24  # rows: far beyond what memory allows for titles, well inside Arrow's and onnxruntime's limits
@@ -102,7 +102,7 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
     else:
         summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
                              provider=provider, threads=threads, quiet=quiet, report=report, drift_rules=rules)
-    click.echo(summary.line(), err=True)
+    click.echo(one_line(summary.line()), err=True)
     if track:
         from meli.score.report import track_report
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from meli.calibration import THRESHOLDS, coverage_shares
 from meli.dataset import TRAIN_MIX
-from meli.formats import atomic_write_bytes
+from meli.formats import atomic_write_bytes, shown
 from meli.onnx_model import OnnxModel
 from meli.score.tally import CONFIDENCE_BINS, LENGTH_EDGES, Tally
 
@@ -133,8 +133,8 @@ def build_report(tally: Tally, model: OnnxModel, input_path: str, output_path: s
     }
     report = {
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": input_path,
-        "output": output_path,
+        "input": shown(input_path),
+        "output": shown(output_path),
         "engine": engine,
         "model": asdict(ModelIdentity.of(model, registered)),
         "rows": tally.rows,

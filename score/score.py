@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from meli.errors import InputError, MeliError, OutputError, SettingError, first_line
-from meli.formats import (NOT_DATA, AtomicWriter, batch_writer, check_name_length, detect_format, iter_batches, json_lines,
+from meli.formats import (NOT_DATA, AtomicWriter, arrow_file, batch_writer, check_name_length, detect_format, iter_batches, json_lines,
                           parquet_parts)
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
@@ -187,7 +187,7 @@ def _count_rows(path: Path) -> int | None:
     if detect_format(path) != "parquet":
         return None
     try:
-        return sum(pq.ParquetFile(p.path).metadata.num_rows for p in parquet_parts(path))
+        return sum(pq.ParquetFile(arrow_file(p.path)).metadata.num_rows for p in parquet_parts(path))
     except (pa.ArrowException, OSError):
         return None  # the reader will report it with the file's name
 
@@ -210,14 +210,24 @@ def _spooled(inp: Path) -> Iterator[Path]:
     a file more than once (the JSON Lines schema pass, the scan that names a bad line), which
     a pipe cannot be. Errors that name the copy name `inp` instead."""
     name = "stdin.jsonl" if inp == STDIO else inp.name
-    with tempfile.TemporaryDirectory(prefix="meli-input-") as tmp:
+    shown = "-" if inp == STDIO else str(inp)
+    try:
+        tmp_dir = tempfile.TemporaryDirectory(prefix="meli-input-")
+    except OSError as e:
+        raise OutputError(f"{shown}: cannot make a temporary folder to hold the input ({e.strerror or e}); set TMPDIR "
+                          "to a folder with room") from e
+    with tmp_dir as tmp:
         path = Path(tmp) / name
-        with open(path, "wb") as f:
-            if inp == STDIO:
-                shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
-            else:
-                with open(inp, "rb") as pipe:
-                    shutil.copyfileobj(pipe, f, 1 << 20)
+        try:
+            with open(path, "wb") as f:
+                if inp == STDIO:
+                    shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+                else:
+                    with open(inp, "rb") as pipe:
+                        shutil.copyfileobj(pipe, f, 1 << 20)
+        except OSError as e:  # a full or read-only temporary file system
+            raise OutputError(f"{shown}: cannot hold the input in {tempfile.gettempdir()} ({e.strerror or e}); set "
+                              "TMPDIR to a folder with room") from e
         try:
             yield path
         except SettingError:

@@ -76,7 +76,8 @@ def read_output(path: Path) -> pa.Table:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             return pa.Table.from_pylist([json.loads(line) for line in f])
-    return pq.read_table(path)
+    with open(path, "rb") as f:  # a name that is not UTF-8 too
+        return pq.read_table(f)
 
 
 @pytest.fixture()
@@ -771,3 +772,48 @@ def test_a_refused_run_does_not_bind_the_experiment_to_its_data(tmp_path):
     again = CliRunner().invoke(train_main, ["--train", str(demo / "train.jsonl.gz"), "--validation", str(other),
                                             "--experiment", "exp", "--epochs", "1", "--quiet"])
     assert again.exit_code == 1 and "holds runs on other data" in again.output
+
+
+# ================================================================ the environment
+
+
+def test_file_names_that_are_not_utf8_read_write_and_are_named(model, tmp_path):
+    """Names whose bytes are not UTF-8 (legal on Linux) are read and written like any other,
+    and an error names them as a shell shows them (\\xNN), on one line."""
+    src = Path(os.fsdecode(bytes(tmp_path) + b"/in\xff.jsonl"))
+    write_jsonl(src, [{"title": t} for t in TITLES])
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/out\xfe.parquet"))
+    low = Path(os.fsdecode(bytes(tmp_path) + b"/low\xfd.parquet"))
+    report = Path(os.fsdecode(bytes(tmp_path) + b"/r\xfc.html"))
+    scored = expect_scored([src, out, "--model", model, "--report", report, "--min-probability", "0.999",
+                            "--route-low", low], out)
+    assert scored.num_rows + read_output(low).num_rows == len(TITLES) and report.is_file()
+    parquet_in = Path(os.fsdecode(bytes(tmp_path) + b"/in\xfb.parquet"))
+    with open(parquet_in, "wb") as f:
+        pq.write_table(pa.table({"title": TITLES}), f)
+    again = expect_scored([parquet_in, tmp_path / "again.jsonl", "--model", model], tmp_path / "again.jsonl")
+    assert again.num_rows == len(TITLES)
+    missing = Path(os.fsdecode(bytes(tmp_path) + b"/gone\xff.jsonl"))
+    shown = f"{tmp_path}/gone\\xff.jsonl"
+    expect_error([missing, tmp_path / "o.parquet", "--model", model], f"{shown}: no such file or directory",
+                 tmp_path / "o.parquet")
+
+
+def test_stdin_that_does_not_fit_the_temporary_folder_is_one_line(model, tmp_path):
+    """stdin is spooled to a temporary file; when that cannot grow (a full file system; here a
+    file-size limit), one Error line says so and where, and asks for TMPDIR."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    data = "".join(json.dumps({"title": t}) + "\n" for t in [t for t in TITLES if t] * 20_000).encode()
+    assert len(data) > 2 << 20
+    done = subprocess.run([str(Path(sys.executable).parent / "meli-score"), "-", str(tmp_path / "out.parquet"), "--model",
+                           str(model), "--quiet"], input=data, capture_output=True, preexec_fn=small_files, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1 and lines == [f"Error: -: cannot hold the input in {tmp_path} (File too large); set "
+                                              "TMPDIR to a folder with room"], done.stderr[-2000:]
+    assert not (tmp_path / "out.parquet").exists() and not list(tmp_path.glob("meli-input-*"))
