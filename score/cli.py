@@ -52,7 +52,8 @@ MAX_THREADS = 1024
 @click.option("--track", is_flag=True,
               help="With --report: log the run to MLflow (experiment meli-scoring): the report's figures as metrics, "
                    "the report as an artifact, the model version as a tag.")
-@click.option("--quiet", is_flag=True, help="No progress bar or logs; the summary line still goes to stderr.")
+@click.option("--quiet", is_flag=True, help="Nothing on stderr unless it fails (one Error: line) or drifts with "
+              "--fail-on-drift (one Drift: line): no progress bar, logs or summary line.")
 @reports_errors(interrupted=lambda kw: f"{kw['output_path']} left as it was"
                 + (f", {kw['route_low']} too" if kw.get("route_low") else ""),
                 out_of_memory="; lower --batch-size (memory follows it)")
@@ -98,15 +99,18 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
 
         summary = score_with_spark(input_path, output_path, resolve_model_uri(model), options, master=spark_master,
                                    remote=spark_remote, provider=provider, batch_size=batch_size, report=report, drift_rules=rules,
-                                   model_name=model)
+                                   model_name=model, quiet=quiet)
     else:
         summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
                              provider=provider, threads=threads, quiet=quiet, report=report, drift_rules=rules)
-    click.echo(one_line(summary.line()), err=True)
+    if not quiet:
+        click.echo(one_line(summary.line()), err=True)
     if track:
         from meli.score.report import track_report
 
-        click.echo(f"tracked as MLflow run {track_report(summary.report, summary.report_files)}", err=True)
+        tracked = track_report(summary.report, summary.report_files)
+        if not quiet:
+            click.echo(f"tracked as MLflow run {tracked}", err=True)
     if fail_on_drift and summary.report["drift"]:
         click.echo("Drift: " + "; ".join(summary.report["drift_reasons"]), err=True)
         raise click.exceptions.Exit(EXIT_DRIFT)

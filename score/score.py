@@ -317,7 +317,14 @@ def score_file(
         pa.set_cpu_count(threads)
     if report is not None:
         check_report(report, inp, [out] if low is None else [out, low])
-    onnx_model = load_onnx_model(resolve_model_uri(model), provider=provider, threads=threads)
+    model_path = resolve_model_uri(model)
+    written = [(out, "the output"), (low, "the low-probability file")] + [(p, "the report") for p in
+                                                                           (report_paths(report) if report else [])]
+    for path, what in written:
+        if path is not None and path != STDIO and path.exists() and model_path.exists() \
+                and path.resolve() == model_path.resolve():
+            raise OutputError(f"{path}: {what} would overwrite the model file")
+    onnx_model = load_onnx_model(model_path, provider=provider, threads=threads)
     tally = Tally(len(onnx_model.card.labels)) if report is not None else None
     # routing: low rows keep the model's category, as a suggestion in the second file
     scorer = Scorer(onnx_model, dataclasses.replace(options, null_low=low is None), tally=tally)

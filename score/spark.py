@@ -18,6 +18,7 @@ On a cluster (the extras ``meli-categorizer[cpu]`` or ``[gpu]`` installed on the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -25,6 +26,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -127,9 +129,11 @@ def spark_reason(e: BaseException) -> str:
     return first_line(e)[:300]
 
 
-def spark_session(master: str | None = None, remote: str | None = None):
+def spark_session(master: str | None = None, remote: str | None = None, quiet: bool = False):
     """A Spark Connect session to `remote` (``sc://host:port``); else the active session
-    (spark-submit's), or a classic one on `master` (default: spark-submit's, else local[*])."""
+    (spark-submit's), or a classic one on `master` (default: spark-submit's, else local[*]).
+    With `quiet`, the JVM this starts writes its stderr (start-up warnings, log4j, Java stack
+    traces) to a temporary file instead of ours; a start-up failure quotes its reason from it."""
     try:
         from pyspark.sql import SparkSession
     except ImportError as e:
@@ -146,12 +150,43 @@ def spark_session(master: str | None = None, remote: str | None = None):
 
     if master is not None or not SparkConf().contains("spark.master"):
         builder = builder.master(master or "local[*]")
-    try:
-        session = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate()
-    except Exception as e:  # noqa: BLE001 - Java's errors: a bad master URL, no Java
-        raise SettingError("spark_master", f"{master or 'local[*]'}: Spark did not start ({spark_reason(e)})") from e
+    with _jvm_stderr(quiet) as jvm_log:
+        try:
+            session = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate()
+        except Exception as e:  # noqa: BLE001 - Java's errors: a bad master URL, no Java
+            reason = _jvm_reason(jvm_log) or spark_reason(e)
+            raise SettingError("spark_master", f"{master or 'local[*]'}: Spark did not start ({reason})") from e
     session.sparkContext.setLogLevel("ERROR")
     return session
+
+
+@contextlib.contextmanager
+def _jvm_stderr(quiet: bool):
+    """With `quiet`: our stderr (file descriptor 2, which the JVM inherits) sent to a temporary
+    file while the JVM starts, then given back; the JVM keeps writing to that file. Yields it."""
+    if not quiet:
+        yield None
+        return
+    log = tempfile.TemporaryFile()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield log
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _jvm_reason(log) -> str | None:
+    """The message of the exception that stopped the JVM, from its captured stderr."""
+    if log is None:
+        return None
+    log.seek(0)
+    text = log.read().decode("utf-8", "replace")
+    found = re.findall(r"Exception in thread \"main\" [\w.$]+: (.+)", text) or re.findall(r"\n[\w.$]+Exception: (.+)", text)
+    return found[-1].strip()[:300] if found else None
 
 
 def _connect(remote: str):
@@ -248,6 +283,7 @@ def score_with_spark(
     report: str | os.PathLike | None = None,
     drift_rules: DriftRules = DriftRules(),
     model_name: str | None = None,
+    quiet: bool = False,
 ) -> SparkSummary:
     """Score a Parquet dataset (a file or a folder of part files, local or on a lake's file
     system) or a table (``table:NAME``) into a folder of Parquet part files or a table at
@@ -266,7 +302,7 @@ def score_with_spark(
         _check_output_folder(str(output_path))
     if report is not None:  # the local engine's checks: written at the end, so refused now
         check_report(report, Path(input_path), [] if table_out else [Path(str(output_path).removeprefix("file://"))])
-    spark = spark_session(master, remote)
+    spark = spark_session(master, remote, quiet)
     connect = is_connect(spark)
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 

@@ -590,7 +590,7 @@ def test_stdin_to_stdout_as_json_lines(model, tmp_path):
     out = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["id"] for r in out] == list(range(len(TITLES)))
     assert [r["category"] for r in out] == direct_predictions(model, TITLES)[0]
-    assert done.stderr.startswith("scored 8 rows") and temporaries(ROOT) == []
+    assert done.stderr == "" and temporaries(ROOT) == []  # --quiet: nothing on stderr when it goes well
 
 
 def test_one_line_errors_survive_exceptions_without_text():
@@ -817,3 +817,23 @@ def test_stdin_that_does_not_fit_the_temporary_folder_is_one_line(model, tmp_pat
     assert done.returncode == 1 and lines == [f"Error: -: cannot hold the input in {tmp_path} (File too large); set "
                                               "TMPDIR to a folder with room"], done.stderr[-2000:]
     assert not (tmp_path / "out.parquet").exists() and not list(tmp_path.glob("meli-input-*"))
+
+
+@pytest.mark.parametrize("which", ["output", "route-low", "report"])
+def test_no_output_of_meli_score_is_its_own_model(which, model, tmp_path):
+    """The model file is an input too: naming it (whatever it is called) as the output, the
+    low-probability file or the report is one Error line, the model byte for byte as it was."""
+    import shutil
+
+    own = tmp_path / {"output": "model.parquet", "route-low": "model.jsonl", "report": "r.json"}[which]
+    shutil.copy(model, own)
+    before = own.read_bytes()
+    src = write_jsonl(tmp_path / "in.jsonl", [{"title": t} for t in TITLES])
+    out = tmp_path / "out.parquet"
+    args = {"output": [src, own, "--model", own],
+            "route-low": [src, out, "--model", own, "--min-probability", "0.5", "--route-low", own],
+            "report": [src, out, "--model", own, "--report", tmp_path / "r.html"]}[which]
+    result = score_cli(*args)
+    what = {"output": "the output", "route-low": "the low-probability file", "report": "the report"}[which]
+    assert result.exit_code == 1 and result.output == f"Error: {own}: {what} would overwrite the model file\n", result.output
+    assert own.read_bytes() == before and temporaries(tmp_path) == [] and not out.exists()

@@ -287,7 +287,7 @@ def test_challenge_test_sample_as_parquet_and_jsonl(exported, shared_data, tmp_p
     for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
         result = CliRunner().invoke(score_main, [str(sample), str(out), "--model", str(exported["mlp"]), "--quiet"])
         assert result.exit_code == 0, result.output
-        assert "scored 1,000 rows" in result.output
+        assert result.output == ""  # --quiet
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [str(i) for i in range(1000)]
     assert pq.read_table(tmp_path / "out.parquet")["category"].to_pylist() == [r["category"] for r in rows]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,7 +40,7 @@ def test_spark_scores_every_row_as_the_local_engine_does(lake, exported, tmp_pat
     assert run(lake, local, "--model", model).exit_code == 0
     result = run(lake, spark, "--model", model, "--engine", "spark", "--spark-master", "local[2]", "--batch-size", "300")
     assert result.exit_code == 0, (result.output, result.exception)
-    assert "scored 2,000 rows" in result.output and "on Spark local[2]" in result.output
+    assert result.output == ""  # --quiet: nothing but errors
     expected = pq.read_table(local).sort_by("id")
     got = pq.read_table(spark).sort_by("id")
     assert got.column_names == ["id", "seller", "category", "probability"]
@@ -95,3 +97,20 @@ def test_the_mlflow_model_works_as_a_spark_udf(lake, exported, tmp_path, monkeyp
     b = expected["probability"].to_numpy(zero_copy_only=False).astype(float)
     assert np.allclose([np.nan if r["probability"] is None else r["probability"] for r in rows], b, atol=1e-6,
                        equal_nan=True)
+
+
+def test_quiet_spark_is_quiet_in_the_process_too(lake, exported, tmp_path):
+    """--quiet with --engine spark, as a nightly job runs it (a process, stderr to a file): an
+    empty stderr on success, one Error line quoting the JVM's reason on a bad master URL."""
+    import subprocess
+    import sys
+
+    meli_score = [str(Path(sys.executable).parent / "meli-score")]
+    ok = subprocess.run(meli_score + [str(lake), str(tmp_path / "out"), "--model", str(exported["mlp"]), "--engine", "spark",
+                                      "--spark-master", "local[1]", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr[-3000:]
+    bad = subprocess.run(meli_score + [str(lake), str(tmp_path / "out2"), "--model", str(exported["mlp"]), "--engine", "spark",
+                                       "--spark-master", "bogus://nowhere", "--quiet"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 1 and bad.stderr == ("Error: --spark-master: bogus://nowhere: Spark did not start (Master must "
+                                                  "either be yarn or start with spark, k8s, or local)\n"), bad.stderr[-3000:]
