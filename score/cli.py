@@ -47,6 +47,9 @@ MAX_THREADS = 1024
                    "Jensen-Shannon), confidence against validation, and a drift verdict.")
 @click.option("--drift-threshold", type=click.FloatRange(min=0, min_open=True), default=DriftRules.category_psi,
               show_default=True, help="With --report: the category PSI above which the run counts as drifted.")
+@click.option("--min-estimated-accuracy", type=click.FloatRange(0, 1), default=None,
+              help="With --report: the run also counts as drifted when its estimated accuracy (from the calibrated "
+                   "probabilities, no labels) is below this.")
 @click.option("--fail-on-drift", is_flag=True,
               help=f"With --report: exit with code {EXIT_DRIFT} when the run drifted (the output is still written).")
 @click.option("--track", is_flag=True,
@@ -58,7 +61,8 @@ MAX_THREADS = 1024
                 + (f", {kw['route_low']} too" if kw.get("route_low") else ""),
                 out_of_memory="; lower --batch-size (memory follows it)")
 def main(input_path, output_path, model, title_column, keep_columns, top_k, min_probability, route_low, batch_size,
-         provider, threads, engine, spark_master, spark_remote, report, drift_threshold, fail_on_drift, track, quiet):
+         provider, threads, engine, spark_master, spark_remote, report, drift_threshold, min_estimated_accuracy, fail_on_drift,
+         track, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
 
     INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
@@ -75,11 +79,12 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
     from meli.score.scorer import ScoreConfig
     from meli.score.score import score_file
 
-    if (fail_on_drift or track) and report is None:
-        raise click.UsageError(f"--{'fail-on-drift' if fail_on_drift else 'track'} needs --report")
+    if (fail_on_drift or track or min_estimated_accuracy is not None) and report is None:
+        flag = "fail-on-drift" if fail_on_drift else "track" if track else "min-estimated-accuracy"
+        raise click.UsageError(f"--{flag} needs --report")
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
     options = ScoreConfig(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
-    rules = DriftRules(category_psi=drift_threshold)
+    rules = DriftRules(category_psi=drift_threshold, min_estimated_accuracy=min_estimated_accuracy)
     if track:  # a store that cannot take the run fails now, before the catalog is scored
         from meli.tracking import check_store
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from meli.calibration import THRESHOLDS, coverage_shares
 from meli.dataset import TRAIN_MIX
 from meli.formats import atomic_write_bytes, shown
 from meli.onnx_model import OnnxModel
-from meli.score.tally import CONFIDENCE_BINS, LENGTH_EDGES, Tally
+from meli.score.tally import CONFIDENCE_BINS, LENGTH_EDGES, Q24, Tally
 
 EXIT_DRIFT = 3  # meli-score --fail-on-drift: the run drifted (the output is written)
 PSI_FLOOR = 1e-4  # a share of 0 counts as this much in the PSI (its logarithm must exist)
@@ -41,6 +42,7 @@ class DriftRules:
     category_psi: float = 0.25  # PSI of the predicted categories against the training mix
     unscored_share: float = 0.10  # rows without a category (null/empty titles, no known token)
     confidence_drop: float = 0.10  # fall of the share of rows at probability >= CONFIDENT, against validation
+    min_estimated_accuracy: float | None = None  # drift when the estimated accuracy falls below it (off by default)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,54 @@ def validation_coverage(model: OnnxModel) -> dict[float, float]:
     return coverage_shares(model.card.provenance.get("metrics") or {})
 
 
+MIN_EXPECTED_TITLES = 5.0  # a category enters the estimated balanced accuracy with at least this many expected titles
+UNTRUSTED_UNKNOWN_WORDS = 0.25  # an unknown-word share above this: titles far from training, estimate untrusted
+
+
+def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None, rules: DriftRules) -> dict:
+    """The accuracy of tonight's scored rows, estimated without labels from the calibrated
+    probabilities (confidence-based performance estimation, as NannyML's CBPE does it).
+
+    A calibrated model's top probability p is the chance its category is right, so the
+    expected accuracy is the mean of p; the count of right answers varies around it with
+    variance sum p (1 - p) (independent rows), and the calibration itself is only good to its
+    expected calibration error on the validation titles, added to the 95% interval. The
+    balanced accuracy is estimated the same way, category by category: expected recall =
+    (sum of p over rows predicted as it) / (sum over all rows of their probability of it), for
+    categories with at least MIN_EXPECTED_TITLES expected titles. Both assume that tonight's
+    titles relate to their categories as the training titles did; `trusted` says when that is
+    in doubt (many unknown words, a moved category mix)."""
+    metrics = model.card.provenance.get("metrics") or {}
+    ece = float(metrics.get("calibration_ece_after") or 0.0)
+    out = {"estimated_accuracy": None, "interval": None, "estimated_balanced_accuracy": None,
+           "categories_in_balanced": 0, "calibration_error": ece,
+           "validation_accuracy": metrics.get("val_accuracy"),
+           "validation_balanced_accuracy": metrics.get("val_balanced_accuracy"), "trusted": True, "caveats": []}
+    n = tally.scored
+    if not n:
+        return out
+    accuracy = tally.probability_q24 / Q24 / n
+    half = 1.96 * math.sqrt(tally.uncertainty_q24 / Q24) / n + ece
+    support = tally.expected_support_q24 / Q24
+    correct = tally.category_probability_q24 / Q24
+    enough = support >= MIN_EXPECTED_TITLES
+    out.update(estimated_accuracy=accuracy, interval=[max(0.0, accuracy - half), min(1.0, accuracy + half)],
+               estimated_balanced_accuracy=float(np.mean(np.minimum(1.0, correct[enough] / support[enough])))
+               if enough.any() and support.sum() > 0 else None,
+               categories_in_balanced=int(enough.sum()))
+    if "calibration_ece_after" not in metrics:
+        out["caveats"].append("the model's probabilities were not calibrated at export (no temperature fitted on "
+                              "validation): the estimate assumes they are")
+    unknown = tally.unknown_words / tally.words if tally.words else 0.0
+    if unknown > UNTRUSTED_UNKNOWN_WORDS:
+        out["caveats"].append(f"{unknown:.0%} of words are unknown to the model (titles far from training)")
+    if category_psi is not None and category_psi > rules.category_psi:
+        out["caveats"].append(f"the category mix moved (PSI {category_psi:.3f}): titles may relate to categories "
+                              "otherwise than in training")
+    out["trusted"] = not out["caveats"]
+    return out
+
+
 def build_report(tally: Tally, model: OnnxModel, input_path: str, output_path: str, *,
                  rules: DriftRules = DriftRules(), min_probability: float = 0.0, registered: str | None = None,
                  engine: str = "local") -> dict:
@@ -151,6 +201,7 @@ def build_report(tally: Tally, model: OnnxModel, input_path: str, output_path: s
         "category_psi_by_chance": by_chance,
         "categories": categories,
         "confidence": confidence,
+        "accuracy": estimate_accuracy(tally, model, category_psi, rules),
         "drift_rules": asdict(rules),
     }
     reasons = drift_reasons(report, rules)
@@ -174,6 +225,11 @@ def drift_reasons(report: dict, rules: DriftRules) -> list[str]:
     if report["rows"] and report["unscored_share"] > rules.unscored_share:
         reasons.append(f"{report['unscored_share']:.1%} of rows got no category > {rules.unscored_share:.0%} "
                        f"({report['empty_titles']:,} null or empty titles, {report['no_known_token']:,} with no known word)")
+    estimated = report["accuracy"]["estimated_accuracy"]
+    if rules.min_estimated_accuracy is not None and estimated is not None and estimated < rules.min_estimated_accuracy:
+        low, high = report["accuracy"]["interval"]
+        reasons.append(f"estimated accuracy {estimated:.1%} (95% interval {low:.1%}-{high:.1%}) < "
+                       f"{rules.min_estimated_accuracy:.1%}")
     row = next(r for r in report["confidence"]["thresholds"] if r["threshold"] == CONFIDENT)
     if row["share"] is not None and row["validation_share"] is not None \
             and row["validation_share"] - row["share"] > rules.confidence_drop:
@@ -292,6 +348,15 @@ def render_html(report: dict) -> str:
              f"a catalog this size drawn from the training mix shows about {_num(report['category_psi_by_chance'])} by chance)"),
             ("category Jensen–Shannon divergence", f"{_num(report['category_js'], '.4f')} bits"),
             ("mean top probability", _num(report["confidence"]["mean_probability"]))]
+    acc = report["accuracy"]
+    if acc["estimated_accuracy"] is not None:
+        low, high = acc["interval"]
+        note = "" if acc["trusted"] else " (not to be trusted tonight: " + "; ".join(acc["caveats"]) + ")"
+        rows.append(("estimated accuracy (no labels)", f"{acc['estimated_accuracy']:.1%} (95% interval {low:.1%}-{high:.1%}); "
+                     f"validation titles at export: {_pct(acc['validation_accuracy'])}{note}"))
+        rows.append(("estimated balanced accuracy", f"{_pct(acc['estimated_balanced_accuracy'])} over "
+                     f"{acc['categories_in_balanced']} categories; validation titles at export: "
+                     f"{_pct(acc['validation_balanced_accuracy'])}"))
     if report["confidence"]["min_probability"]:
         rows.append((f"below --min-probability {report['confidence']['min_probability']:g}",
                      _pct(report["confidence"]["below_min_probability"])))
@@ -367,6 +432,8 @@ def report_metrics(report: dict) -> dict[str, float]:
     flat = {k: report[k] for k in ("rows", "scored", "unscored", "unscored_share", "unknown_word_share", "category_psi",
                                    "category_js")}
     flat["drift"] = float(report["drift"])
+    flat["estimated_accuracy"] = report["accuracy"]["estimated_accuracy"]
+    flat["estimated_balanced_accuracy"] = report["accuracy"]["estimated_balanced_accuracy"]
     flat["mean_probability"] = report["confidence"]["mean_probability"]
     flat["below_min_probability"] = report["confidence"]["below_min_probability"]
     for row in report["confidence"]["thresholds"]:

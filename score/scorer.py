@@ -26,7 +26,7 @@ from meli.errors import InputError, SettingError
 from meli.formats import as_plain_strings, first_repeat, is_text
 from meli.onnx_model import OnnxModel, load_onnx_model
 from meli.tokenizer import N_SPECIAL, Encoded
-from meli.score.tally import Tally, WordCounter, tally_batch
+from meli.score.tally import Tally, WordCounter, q24, tally_batch
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,11 @@ class Scorer:
         # group rows of similar length so each onnxruntime call pads little
         lengths = enc.lengths
         rows = rows[np.argsort(lengths[rows], kind="stable")]
+        support = np.zeros(len(self.labels), np.int64) if self.tally is not None else None
         for chunk in length_runs(rows, lengths[rows], self.options.inference_ids):
             probs = self.model.predict(enc.rows(chunk, max(1, int(lengths[chunk[-1]]))))  # sorted: the last is the longest
+            if support is not None:  # each row's probability of every category: the expected mix
+                support += q24(probs).sum(0)
             if k == 1:
                 best = probs.argmax(axis=1)[:, None]
             else:
@@ -204,7 +207,7 @@ class Scorer:
         self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum()), below=int(below.sum())))
         if self.tally is not None:
             self._words = self._words or WordCounter(self.tokenizer)
-            tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below)
+            tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below, support)
         return Scored(pa.RecordBatch.from_arrays(columns, schema=schema), ~scorable | below)
 
     def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -39,15 +39,21 @@ class Tally:
     words: int = 0  # words after normalisation and stopwords, of every title
     unknown_words: int = 0  # of those, words not in the vocabulary
     probability_q24: int = 0  # sum of the scored rows' top probability, in units of 2**-24 (whole numbers add exactly)
+    uncertainty_q24: int = 0  # sum of p (1 - p) over the scored rows' top probability p, in units of 2**-24
     below: int = 0  # scored rows under --min-probability
     categories: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # by label, in units of 2**-24: the top probability of the rows predicted as it (their expected
+    # correct answers), and every scored row's probability of it (its expected number of titles)
+    category_probability_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
+    expected_support_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
     lengths: np.ndarray = field(default=None)  # type: ignore[assignment]
     confidence: np.ndarray = field(default=None)  # type: ignore[assignment]
     at_threshold: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         zeros = {"categories": self.n_labels, "lengths": len(LENGTH_EDGES), "confidence": CONFIDENCE_BINS,
-                 "at_threshold": len(THRESHOLDS)}
+                 "at_threshold": len(THRESHOLDS), "category_probability_q24": self.n_labels,
+                 "expected_support_q24": self.n_labels}
         for name, size in zeros.items():
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(size, np.int64))
@@ -105,10 +111,17 @@ class WordCounter:
         return int(counts[self.WORD] + counts[self.UNKNOWN]), int(counts[self.UNKNOWN])
 
 
+def q24(probabilities: np.ndarray) -> np.ndarray:
+    """Probabilities as whole units of 2**-24 (int64): sums of them are exact in any order."""
+    return np.rint(np.asarray(probabilities, np.float64) * Q24).astype(np.int64)
+
+
 def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Encoded, scorable: np.ndarray,
-                top_index: np.ndarray, top_probability: np.ndarray, below: np.ndarray) -> None:
+                top_index: np.ndarray, top_probability: np.ndarray, below: np.ndarray,
+                support_q24: np.ndarray | None = None) -> None:
     """Add one scored batch to `tally`: its plain-string `titles`, their `encoded` ids, which
-    rows were scorable, their top category and probability, and which fell under the threshold."""
+    rows were scorable, their top category and probability, which fell under the threshold,
+    and the sum of the scorable rows' probability vectors (`q24`)."""
     n = len(titles)
     chars = pc.utf8_length(titles).fill_null(0).to_numpy(zero_copy_only=False).copy()
     empty = chars == 0
@@ -129,5 +142,11 @@ def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Enc
     tally.confidence += np.bincount(np.minimum((p * CONFIDENCE_BINS).astype(np.int64), CONFIDENCE_BINS - 1),
                                     minlength=CONFIDENCE_BINS)
     tally.at_threshold += np.array([np.count_nonzero(p >= t) for t in THRESHOLDS], np.int64)
-    tally.probability_q24 += int(np.rint(p * Q24).astype(np.int64).sum())
+    top_q24 = q24(p)
+    tally.probability_q24 += int(top_q24.sum())
+    tally.uncertainty_q24 += int(q24(p * (1.0 - p)).sum())
+    tally.category_probability_q24 += np.bincount(top_index[scorable], weights=top_q24, minlength=tally.n_labels
+                                                  ).astype(np.int64)
+    if support_q24 is not None:
+        tally.expected_support_q24 += support_q24
     tally.below += int(below.sum())

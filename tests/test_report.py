@@ -23,7 +23,7 @@ CIRCUMSTANCES = ("created_at", "input", "output", "engine")
 
 
 def run(*args):
-    return CliRunner().invoke(score_main, [str(a) for a in args] + ["--quiet"])
+    return CliRunner().invoke(score_main, [str(a) for a in args])  # not --quiet: the summary line is checked
 
 
 def catalog(path, titles) -> str:
@@ -254,3 +254,92 @@ def test_spark_reports_the_same_figures_as_the_local_engine(demo_splits, exporte
     assert spark["engine"] == "spark" and spark["rows"] == len(titles)
     assert {k: v for k, v in spark.items() if k not in CIRCUMSTANCES} == {k: v for k, v in local.items() if k not in CIRCUMSTANCES}
     assert "no drift" in result.output
+
+
+def _estimate_against_truth(tmp_path, titles, categories, model):
+    """(the report's accuracy section, the real accuracy, the real balanced accuracy) of
+    scoring `titles`, whose true `categories` the report never sees."""
+    from meli.metrics import balanced_accuracy
+
+    tmp_path.mkdir()
+    inp = catalog(tmp_path / "in.parquet", titles)
+    data, page, result = score_with_report(tmp_path, inp, model)
+    assert result.exit_code == 0, result.output
+    predicted = pq.read_table(tmp_path / "out.parquet").column("category").to_pylist()
+    labels = {c: i for i, c in enumerate(sorted(set(categories)))}
+    truth = np.array([labels[c] for c in categories])
+    pred = np.array([labels.get(p, -1) for p in predicted])
+    return data["accuracy"], float((truth == pred).mean()), balanced_accuracy(truth, pred), page
+
+
+@pytest.fixture(scope="module")
+def calibrated_on_half(trained, demo_splits, tmp_path_factory):
+    """The demo MLP with a temperature fitted on the first half of the validation titles (as
+    the recipe fits it on validation), exported; the second half is left to judge it on."""
+    import dataclasses
+
+    import torch
+
+    from meli.calibration import calibrate
+    from meli.export.onnx_export import to_onnx
+    from meli.train.trainer import label_indices
+
+    _, validation = demo_splits
+    ckpt = trained["mlp"].checkpoint
+    half = len(validation) // 2
+    titles = validation.titles.slice(0, half)
+    with torch.no_grad():
+        scores = ckpt.build_model()(torch.from_numpy(ckpt.tokenizer().encode_batch(titles).ids)).numpy()
+    calibration = calibrate(scores, label_indices(validation.categories.slice(0, half), ckpt.labels))
+    ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, temperature=calibration.temperature),
+                               metrics={**ckpt.metrics, **calibration.metrics()})
+    path = tmp_path_factory.mktemp("calibrated") / "model.onnx"
+    path.write_bytes(to_onnx(ckpt, quantize=True).SerializeToString())
+    return path, (validation.titles.slice(half), validation.categories.slice(half))
+
+
+def test_the_estimated_accuracy_tracks_the_real_one_without_labels(calibrated_on_half, tmp_path):
+    """On titles no fit chose anything on, the estimate from the calibrated probabilities is
+    near the real accuracy and its interval holds it; without their first two words (where
+    titles name the product), the same titles get harder: the estimate falls with the real
+    accuracy and stays near it."""
+    model, (judged_titles, judged_categories) = calibrated_on_half
+    titles, categories = judged_titles.to_pylist(), judged_categories.to_pylist()
+    full, real, real_balanced, page = _estimate_against_truth(tmp_path / "full", titles, categories, model)
+    assert abs(full["estimated_accuracy"] - real) < 0.03, (full, real)
+    assert full["interval"][0] <= real <= full["interval"][1]
+    assert abs(full["estimated_balanced_accuracy"] - real_balanced) < 0.04, (full, real_balanced)
+    assert full["trusted"] and full["validation_accuracy"] is not None
+    assert "estimated accuracy (no labels)" in page
+    short = [" ".join(t.split()[2:]) for t in titles]
+    hard, real_hard, _, _ = _estimate_against_truth(tmp_path / "short", short, categories, model)
+    assert hard["estimated_accuracy"] < full["estimated_accuracy"] - 0.02 and real_hard < real
+    assert hard["interval"][0] - 0.02 <= real_hard <= hard["interval"][1] + 0.02, (hard, real_hard)
+
+
+def test_titles_far_from_training_are_flagged_as_untrusted(calibrated_on_half, exported, tmp_path):
+    """Words the model never saw: the estimate is given, and said not to be trusted; so is the
+    estimate of a model whose probabilities were never calibrated."""
+    titles = [f"zqxv{i} wprk{i} plomb{i}" for i in range(300)]
+    inp = catalog(tmp_path / "in.parquet", titles)
+    data, page, result = score_with_report(tmp_path, inp, calibrated_on_half[0])
+    assert result.exit_code == 0
+    assert data["accuracy"]["trusted"] is False and "unknown to the model" in data["accuracy"]["caveats"][0]
+    assert "not to be trusted tonight" in page
+    uncalibrated, _, _ = score_with_report(tmp_path, inp, exported["mlp"])
+    assert any("not calibrated" in c for c in uncalibrated["accuracy"]["caveats"])
+
+
+def test_a_low_estimated_accuracy_fails_the_run_when_asked(calibrated_on_half, tmp_path):
+    model, (titles, _) = calibrated_on_half
+    inp = catalog(tmp_path / "in.parquet", titles.to_pylist())
+    args = [inp, tmp_path / "out.parquet", "--model", model, "--report", tmp_path / "r.html",
+            "--min-estimated-accuracy", "0.999", "--fail-on-drift", "--quiet"]
+    result = CliRunner().invoke(score_main, [str(a) for a in args])
+    assert result.exit_code == EXIT_DRIFT
+    assert re.fullmatch(r"Drift: estimated accuracy \d+\.\d% \(95% interval \d+\.\d%-\d+\.\d%\) < 99\.9%\n", result.output)
+    ok = CliRunner().invoke(score_main, [str(a) for a in args[:-3]] + ["0.5", "--fail-on-drift", "--quiet"])
+    assert ok.exit_code == 0 and ok.output == ""
+    usage = CliRunner().invoke(score_main, [str(inp), str(tmp_path / "o.parquet"), "--model", str(model),
+                                            "--min-estimated-accuracy", "0.9"])
+    assert usage.exit_code == 2 and "--min-estimated-accuracy needs --report" in usage.output
