@@ -165,14 +165,19 @@ class Prepared:
     seconds: float = 0.0
 
 
+def fit_tokenizer(config: TrainConfig, train: LabelledSplit) -> Tokenizer:
+    """The tokenizer of `config` with the vocabulary counted over `train`."""
+    vocabulary = build_vocabulary(train.titles, config.tokenizer, config.vocabulary)
+    if not vocabulary and not config.tokenizer.char_ngrams:
+        raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
+    return Tokenizer(config.tokenizer, vocabulary)
+
+
 def prepare(config: TrainConfig, train: LabelledSplit, labels: tuple[str, ...], folder: Path, quiet: bool = True,
             chunk_rows: int = 65_536) -> Prepared:
     """Count the vocabulary over `train` and encode its titles into ``folder``, chunk by chunk."""
     t0 = time.perf_counter()
-    vocabulary = build_vocabulary(train.titles, config.tokenizer, config.vocabulary)
-    if not vocabulary and not config.tokenizer.char_ngrams:
-        raise MeliError(f"{train.source}: the titles yield no vocabulary (all empty or stopwords?)")
-    tokenizer = Tokenizer(config.tokenizer, vocabulary)
+    tokenizer = fit_tokenizer(config, train)
     compact = compact_training(config)
     writer = ShardWriter(folder, compact)
     try:
@@ -261,22 +266,23 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
     torch.manual_seed(config.seed)
     log.info("training a %s on %s (%d train / %d validation titles, %d categories)",
              config.model, device, len(train), len(validation), len(labels))
-    if prepared is None:
-        prepared = prepare(config, train, labels, work / "titles", quiet)
-    tokenizer = prepared.tokenizer
-    vocabulary = tokenizer.vocabulary
-    y_val = label_indices(validation.categories, labels)
-    enc_val = tokenizer.encode_batch(validation.titles)
     if teacher is None:
+        if prepared is None:
+            prepared = prepare(config, train, labels, work / "titles", quiet)
+        tokenizer = prepared.tokenizer
         corpus_of: Callable[[int], Corpus] = lambda epoch: prepared.corpus  # noqa: E731
     else:  # real titles, then recombined ones labelled by the teacher, with sparse soft targets
+        tokenizer = prepared.tokenizer if prepared is not None else fit_tokenizer(config, train)
         transfer = TransferSet(work / "student", train, label_indices(train.categories, labels), len(labels), tokenizer,
-                               teacher, teacher_titles, config, device, prepared.corpus.expander is not None, quiet=quiet)
+                               teacher, teacher_titles, config, device, compact_training(config), quiet=quiet)
         corpus_of = transfer.corpus if config.distill.fresh else (lambda epoch: transfer.corpus(0))
         log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", teacher.members,
                  len(corpus_of(0)), transfer.n, ", new ones every epoch" if config.distill.fresh else "")
         if not config.distill.fresh:
             transfer.teacher = None  # every target is written: the teacher's weights can go
+    vocabulary = tokenizer.vocabulary
+    y_val = label_indices(validation.categories, labels)
+    enc_val = tokenizer.encode_batch(validation.titles)
     corpus = corpus_of(0)
     timings["tokenize_s"] = time.perf_counter() - t0
     log.info("vocabulary: %d words, bigrams and head words; id space %d; %d training rows in %s (%.0f MB on disk)",
