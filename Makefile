@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-candidates bench-determinism bench-export bench-cluster bench-train-scale bench-learning-curve data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-candidates bench-determinism bench-export bench-cluster bench-train-scale bench-learning-curve bench-report data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
@@ -40,6 +40,7 @@ help:
 	@echo "make bench-cluster   meli-score's engines on one dataset: local, local[2], standalone cluster, Spark Connect"
 	@echo "make bench-train-scale  training time and peak RSS at 0.5M and 2M titles, vs fastText (about 1 hour)"
 	@echo "make bench-learning-curve  balanced accuracy at 5k/10k/20k/all training titles, vs fastText and TF-IDF + LinearSVC"
+	@echo "make bench-report    the report's label-free accuracy estimate against the real accuracy (DATA=folder)"
 	@echo "make data            download the course's MeLi 2019 data (SBW=1: also SBW vectors)"
 
 $(BIN)/.installed: pyproject.toml
@@ -103,6 +104,9 @@ bench-train-scale: venv
 bench-learning-curve: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/learning_curve.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-learning-curve.md $(BENCH_ARGS)
+
+bench-report: venv
+	$(BIN)/python bench/report_figures.py $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-report.md $(BENCH_ARGS)
 
 data: venv
 	$(BIN)/python -m meli.train.download --dest data $(if $(SBW),--sbw)

@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="5000,10000,20000,all")
     ap.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "mlp.toml")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-model", type=Path, default=None,
+                    help="save the checkpoint of the largest size's fit here (bench/report_figures.py --checkpoint)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
     source = resolve_data(args.data)
@@ -54,7 +56,8 @@ def main() -> None:
             "|---:|---:|---:|---:|---:|"]
     for n in sizes:
         part = first(train, n, args.seed)
-        ours = project_model(args.config, part, validation, seed=args.seed)[0]  # the default export
+        keep = args.keep_model if n == max(sizes) else None
+        ours = project_model(args.config, part, validation, seed=args.seed, save=keep)[0]  # the default export
         ft, _ = fasttext_model(part, validation, seed=args.seed)
         svm, _ = svm_model(part, validation)
         present = len(set(part.categories.to_pylist()))

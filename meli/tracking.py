@@ -126,8 +126,9 @@ def experiment_for(name: str, fingerprint: str) -> str:
     return exp.experiment_id
 
 
-def resolve_model_uri(model: str) -> Path:
+def resolve_model_uri(model: str | os.PathLike) -> Path:
     """A path, or ``models:/<name>/<version>`` / ``models:/<name>@<alias>``, to a local .onnx file."""
+    model = os.fspath(model)
     if not model.startswith("models:/"):
         return Path(model)
     import mlflow
