@@ -630,3 +630,17 @@ def test_meli_train_resume_carries_on_the_same_mlflow_run(tmp_path):
     assert not (tmp_path / "work" / run_id).exists()  # finished: nothing left to resume
     assert one_error(meli_train("--resume", run_id)) == f"Error: --resume: run {run_id} has finished; there is nothing to resume"
     assert one_error(meli_train("--resume", "0" * 32)).startswith(f"Error: --resume: no MLflow run {'0' * 32} in ")
+
+
+def test_an_ensemble_of_mean_pooling_mlps_teaches_through_the_compiled_mean(trained, demo_splits):
+    """The fast way a teacher labels titles (compact ids, compiled mean, heads) gives the
+    ensemble's own probabilities: those of its padded forward pass."""
+    from meli.train.distill import CheckpointTeacher, teacher_probabilities
+
+    _, validation = demo_splits
+    teacher = CheckpointTeacher(trained["ensemble"].checkpoint)
+    titles = validation.titles.slice(0, 300)
+    fast = teacher.probabilities(titles, torch.device("cpu"))
+    slow = teacher_probabilities(teacher._model, teacher._tokenizer.encode_batch(titles), torch.device("cpu"))
+    assert fast.shape == slow.shape and np.allclose(fast, slow, atol=1e-6)
+    assert np.allclose(fast.sum(1), 1.0, atol=1e-5)

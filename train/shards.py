@@ -16,8 +16,8 @@ a known word and all its character n-grams as one fused id, about 20 ids a title
 same ids per title, in another order, which a mean does not see. Other models store full ids.
 
 Reading is by *windows*: the rows are cut into blocks of ``block_rows``, the blocks are
-shuffled, and each window of ``window_rows`` (a set of random blocks) is read with plain file
-reads and shuffled row by row. Memory follows the window, not the data; at or below
+shuffled, and each window of ``window_rows`` (2^18, a set of random blocks) is read with plain
+file reads and shuffled row by row. Memory follows the window, not the data; at or below
 ``window_rows`` titles one window holds them all and the order is a full shuffle. Nothing is
 memory-mapped except for the few rows `take` reads.
 """
@@ -48,9 +48,9 @@ T = TypeVar("T")
 class Window:
     """Rows read together: their encoding, labels and (for a distilled fit) sparse targets."""
 
-    encoded: Encoded
-    labels: np.ndarray  # (n,) int64
-    target_idx: np.ndarray | None = None  # (n, K) int64
+    encoded: Encoded  # values int32
+    labels: np.ndarray  # (n,) int32
+    target_idx: np.ndarray | None = None  # (n, K) int32
     target_val: np.ndarray | None = None  # (n, K) float32
     target_base: np.ndarray | None = None  # (n,) float32
 
@@ -207,14 +207,15 @@ class Shards:
     def read(self, start: int, end: int) -> Window:
         """Rows ``[start, end)``."""
         offsets = self._read("offsets.i64", "<i8", start, end - start + 1).astype(np.int64)
-        values = self._read("ids.i32", "<i4", int(offsets[0]), int(offsets[-1] - offsets[0])).astype(np.int64)
-        labels = self._read("labels.i32", "<i4", start, end - start).astype(np.int64)
+        # ids, labels and target indices stay int32 (half the bytes); batches widen them
+        values = self._read("ids.i32", "<i4", int(offsets[0]), int(offsets[-1] - offsets[0])).astype(np.int32)
+        labels = self._read("labels.i32", "<i4", start, end - start).astype(np.int32)
         window = Window(Encoded(values, offsets - offsets[0]), labels)
         if not self.target_k:
             return window
         k = self.target_k
         return Window(window.encoded, labels,
-                      self._read("targets.idx.i32", "<i4", start, end - start, k).astype(np.int64),
+                      self._read("targets.idx.i32", "<i4", start, end - start, k).astype(np.int32),
                       self._read("targets.val.f32", "<f4", start, end - start, k),
                       self._read("targets.base.f32", "<f4", start, end - start))
 
@@ -239,14 +240,14 @@ class Corpus:
     def soft(self) -> bool:
         return all(s.target_k for s in self.shards)
 
-    def steps(self, batch_size: int, window_rows: int = 1 << 20, block_rows: int = 8192) -> int:
+    def steps(self, batch_size: int, window_rows: int = 1 << 18, block_rows: int = 8192) -> int:
         """The most batches of `batch_size` an epoch of `windows` can take (each window ends
         with a batch of its own): exact when one window holds every row."""
         blocks = sum(-(-s.rows // block_rows) for s in self.shards)
         windows = -(-blocks // max(1, window_rows // block_rows))
         return -(-len(self) // batch_size) + max(0, windows - 1)
 
-    def windows(self, rng: np.random.Generator, window_rows: int = 1 << 20, block_rows: int = 8192) -> Iterator[Window]:
+    def windows(self, rng: np.random.Generator, window_rows: int = 1 << 18, block_rows: int = 8192) -> Iterator[Window]:
         """Every row once, in shuffled windows (see the module docstring); the rows of each
         window are in random order too."""
         blocks = [(s, start, min(s.rows, start + block_rows)) for s in self.shards for start in range(0, s.rows, block_rows)]
@@ -295,7 +296,7 @@ class Corpus:
 
 def concat_windows(parts: list[Window]) -> Window:
     if not parts:
-        return Window(Encoded(np.zeros(0, np.int64), np.zeros(1, np.int64)), np.zeros(0, np.int64))
+        return Window(Encoded(np.zeros(0, np.int32), np.zeros(1, np.int64)), np.zeros(0, np.int32))
     values = np.concatenate([p.encoded.values for p in parts])
     lengths = np.concatenate([p.encoded.lengths for p in parts])
     offsets = np.zeros(len(lengths) + 1, np.int64)

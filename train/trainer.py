@@ -337,10 +337,11 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
                 else:
                     logits = model(torch.from_numpy(corpus.ids(window, rows)).to(device, non_blocking=True))
                 if window.target_idx is not None:  # soft targets: the smoothing is already in them
-                    loss = soft_cross_entropy(logits, *(torch.from_numpy(a[rows]).to(device) for a in
-                                                        (window.target_idx, window.target_val, window.target_base)))
+                    loss = soft_cross_entropy(logits, torch.from_numpy(window.target_idx[rows].astype(np.int64)).to(device),
+                                              *(torch.from_numpy(a[rows]).to(device) for a in
+                                                (window.target_val, window.target_base)))
                 else:
-                    target = torch.from_numpy(window.labels[rows]).to(device)
+                    target = torch.from_numpy(window.labels[rows].astype(np.int64)).to(device)
                     loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
                 optimizers.step(loss)
                 total += loss.item() * len(rows)
@@ -352,7 +353,7 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=total / max(1, seen),
-            train_eval_loss=evaluate(model, probe.encoded, probe.labels, device, expander=corpus.expander)[0],
+            train_eval_loss=evaluate(model, probe.encoded, probe.labels.astype(np.int64), device, expander=corpus.expander)[0],
             val_loss=val_loss,
             val_balanced_accuracy=balanced_accuracy(y_val, pred),
             val_accuracy=float((pred == y_val).mean()),
