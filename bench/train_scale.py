@@ -172,6 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="500000,2000000")
     ap.add_argument("--skip-recipe", action="store_true", help="only fastText and one member's epoch")
+    ap.add_argument("--no-refit-sizes", default="", help="sizes at which the recipe runs without its refit stage "
+                    "(the refit is the student's stage again on train + validation)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: a temporary one)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
@@ -180,6 +182,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     one_epoch = config_file(work, "one-member-epoch", epochs=1, members=1, refit="false")
     recipe = config_file(work, "recipe-one-epoch-per-stage", epochs=1)
+    recipe_no_refit = config_file(work, "recipe-one-epoch-per-stage-no-refit", epochs=1, refit="false")
+    no_refit = {int(s) for s in args.no_refit_sizes.split(",") if s}
     validation = sources()[1]
     rows, detail = [], []
     gib = 2**30
@@ -198,13 +202,21 @@ def main() -> None:
         print(f"{n:,}: fastText {ft.seconds:.1f}s {ft.peak_rss / gib:.2f} GiB; one member epoch {one.seconds:.1f}s "
               f"{one.peak_rss / gib:.2f} GiB", file=sys.stderr)
         if not args.skip_recipe:
-            full = meli_train(recipe, parquet, validation, work)
+            full = meli_train(recipe_no_refit if n in no_refit else recipe, parquet, validation, work)
             if full.returncode:
                 sys.exit(f"the recipe failed at {n:,} titles:\n{full.stderr[-3000:]}")
             line.update(recipe_s=full.seconds, recipe_rss=full.peak_rss)
             detail += [f"| {n:,} | {stage} | {s:.0f} | {rss / gib:.2f} |" for stage, (s, rss) in full.stages.items()]
+            if n in no_refit:
+                detail.append(f"| {n:,} | refit | not run | - |")
             print(f"{n:,}: recipe {full.seconds:.0f}s {full.peak_rss / gib:.2f} GiB", file=sys.stderr)
         rows.append(line)
+        page(args, rows, detail)
+
+
+def page(args, rows: list[dict], detail: list[str]) -> None:
+    """Print the page (and write it with --write) for the sizes measured so far."""
+    gib = 2**30
     table = ["| titles | fastText: s | fastText: peak RSS GiB | meli one member epoch: s | its peak RSS GiB | "
              "meli / fastText time | default recipe, 1 epoch a stage: s | its peak RSS GiB |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
