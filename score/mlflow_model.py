@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow.pyfunc
+import pandas as pd
 
 ARTIFACT = "model"  # the key of model.onnx among the logged model's artifacts
 EXAMPLE_TITLES = ["Bolso Maternal Moderno Con Cambiador Y Correa", "Taladro Percutor Bosch 650w"]
@@ -37,8 +38,8 @@ class MeliPyfuncModel(mlflow.pyfunc.PythonModel):
 
         self.scorer = Scorer(load_onnx_model(context.artifacts[ARTIFACT], provider="auto"), ScoreConfig(keep_columns=()))
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # the type hint tells MLflow what the model takes (its logged signature says which columns)
         import pyarrow as pa
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"title": list(model_input)})

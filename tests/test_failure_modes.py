@@ -837,3 +837,21 @@ def test_no_output_of_meli_score_is_its_own_model(which, model, tmp_path):
     what = {"output": "the output", "route-low": "the low-probability file", "report": "the report"}[which]
     assert result.exit_code == 1 and result.output == f"Error: {own}: {what} would overwrite the model file\n", result.output
     assert own.read_bytes() == before and temporaries(tmp_path) == [] and not out.exists()
+
+
+def test_quiet_training_and_export_leave_stderr_empty(tmp_path):
+    """--quiet, as a nightly job runs the commands (processes, stderr to a file): nothing on
+    stderr when all goes well, MLflow's own warnings included (the pyfunc model declares its
+    input and output types); one Error line when it does not."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    train = subprocess.run([str(bin_dir / "meli-train"), "--members", "1", "--epochs", "1", "--quiet"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0 and train.stderr == "", train.stderr[-3000:]
+    export = subprocess.run([str(bin_dir / "meli-export"), "--output", str(tmp_path / "m.onnx"), "--quiet"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0 and export.stderr == "", export.stderr[-3000:]
+    bad = subprocess.run([str(bin_dir / "meli-export"), "--output", str(tmp_path / "m2.onnx"), "--parity-data",
+                          str(tmp_path / "missing.jsonl"), "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 1 and bad.stderr == f"Error: {tmp_path / 'missing.jsonl'}: no such file for the parity check\n"
