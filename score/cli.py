@@ -50,6 +50,12 @@ MAX_THREADS = 1024
 @click.option("--min-estimated-accuracy", type=click.FloatRange(0, 1), default=None,
               help="With --report: the run also counts as drifted when its estimated accuracy (from the calibrated "
                    "probabilities, no labels) is below this.")
+@click.option("--previous", "previous", type=click.Path(), default=None, metavar="LAST_OUTPUT",
+              help="With --report: last night's output (file or folder); the report says how many ids changed category "
+                   "since, which are new or gone, and whether the model file changed.")
+@click.option("--id-column", default="id", show_default=True, help="With --previous: the column that identifies a row.")
+@click.option("--max-changed-share", type=click.FloatRange(0, 1), default=None,
+              help="With --previous: the run also counts as drifted when more than this share of ids changed category.")
 @click.option("--fail-on-drift", is_flag=True,
               help=f"With --report: exit with code {EXIT_DRIFT} when the run drifted (the output is still written).")
 @click.option("--track", is_flag=True,
@@ -61,8 +67,8 @@ MAX_THREADS = 1024
                 + (f", {kw['route_low']} too" if kw.get("route_low") else ""),
                 out_of_memory="; lower --batch-size (memory follows it)")
 def main(input_path, output_path, model, title_column, keep_columns, top_k, min_probability, route_low, batch_size,
-         provider, threads, engine, spark_master, spark_remote, report, drift_threshold, min_estimated_accuracy, fail_on_drift,
-         track, quiet):
+         provider, threads, engine, spark_master, spark_remote, report, drift_threshold, min_estimated_accuracy, previous,
+         id_column, max_changed_share, fail_on_drift, track, quiet):
     """Predict the category of every title in INPUT and write OUTPUT.
 
     INPUT is Parquet (a file or a folder of parts), JSON Lines (.jsonl, .jsonl.gz) or CSV
@@ -79,12 +85,17 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
     from meli.score.scorer import ScoreConfig
     from meli.score.score import score_file
 
-    if (fail_on_drift or track or min_estimated_accuracy is not None) and report is None:
-        flag = "fail-on-drift" if fail_on_drift else "track" if track else "min-estimated-accuracy"
-        raise click.UsageError(f"--{flag} needs --report")
+    needs_report = [flag for flag, given in (("fail-on-drift", fail_on_drift), ("track", track),
+                                             ("min-estimated-accuracy", min_estimated_accuracy is not None),
+                                             ("previous", previous is not None)) if given]
+    if needs_report and report is None:
+        raise click.UsageError(f"--{needs_report[0]} needs --report")
+    if max_changed_share is not None and previous is None:
+        raise click.UsageError("--max-changed-share needs --previous")
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns is not None else None
     options = ScoreConfig(title_column=title_column, keep_columns=keep, top_k=top_k, min_probability=min_probability)
-    rules = DriftRules(category_psi=drift_threshold, min_estimated_accuracy=min_estimated_accuracy)
+    rules = DriftRules(category_psi=drift_threshold, min_estimated_accuracy=min_estimated_accuracy,
+                       max_changed_share=max_changed_share)
     if track:  # a store that cannot take the run fails now, before the catalog is scored
         from meli.tracking import check_store
 
@@ -104,10 +115,11 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
 
         summary = score_with_spark(input_path, output_path, resolve_model_uri(model), options, master=spark_master,
                                    remote=spark_remote, provider=provider, batch_size=batch_size, report=report, drift_rules=rules,
-                                   model_name=model, quiet=quiet)
+                                   model_name=model, quiet=quiet, previous=previous, id_column=id_column)
     else:
         summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
-                             provider=provider, threads=threads, quiet=quiet, report=report, drift_rules=rules)
+                             provider=provider, threads=threads, quiet=quiet, report=report, drift_rules=rules,
+                             previous=previous, id_column=id_column)
     if not quiet:
         click.echo(one_line(summary.line()), err=True)
     if track:

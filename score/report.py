@@ -43,6 +43,7 @@ class DriftRules:
     unscored_share: float = 0.10  # rows without a category (null/empty titles, no known token)
     confidence_drop: float = 0.10  # fall of the share of rows at probability >= CONFIDENT, against validation
     min_estimated_accuracy: float | None = None  # drift when the estimated accuracy falls below it (off by default)
+    max_changed_share: float | None = None  # drift when more ids than this changed category since last night (off)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None
 
 def build_report(tally: Tally, model: OnnxModel, input_path: str, output_path: str, *,
                  rules: DriftRules = DriftRules(), min_probability: float = 0.0, registered: str | None = None,
-                 engine: str = "local") -> dict:
+                 engine: str = "local", changes: dict | None = None) -> dict:
     """The report's figures as plain JSON values."""
     labels = model.card.labels
     unscored = tally.rows - tally.scored
@@ -202,6 +203,7 @@ def build_report(tally: Tally, model: OnnxModel, input_path: str, output_path: s
         "categories": categories,
         "confidence": confidence,
         "accuracy": estimate_accuracy(tally, model, category_psi, rules),
+        "changes": changes,
         "drift_rules": asdict(rules),
     }
     reasons = drift_reasons(report, rules)
@@ -230,6 +232,14 @@ def drift_reasons(report: dict, rules: DriftRules) -> list[str]:
         low, high = report["accuracy"]["interval"]
         reasons.append(f"estimated accuracy {estimated:.1%} (95% interval {low:.1%}-{high:.1%}) < "
                        f"{rules.min_estimated_accuracy:.1%}")
+    changes = report.get("changes")
+    if rules.max_changed_share is not None and changes and changes["changed_share"] is not None \
+            and changes["changed_share"] > rules.max_changed_share:
+        why = "a new model file" if changes["model_changed"] else "the same model file" if changes["model_changed"] is False \
+            else "the model file unknown for last night"
+        reasons.append(f"{changes['changed_share']:.1%} of the ids of both nights changed category since "
+                       f"{changes['previous']} > {rules.max_changed_share:.1%} ({changes['changed']:,} of "
+                       f"{changes['ids_both_nights']:,}; {why})")
     row = next(r for r in report["confidence"]["thresholds"] if r["threshold"] == CONFIDENT)
     if row["share"] is not None and row["validation_share"] is not None \
             and row["validation_share"] - row["share"] > rules.confidence_drop:
@@ -360,6 +370,15 @@ def render_html(report: dict) -> str:
     if report["confidence"]["min_probability"]:
         rows.append((f"below --min-probability {report['confidence']['min_probability']:g}",
                      _pct(report["confidence"]["below_min_probability"])))
+    changes = report.get("changes")
+    if changes:
+        model_note = {True: "a new model file since", False: "the same model file as", None: "model file of"}[changes["model_changed"]]
+        rows.append(("since last night", f"{_pct(changes['changed_share'])} of {changes['ids_both_nights']:,} ids changed "
+                     f"category ({changes['changed']:,}); {changes['new_ids']:,} new ids, {changes['gone_ids']:,} gone; "
+                     f"{model_note} {changes['previous']}" + (" unknown" if changes["model_changed"] is None else "")))
+        for key, label in (("gained", "gained most since last night"), ("lost", "lost most since last night")):
+            if changes[key]:
+                rows.append((label, ", ".join(f"{m['category']} {m['count']:,}" for m in changes[key][:5])))
     summary = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     thresholds = "".join(
         f"<tr><td>{r['threshold']:g}</td><td>{_pct(r['share'])}</td><td>{_pct(r['validation_share'])}</td></tr>"
@@ -433,6 +452,9 @@ def report_metrics(report: dict) -> dict[str, float]:
                                    "category_js")}
     flat["drift"] = float(report["drift"])
     flat["estimated_accuracy"] = report["accuracy"]["estimated_accuracy"]
+    if report.get("changes"):
+        for key in ("changed_share", "changed", "new_ids", "gone_ids"):
+            flat[key] = report["changes"][key]
     flat["estimated_balanced_accuracy"] = report["accuracy"]["estimated_balanced_accuracy"]
     flat["mean_probability"] = report["confidence"]["mean_probability"]
     flat["below_min_probability"] = report["confidence"]["below_min_probability"]

@@ -35,6 +35,7 @@ from meli.formats import (NOT_DATA, AtomicWriter, arrow_file, batch_writer, chec
 from meli.onnx_model import load_onnx_model
 from meli.tracking import resolve_model_uri
 from meli.score.scorer import Scorer, ScoreConfig
+from meli.score.changes import PreviousNight
 from meli.score.report import DriftRules, build_report, registered_version, report_paths, summary_words, write_report
 from meli.score.tally import Tally
 
@@ -294,12 +295,16 @@ def score_file(
     quiet: bool = False,
     report: str | os.PathLike | None = None,
     drift_rules: DriftRules = DriftRules(),
+    previous: str | os.PathLike | None = None,
+    id_column: str = "id",
 ) -> ScoreSummary:
     """Score INPUT into OUTPUT. With `route_low`, the rows under ``options.min_probability``
     (and those with no category at all) go to that second file instead, with the model's
     category as a suggestion; both files are written atomically, in input order. With
     `report` (``R.html``), the nightly report is written to R.html and R.json once the output
-    is in place (`meli.score.report`); the summary carries its figures and drift verdict."""
+    is in place (`meli.score.report`); the summary carries its figures and drift verdict. With
+    `previous` (last night's output) the report also says what changed since, by `id_column`
+    (`meli.score.changes`); it is read before the run, so tonight may write over it."""
     inp, out = Path(input_path), Path(output_path)
     low = Path(route_low) if route_low is not None else None
     _check_output(out, inp)
@@ -324,8 +329,18 @@ def score_file(
         if path is not None and path != STDIO and path.exists() and model_path.exists() \
                 and path.resolve() == model_path.resolve():
             raise OutputError(f"{path}: {what} would overwrite the model file")
+    if previous is not None and (report is None or out == STDIO):
+        raise SettingError("previous", "needs --report and an OUTPUT file: the comparison goes into the report")
     onnx_model = load_onnx_model(model_path, provider=provider, threads=threads)
     tally = Tally(len(onnx_model.card.labels)) if report is not None else None
+    with contextlib.ExitStack() as nights:
+        last_night = nights.enter_context(PreviousNight(previous, id_column)) if previous is not None else None
+        return _score(inp, out, low, onnx_model, options, tally, batch_size, quiet, report, drift_rules, model, last_night,
+                      input_path, output_path)
+
+
+def _score(inp, out, low, onnx_model, options, tally, batch_size, quiet, report, drift_rules, model, last_night,
+           input_path, output_path) -> ScoreSummary:
     # routing: low rows keep the model's category, as a suggestion in the second file
     scorer = Scorer(onnx_model, dataclasses.replace(options, null_low=low is None), tally=tally)
     started = time.perf_counter()
@@ -367,8 +382,10 @@ def score_file(
     stats = scorer.stats
     figures, files = None, ()
     if tally is not None:
+        changes = last_night.compare(out, onnx_model.sha256) if last_night is not None else None
         figures = build_report(tally, onnx_model, str(input_path), str(output_path), rules=drift_rules,
-                               min_probability=options.min_probability, registered=registered_version(model))
+                               min_probability=options.min_probability, registered=registered_version(model),
+                               changes=changes)
         files = write_report(figures, report)
     return ScoreSummary(stats.rows, stats.unscored, time.perf_counter() - started, onnx_model.provider, onnx_model.source,
                         out, below=stats.below, min_probability=options.min_probability, routed_to=low, report=figures,

@@ -39,6 +39,7 @@ from meli.errors import InputError, MeliError, OutputError, SettingError, first_
 from meli.formats import checked_parts, is_text
 from meli.onnx_model import load_onnx_model
 from meli.score.scorer import Scorer, ScoreConfig
+from meli.score.changes import PreviousNight
 from meli.score.report import DriftRules, build_report, registered_version, summary_words, write_report
 from meli.score.score import check_report
 from meli.score.tally import Tally
@@ -284,6 +285,8 @@ def score_with_spark(
     drift_rules: DriftRules = DriftRules(),
     model_name: str | None = None,
     quiet: bool = False,
+    previous: str | os.PathLike | None = None,
+    id_column: str = "id",
 ) -> SparkSummary:
     """Score a Parquet dataset (a file or a folder of part files, local or on a lake's file
     system) or a table (``table:NAME``) into a folder of Parquet part files or a table at
@@ -302,6 +305,18 @@ def score_with_spark(
         _check_output_folder(str(output_path))
     if report is not None:  # the local engine's checks: written at the end, so refused now
         check_report(report, Path(input_path), [] if table_out else [Path(str(output_path).removeprefix("file://"))])
+    if previous is not None and (report is None or table_out is not None):
+        raise SettingError("previous", "needs --report and an OUTPUT folder: the comparison goes into the report")
+    with contextlib.ExitStack() as nights:  # last night is read before tonight may write over it
+        last_night = nights.enter_context(PreviousNight(previous, id_column)) if previous is not None else None
+        return _score_with_spark(input_path, output_path, model_path, local_model, scorer, options, master, remote,
+                                 provider, batch_size, report, drift_rules, model, model_name, quiet, table_out,
+                                 last_night, started)
+
+
+def _score_with_spark(input_path, output_path, model_path, local_model, scorer, options, master, remote, provider,
+                      batch_size, report, drift_rules, model, model_name, quiet, table_out, last_night,
+                      started) -> SparkSummary:
     spark = spark_session(master, remote, quiet)
     connect = is_connect(spark)
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
@@ -336,9 +351,11 @@ def score_with_spark(
         parts = tallies_by_part if connect else tallies.value
         tally = functools.reduce(Tally.merge, (Tally.from_dict(t) for t in parts.values()),
                                  Tally(len(local_model.card.labels)))
+        changes = (last_night.compare(Path(str(output_path).removeprefix("file://")), local_model.sha256)
+                   if last_night is not None else None)
         figures = build_report(tally, local_model, str(input_path), str(output_path), rules=drift_rules,
                                min_probability=options.min_probability, engine="spark-connect" if connect else "spark",
-                               registered=registered_version(model_name or str(model)))
+                               registered=registered_version(model_name or str(model)), changes=changes)
         files = write_report(figures, report)
     where = remote if connect else spark.sparkContext.master
     return SparkSummary(rows, time.perf_counter() - started, str(output_path), where, figures, files)

@@ -343,3 +343,91 @@ def test_a_low_estimated_accuracy_fails_the_run_when_asked(calibrated_on_half, t
     usage = CliRunner().invoke(score_main, [str(inp), str(tmp_path / "o.parquet"), "--model", str(model),
                                             "--min-estimated-accuracy", "0.9"])
     assert usage.exit_code == 2 and "--min-estimated-accuracy needs --report" in usage.output
+
+
+def _two_nights(demo_splits, tmp_path):
+    """Last night's catalog (ids 0-1999) and tonight's: ids 0-99 gone, 2000-2149 new, and the
+    titles of ids 100-399 replaced by other titles (edited listings)."""
+    titles = resampled_training_titles(demo_splits, 2150, seed=3)
+    other = resampled_training_titles(demo_splits, 300, seed=4)
+    last = {i: titles[i] for i in range(2000)}
+    tonight = {i: (other[i - 100] if 100 <= i < 400 else titles[i]) for i in range(100, 2150)}
+    paths = []
+    for name, rows in (("last", last), ("tonight", tonight)):
+        path = tmp_path / f"{name}.parquet"
+        ids = list(rows)
+        np.random.default_rng(0).shuffle(ids)  # another row order each night
+        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "title": [rows[i] for i in ids]}), path)
+        paths.append(path)
+    return paths
+
+
+def _truth(last_out, tonight_out) -> tuple[int, int, int, int]:
+    a = dict(zip(*[pq.read_table(last_out).column(c).to_pylist() for c in ("id", "category")]))
+    b = dict(zip(*[pq.read_table(tonight_out).column(c).to_pylist() for c in ("id", "category")]))
+    both = a.keys() & b.keys()
+    return len(both), sum(a[i] != b[i] for i in both), len(b.keys() - a.keys()), len(a.keys() - b.keys())
+
+
+@pytest.mark.parametrize("parts_bytes", [64 << 20, 2_000])
+def test_what_changed_since_last_night_is_counted_exactly(parts_bytes, demo_splits, exported, tmp_path, monkeypatch):
+    """--previous: ids of both nights whose category differs, new and gone ids, exactly as a
+    join of the two outputs gives them, however many partitions the comparison uses."""
+    import meli.score.changes as changes
+
+    monkeypatch.setattr(changes, "PARTITION_BYTES", parts_bytes)
+    last_in, tonight_in = _two_nights(demo_splits, tmp_path)
+    model = exported["mlp"]
+    assert run(last_in, tmp_path / "last-out.parquet", "--model", model).exit_code == 0
+    data, page, result = score_with_report(tmp_path, tonight_in, model, "--previous", tmp_path / "last-out.parquet")
+    assert result.exit_code == 0, result.output
+    both, changed, new, gone = _truth(tmp_path / "last-out.parquet", tmp_path / "out.parquet")
+    c = data["changes"]
+    assert (c["ids_both_nights"], c["changed"], c["new_ids"], c["gone_ids"]) == (both, changed, new, gone) == (
+        1900, changed, 150, 100)
+    assert 0 < changed <= 300 and c["changed_share"] == changed / both
+    assert c["model_changed"] is False and sum(m["count"] for m in c["gained"]) <= changed
+    assert "since last night" in page
+
+
+def test_tonight_may_write_over_last_nights_output_and_a_new_model_is_named(demo_splits, exported, tmp_path):
+    last_in, tonight_in = _two_nights(demo_splits, tmp_path)
+    out = tmp_path / "out.parquet"
+    assert run(last_in, out, "--model", exported["mlp"]).exit_code == 0
+    before = pq.read_table(out)
+    data, _, result = score_with_report(tmp_path, tonight_in, exported["ensemble"], "--previous", out)
+    assert result.exit_code == 0, result.output
+    assert data["changes"]["model_changed"] is True and data["changes"]["ids_both_nights"] == 1900
+    assert pq.read_table(out).num_rows == 2050 and before.num_rows == 2000
+
+
+def test_json_lines_outputs_compare_too_and_a_big_change_fails_when_asked(demo_splits, exported, tmp_path):
+    last_in, tonight_in = _two_nights(demo_splits, tmp_path)
+    last_out = tmp_path / "last.jsonl"
+    assert run(last_in, last_out, "--model", exported["mlp"]).exit_code == 0
+    result = CliRunner().invoke(score_main, [str(tonight_in), str(tmp_path / "out.jsonl"), "--model", str(exported["mlp"]),
+                                             "--report", str(tmp_path / "r.html"), "--previous", str(last_out),
+                                             "--max-changed-share", "0.0001", "--fail-on-drift", "--quiet"])
+    assert result.exit_code == EXIT_DRIFT
+    assert re.fullmatch(r"Drift: \d+\.\d% of the ids of both nights changed category since .*last\.jsonl > 0\.0% "
+                        r"\(\d+ of 1,900; the model file unknown for last night\)\n", result.output), result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["changes"]["model_changed"] is None and data["changes"]["new_ids"] == 150
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: pq.write_table(pa.table({"sku": [1, 2], "category": ["A", "B"]}), p),
+     "no 'id' column to compare by; it has: sku, category (--id-column names the id; both nights must be meli-score outputs)"),
+    (lambda p: pq.write_table(pa.table({"id": [1, 1], "category": ["A", "B"]}), p),
+     "id '1' appears 2 times in column 'id'; --previous compares nights by unique ids"),
+    (lambda p: None, "no such file or folder (--previous names last night's output)"),
+])
+def test_a_previous_output_of_another_shape_is_one_error(make, message, demo_splits, exported, tmp_path):
+    last_in, tonight_in = _two_nights(demo_splits, tmp_path)
+    previous = tmp_path / "previous.parquet"
+    make(previous)
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(score_main, [str(tonight_in), str(out), "--model", str(exported["mlp"]), "--report",
+                                             str(tmp_path / "r.html"), "--previous", str(previous), "--quiet"])
+    assert result.exit_code == 1 and result.output == f"Error: {previous}: {message}\n", result.output
+    assert not out.exists() and not (tmp_path / "r.html").exists()  # refused before the run: nothing written

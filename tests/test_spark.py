@@ -114,3 +114,26 @@ def test_quiet_spark_is_quiet_in_the_process_too(lake, exported, tmp_path):
                          timeout=600)
     assert bad.returncode == 1 and bad.stderr == ("Error: --spark-master: bogus://nowhere: Spark did not start (Master must "
                                                   "either be yarn or start with spark, k8s, or local)\n"), bad.stderr[-3000:]
+
+
+def test_spark_reports_what_changed_since_last_night_as_the_local_engine(lake, exported, tmp_path):
+    """--previous with --engine spark: the same counts as the local engine gives, read from the
+    output folder Spark wrote; last night may be a local file or a Spark folder."""
+    import json
+
+    model = exported["mlp"]
+    assert run(lake, tmp_path / "last.parquet", "--model", model).exit_code == 0
+    local = run(lake, tmp_path / "local.parquet", "--model", model, "--report", tmp_path / "local.html",
+                "--previous", tmp_path / "last.parquet")
+    assert local.exit_code == 0, local.output
+    spark = run(lake, tmp_path / "spark", "--model", model, "--engine", "spark", "--spark-master", "local[2]",
+                "--report", tmp_path / "spark.html", "--previous", tmp_path / "last.parquet")
+    assert spark.exit_code == 0, (spark.output, spark.exception)
+    a = json.loads((tmp_path / "local.json").read_text())["changes"]
+    b = json.loads((tmp_path / "spark.json").read_text())["changes"]
+    assert {k: a[k] for k in ("ids_both_nights", "changed", "new_ids", "gone_ids", "model_changed")} == \
+           {k: b[k] for k in ("ids_both_nights", "changed", "new_ids", "gone_ids", "model_changed")} == \
+           {"ids_both_nights": 2000, "changed": 0, "new_ids": 0, "gone_ids": 0, "model_changed": False}
+    again = run(lake, tmp_path / "local2.parquet", "--model", model, "--report", tmp_path / "again.html",
+                "--previous", tmp_path / "spark")
+    assert again.exit_code == 0 and json.loads((tmp_path / "again.json").read_text())["changes"]["changed"] == 0
