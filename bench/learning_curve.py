@@ -13,9 +13,7 @@ A category absent from the N titles counts as missed on validation.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import fasttext_model, project_model, svm_model  # noqa: E402
-from bench.results import write_results  # noqa: E402
+from bench.results import machine, publish  # noqa: E402
 from meli.dataset import LabelledSplit, load_labelled  # noqa: E402
 from meli.train.train import resolve_data  # noqa: E402
 
@@ -64,15 +62,13 @@ def main() -> None:
         rows.append(f"| {n:,} | {present} | {ours[1]:.4f} | {ft:.4f} | {svm:.4f} |")
         print(rows[-1], file=sys.stderr, flush=True)
     body = [
-        f"Measured {dt.date.today()} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{machine()}; "
         f"balanced accuracy on the {len(validation):,} titles of `{Path(source.validation).name}` "
         f"({len(set(validation.categories.to_pylist()))} categories), one seed ({args.seed}).",
         "",
         *rows,
     ]
-    print("\n".join(body))
-    if args.write:
-        write_results(args.write, "What more labelled titles buy", body)
+    publish(args.write, "What more labelled titles buy", body)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ balanced accuracy (from the labels the report never sees) beside the report's es
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +26,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import write_results  # noqa: E402
+from bench.results import machine, publish  # noqa: E402
 from meli.dataset import load_labelled  # noqa: E402
 from meli.metrics import balanced_accuracy  # noqa: E402
 from meli.train.train import resolve_data  # noqa: E402
@@ -83,7 +81,7 @@ def main() -> None:
                         f"{acc['estimated_balanced_accuracy']:.4f} | {'yes' if acc['trusted'] else 'no: ' + '; '.join(acc['caveats'])} |")
             print(rows[-1], file=sys.stderr, flush=True)
     body = [
-        f"Measured {dt.date.today()} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores: the "
+        f"{machine()}: the "
         f"default recipe without the refit (choices and temperature on 15% of `{Path(source.train).name}`), exported "
         f"as meli-export ships it, scoring the {len(validation):,} titles of `{Path(source.validation).name}` with "
         "`--report`. Real figures from the labels, which the report never sees. Rows without a category (no word "
@@ -91,9 +89,7 @@ def main() -> None:
         "",
         *rows,
     ]
-    print("\n".join(body))
-    if args.write:
-        write_results(args.write, "The report's accuracy estimate against the real accuracy", body)
+    publish(args.write, "The report's accuracy estimate against the real accuracy", body)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,18 @@ def write_results(path: Path, title: str, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# {title}\n\nWritten by `{command_line()}`; rerun it to regenerate this page.\n\n"
                     + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def machine() -> str:
+    """Today's date and this machine, as a results page's first line starts."""
+    import datetime as dt
+    import platform
+
+    return f"Measured {dt.date.today()} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def publish(path: Path | None, title: str, lines: list[str]) -> None:
+    """Print a results page's lines, and write the page to `path` (``--write``) when given."""
+    print("\n".join(lines))
+    if path is not None:
+        write_results(path, title, lines)

@@ -23,9 +23,7 @@ Validation is the shared validation file (6,371 titles). Accuracy at these sizes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -44,7 +42,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import write_results  # noqa: E402
+from bench.results import machine, publish  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "meli-es"
 DEMO = ROOT / "meli" / "resources" / "demo"
@@ -225,7 +223,7 @@ def page(args, rows: list[dict], detail: list[str]) -> None:
                      f"{r['member_rss'] / gib:.2f} | {r['member_s'] / r['fasttext_s']:.2f} | "
                      + (f"{r['recipe_s']:.0f} | {r['recipe_rss'] / gib:.2f} |" if "recipe_s" in r else "- | - |"))
     body = [
-        f"Measured {dt.date.today()} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
+        f"{machine()}.",
         "",
         "Labelled titles spliced within their category from the shared training titles; validation: the shared "
         "validation file. Times include start-up, reading and encoding; peak RSS is the whole process tree's.",
@@ -235,9 +233,7 @@ def page(args, rows: list[dict], detail: list[str]) -> None:
     if detail:
         body += ["", "The default recipe stage by stage (one epoch per stage):", "",
                  "| titles | stage | s | peak RSS GiB |", "|---:|---|---:|---:|", *detail]
-    print("\n".join(body))
-    if args.write:
-        write_results(args.write, "Training at scale", body)
+    publish(args.write, "Training at scale", body)
 
 
 if __name__ == "__main__":

@@ -397,11 +397,8 @@ def pad_rows(values, offsets, rows, width):
 
 
 @nb.njit(cache=True, nogil=True)
-def expanded_rows(values, offsets, rows, fused_offset, group_ptr, group_ids, width):
-    """Rows `rows` of a compact encoding with every fused id replaced by the full ids it stands
-    for (``group_ids[group_ptr[g]:group_ptr[g + 1]]`` for fused id ``fused_offset + g``), right-padded
-    to `width` (0: the longest row): ``(len(rows), width)`` int64. Same multiset of ids per title
-    as the full encoding, grouped by word instead of by n-gram size."""
+def _expanded_lengths(values, offsets, rows, fused_offset, group_ptr):
+    """How many full ids each of titles `rows` of a compact encoding stands for."""
     lengths = np.zeros(len(rows), dtype=np.int64)
     for i in range(len(rows)):
         r = rows[i]
@@ -410,6 +407,16 @@ def expanded_rows(values, offsets, rows, fused_offset, group_ptr, group_ids, wid
             v = values[j]
             n += 1 if v < fused_offset else group_ptr[v - fused_offset + 1] - group_ptr[v - fused_offset]
         lengths[i] = n
+    return lengths
+
+
+@nb.njit(cache=True, nogil=True)
+def expanded_rows(values, offsets, rows, fused_offset, group_ptr, group_ids, width):
+    """Rows `rows` of a compact encoding with every fused id replaced by the full ids it stands
+    for (``group_ids[group_ptr[g]:group_ptr[g + 1]]`` for fused id ``fused_offset + g``), right-padded
+    to `width` (0: the longest row): ``(len(rows), width)`` int64. Same multiset of ids per title
+    as the full encoding, grouped by word instead of by n-gram size."""
+    lengths = _expanded_lengths(values, offsets, rows, fused_offset, group_ptr)
     if width == 0:
         width = max(1, lengths.max()) if len(rows) else 1
     out = np.zeros((len(rows), width), dtype=np.int64)
@@ -435,13 +442,7 @@ def expanded_rows(values, offsets, rows, fused_offset, group_ptr, group_ids, wid
 def expanded_flat(values, offsets, rows, fused_offset, group_ptr, group_ids):
     """`expanded_rows` without the padding: the full ids of titles `rows`, flat, and their offsets."""
     out_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    for i in range(len(rows)):
-        r = rows[i]
-        n = 0
-        for j in range(offsets[r], offsets[r + 1]):
-            v = values[j]
-            n += 1 if v < fused_offset else group_ptr[v - fused_offset + 1] - group_ptr[v - fused_offset]
-        out_offsets[i + 1] = out_offsets[i] + n
+    out_offsets[1:] = np.cumsum(_expanded_lengths(values, offsets, rows, fused_offset, group_ptr))
     out = np.empty(out_offsets[-1], dtype=np.int64)
     for i in range(len(rows)):
         r = rows[i]
