@@ -371,7 +371,8 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
             on_epoch(metrics)
         if keep == "last" or metrics.val_balanced_accuracy > best_bacc:
             best_bacc, best_epoch, best_pred, stale = metrics.val_balanced_accuracy, epoch, pred, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if keep == "best":  # a copy of the best epoch; "last" takes the weights as they end (no copy)
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
             if stale >= config.patience and keep == "best":
@@ -385,6 +386,8 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
                 "history": history, "stale": stale, "best": (best_state, best_bacc, best_epoch, best_pred)})
             last_save = time.perf_counter()
     timings["fit_s"] = time.perf_counter() - t_fit
+    if keep == "last":
+        best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     best = history[best_epoch - 1]
     checkpoint = Checkpoint(
         spec=ModelSpec(config.model, model_config, config.tokenizer, tuple(vocabulary), tuple(labels)),
