@@ -88,13 +88,19 @@ class CompactMLP(nn.Module):
         if len(logits) == 1:
             scores = logits[0]
         else:
-            scores = torch.log(torch.stack([torch.softmax(z, dim=-1) for z in logits]).mean(0).clamp(min=1e-30))
+            mean = torch.stack([torch.softmax(z, dim=-1) for z in logits]).mean(0).clamp(min=1e-30)
+            # onnxruntime takes the log of a whole tensor in vector chunks with a scalar tail, whose
+            # results differ in the last bit: rows padded to a multiple of 16 values start every
+            # row's chunks at the same place, so a row's log is the same in any batch
+            pad = (-mean.shape[-1]) % LOG_ALIGN
+            scores = torch.log(F.pad(mean, (0, pad), value=1.0))[:, : mean.shape[-1]] if pad else torch.log(mean)
         if self.temperature != 1.0:
             scores = scores / self.temperature
         return torch.softmax(scores, dim=-1)  # (B, n_labels)
 
 
 GRID = 2.0 ** -14  # every float16 table value is a whole multiple of this
+LOG_ALIGN = 16  # floats: the widest vector chunk (AVX-512) an element-wise log works in
 
 
 def on_grid(table: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,7 @@ def test_route_low_splits_the_rows_between_two_files_in_order(exported, tmp_path
     threshold = float(np.nanmedian([r["probability"] for r in everything if r["probability"] is not None]))
     result = CliRunner().invoke(score_main, [str(path), str(tmp_path / "sure.parquet"), "--model", str(model),
                                              "--min-probability", str(threshold), "--route-low",
-                                             str(tmp_path / "review.jsonl"), "--quiet"])
+                                             str(tmp_path / "review.jsonl")])  # not --quiet: the summary is checked
     assert result.exit_code == 0, result.output
     sure = pq.read_table(tmp_path / "sure.parquet").to_pylist()
     review = [json.loads(line) for line in (tmp_path / "review.jsonl").read_text().splitlines()]

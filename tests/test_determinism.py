@@ -151,9 +151,9 @@ def test_the_graph_answers_each_row_alone(models, trained):
         padded = model.predict(np.pad(ids, ((0, 0), (0, 100))))
         beside = model.predict(np.concatenate([ids[::-1], rng.integers(0, n_ids, (500, 24))]))[:300][::-1]
         exact = model.card.matmuls == "int8-row"
-        for other in (alone, padded[::37], beside[::37]):
+        for name, other in (("alone", alone), ("padded", padded[::37]), ("beside", beside[::37])):
             if exact:
-                assert np.array_equal(other, together[::37]), kind
+                assert np.array_equal(other, together[::37]), (kind, name, np.abs(other - together[::37]).max())
             else:
                 assert np.abs(other - together[::37]).max() <= ATOL, kind
 
@@ -251,8 +251,7 @@ def test_a_standalone_spark_cluster_answers_as_meli_score(models, catalog, tmp_p
                                str(models["default"]), "--engine", "spark", "--spark-master", master, "--top-k", "3",
                                "--report", str(tmp_path / "cluster.html"), "--quiet"], capture_output=True, text=True,
                               timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"on Spark {master}" in proc.stderr
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]  # --quiet: nothing, the JVM's output too
     assert_same_answers(pq.read_table(tmp_path / "out"), reference)
     # the nightly report: per-partition tallies merged on the driver give the local engine's figures
     import json
