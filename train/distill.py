@@ -49,7 +49,7 @@ class DistillConfig:
     fresh: bool = False  # new recombined titles every epoch (the teachers label each set) instead of one set
     # each title's target keeps the teachers' top_k probabilities (the rest share what is left
     # evenly): `SparseTargets`; at least the number of categories keeps them all
-    top_k: int = 16
+    top_k: int = 128
 
     def __post_init__(self) -> None:
         if self.recombined < 0:
