@@ -282,6 +282,7 @@ class TransferSet:
         self.chunk_rows, self.quiet, self.n_labels = chunk_rows, quiet, n_labels
         self.teacher = as_teacher(teacher)
         self.recombiner = Recombiner(train.titles, labels)
+        self.expander = Expander.of(tokenizer) if compact else None  # built once: every set's corpus shares it
         unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
                   else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
         chunks = ((train.titles.slice(s, chunk_rows), labels[s : s + chunk_rows], unseen[s : s + chunk_rows])
@@ -302,7 +303,7 @@ class TransferSet:
                         yield self.recombiner.titles_of(first, partner), self.labels[first], np.zeros(len(first), bool)
 
             self._sets[k] = self._write(self.folder / f"recombined-{k}", chunks(), self.n, "teacher: recombined titles")
-        return Corpus((self.real, self._sets[k]), Expander.of(self.tokenizer) if self.compact else None)
+        return Corpus((self.real, self._sets[k]), self.expander)
 
     def teach(self, titles: pa.Array) -> np.ndarray:
         """The teacher's probabilities for titles."""
