@@ -19,12 +19,25 @@ from torch import nn
 from meli.contract import CNNConfig, MLPConfig, ModelConfig, ModelKind, config_from_dict
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout``'s arithmetic (zero each value with probability p, scale the rest by
+    1 / (1 - p)) from one uniform draw per value: on the CPU about twice as fast as
+    ``F.dropout``'s Bernoulli sampling, which was a tenth of a training step. Identity in
+    eval mode, so it leaves no trace in an exported graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 def _head(in_dim: int, hidden: tuple[int, ...], n_labels: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Dropout(dropout), nn.Linear(in_dim, width), nn.ReLU()]
+        layers += [Dropout(dropout), nn.Linear(in_dim, width), nn.ReLU()]
         in_dim = width
-    layers += [nn.Dropout(dropout), nn.Linear(in_dim, n_labels)]
+    layers += [Dropout(dropout), nn.Linear(in_dim, n_labels)]
     return nn.Sequential(*layers)
 
 

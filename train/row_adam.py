@@ -129,44 +129,60 @@ def _pool_forward(table, values, offsets, keep, out, counts):
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
 def _pooled_adam(table, moments, values, offsets, keep, counts, grad, slot, step_size, beta1, beta2, eps):
+    """Each distinct kept id's gradient (the sum of its titles' gradients over their counts),
+    then SparseAdam's update of its row. The occurrences are grouped by id first (a counting
+    sort), so each thread sums and updates whole rows of its own: the rows are read and
+    written once, and no batch-sized gradient buffer is zeroed or scattered into."""
     width = table.shape[1]
     f32 = np.float32
     step_size, eps = f32(step_size), f32(eps)
     b1, b2, c1, c2 = f32(beta1), f32(beta2), f32(1.0 - beta1), f32(1.0 - beta2)
+    n_titles = len(offsets) - 1
     rows = np.empty(len(values), dtype=np.int64)
+    starts = np.zeros(len(values) + 1, dtype=np.int64)  # occurrences of the s-th id: title_of[starts[s]:starts[s + 1]]
     n_rows = 0
-    for j in range(len(values)):  # the distinct kept ids, in first-seen order
+    for j in range(len(values)):  # the distinct kept ids, in first-seen order, and how often each occurs
         v = values[j]
-        if keep[j] and v != 0 and slot[v] < 0:
-            slot[v] = n_rows
-            rows[n_rows] = v
-            n_rows += 1
-    acc = np.zeros((n_rows, width), dtype=np.float32)
+        if keep[j] and v != 0:
+            if slot[v] < 0:
+                slot[v] = n_rows
+                rows[n_rows] = v
+                n_rows += 1
+            starts[slot[v] + 1] += 1
+    for s in range(n_rows):
+        starts[s + 1] += starts[s]
+    fill = starts[:n_rows].copy()
+    title_of = np.empty(starts[n_rows], dtype=np.int32)
+    for t in range(n_titles):  # in title order, so each id's sum runs in the same order as before
+        for j in range(offsets[t], offsets[t + 1]):
+            v = values[j]
+            if keep[j] and v != 0:
+                s = slot[v]
+                title_of[fill[s]] = t
+                fill[s] += 1
     scaled = np.empty_like(grad)  # each title's gradient over its count: what each of its ids adds
-    for t in range(len(offsets) - 1):
+    for t in range(n_titles):
         inv = f32(1.0) / counts[t]
         for d in range(width):
             scaled[t, d] = grad[t, d] * inv
-    blocks = (width + 31) // 32
-    for b in nb.prange(blocks):  # each thread sums its own columns: no two write one cell
-        lo, hi = b * 32, min(width, b * 32 + 32)
-        for t in range(len(offsets) - 1):
-            for j in range(offsets[t], offsets[t + 1]):
-                v = values[j]
-                if keep[j] and v != 0:
-                    s = slot[v]
-                    for d in range(lo, hi):
-                        acc[s, d] += scaled[t, d]
-    for s in nb.prange(n_rows):
-        r = rows[s]
-        for d in range(width):
-            g = acc[s, d]
-            m = b1 * moments[r, d] + c1 * g
-            v2 = b2 * moments[r, width + d] + c2 * g * g
-            moments[r, d] = m
-            moments[r, width + d] = v2
-            table[r, d] -= step_size * (m / (np.sqrt(v2) + eps))
-        slot[r] = -1
+    block = 256
+    for b in nb.prange((n_rows + block - 1) // block):
+        g = np.empty(width, dtype=np.float32)
+        for s in range(b * block, min(n_rows, b * block + block)):
+            r = rows[s]
+            for d in range(width):
+                g[d] = 0.0
+            for k in range(starts[s], starts[s + 1]):
+                t = title_of[k]
+                for d in range(width):
+                    g[d] += scaled[t, d]
+            for d in range(width):
+                m = b1 * moments[r, d] + c1 * g[d]
+                v2 = b2 * moments[r, width + d] + c2 * g[d] * g[d]
+                moments[r, d] = m
+                moments[r, width + d] = v2
+                table[r, d] -= step_size * (m / (np.sqrt(v2) + eps))
+            slot[r] = -1
 
 
 class RowAdam(torch.optim.Optimizer):
