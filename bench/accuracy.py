@@ -50,7 +50,7 @@ def project_model(config_path: Path, train, validation, seed: int = 0, save: Pat
     from meli.dataset import split_holdout
     from meli.export.onnx_export import to_onnx
     from meli.onnx_model import load_onnx_model
-    from meli.score.scorer import Scorer
+    from meli.scorer import Scorer
     from meli.train.recipe import train_and_refit
 
     fit, selection = split_holdout(train, SELECTION_FRACTION, seed=seed)

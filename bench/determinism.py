@@ -52,7 +52,7 @@ def pyfunc_scores(model: str, catalog: pa.Table, folder: Path) -> pa.Table:
     import mlflow
     import pandas as pd
 
-    from meli.score.mlflow_model import pyfunc_model_args
+    from meli.pyfunc import pyfunc_model_args
 
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
     experiment = mlflow.create_experiment("meli-determinism", artifact_location=(folder / "mlruns").as_uri())

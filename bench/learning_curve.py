@@ -13,7 +13,6 @@ A category absent from the N titles counts as missed on validation.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +48,7 @@ def main() -> None:
     from meli.checkpoint import load_checkpoint
     from meli.export.onnx_export import to_onnx
     from meli.score.score import score_file
-    from meli.score.scorer import ScoreConfig
+    from meli.score.job import ScoreJob
 
     source = resolve_data(args.data)
     train, validation = load_labelled(source.train), load_labelled(source.validation)
@@ -70,7 +69,7 @@ def main() -> None:
             titles = [change(t) for t in validation.titles.to_pylist()]
             inp, out, report = tmp / "in.parquet", tmp / "out.parquet", tmp / "r.html"
             pq.write_table(pa.table({"title": titles}), inp)
-            score_file(inp, out, model, ScoreConfig(), report=report, quiet=True)
+            score_file(inp, out, ScoreJob(model=str(model), report=report, quiet=True))
             acc = json.loads((tmp / "r.json").read_text())["accuracy"]
             predicted = pq.read_table(out).column("category").to_pylist()
             pred = np.array([labels.get(p, -1) if p is not None else -1 for p in predicted])

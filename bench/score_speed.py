@@ -109,7 +109,7 @@ def stage_model(args) -> int:
     """onnxruntime alone: the first `model_rows` titles encoded and cut into the length-sorted
     runs meli-score feeds it (untimed), then scored."""
     from meli.onnx_model import load_onnx_model
-    from meli.score.scorer import ScoreConfig, length_runs
+    from meli.scorer import ScoreConfig, length_runs
 
     model = load_onnx_model(args.model, provider=args.provider, threads=args.threads)
     tokenizer = model.card.tokenizer()
@@ -240,13 +240,13 @@ def _poll_peak(proc: subprocess.Popen) -> float:
     return peak_kib / 1024
 
 
-def train_fasttext(path: Path) -> float:
+def train_fasttext(path: Path, labelled: Path | None = None) -> float:
     import fasttext
 
     from meli.dataset import load_labelled
     from meli.tokenizer import normalize_title
 
-    train = load_labelled(labelled_sources()[0])
+    train = load_labelled(labelled or labelled_sources()[0])
     text = path.with_suffix(".txt")
     text.write_text("".join(f"__label__{c} {' '.join(normalize_title(t))}\n"
                             for t, c in zip(train.titles.to_pylist(), train.categories.to_pylist())))
@@ -271,6 +271,9 @@ def main() -> None:
                     help="also score the catalog end to end with this model file (repeatable)")
     ap.add_argument("--previous", help="a git revision of this repository (a commit, a tag): its meli-score joins the table")
     ap.add_argument("--previous-model", type=Path, help="the model file for --previous")
+    ap.add_argument("--fasttext-train", type=Path, default=None,
+                    help="the labelled titles fastText trains on (default: the shared training titles); "
+                         "the model's own training file when it has other categories")
     ap.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # a child's work
     ap.add_argument("--catalog", help=argparse.SUPPRESS)
     ap.add_argument("--fasttext-model", help=argparse.SUPPRESS)
@@ -345,7 +348,7 @@ def main() -> None:
         ratio = ""
         if "fasttext" not in args.skip:
             ft = Path(tmp) / "fasttext.bin"
-            train_s = train_fasttext(ft)
+            train_s = train_fasttext(ft, args.fasttext_train)
             ft_mb = ft.stat().st_size / 1e6
             cmds = [[*me, "--stage", "fasttext", "--catalog", str(catalog), "--fasttext-model", str(ft),
                      "--output", str(Path(tmp) / f"fasttext-{i}.parquet"), "--share", str(i), "--shares", str(args.threads)]

@@ -8,6 +8,7 @@ import click
 
 from meli import __version__
 from meli.command import console_script, one_line, reports_errors, setup_logging
+from meli.onnx_model import DEFAULT_MODEL
 from meli.tracking import REGISTERED_NAME
 
 
@@ -16,7 +17,7 @@ from meli.tracking import REGISTERED_NAME
 @click.option("--experiment", default=None, help="MLflow experiment to take the best run from; default: that of the most recent run.")
 @click.option("--run-id", default=None, help="Export this MLflow run's checkpoint instead of the best one.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Export this checkpoint file instead.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("artifacts/model.onnx"),
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path(DEFAULT_MODEL),
               show_default=True, help="Where model.onnx is written (atomically).")
 @click.option("--parity-data", type=click.Path(dir_okay=False), default=None,
               help="Titles for the parity check; default: the run's validation file, else the demo's.")
@@ -51,7 +52,7 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
         meli-export --no-quantize --output artifacts/model-fp32.onnx   # float matrix products
     """
     setup_logging(quiet)
-    from meli.export.export import DEFAULT_OUTPUT, calibration_summary, choose_checkpoint, export_model, recheck
+    from meli.export.export import calibration_summary, choose_checkpoint, export_model, recheck
     from meli.export.parity import require_parity
 
     if check:
@@ -59,7 +60,7 @@ def main(experiment, run_id, checkpoint, output, parity_data, parity_rows, provi
         click.echo(report.summary())
         require_parity(report)
         return
-    if output == DEFAULT_OUTPUT:  # the project's own artifacts/ folder may not exist yet; a named folder must
+    if output == Path(DEFAULT_MODEL):  # the project's own artifacts/ folder may not exist yet; a named folder must
         output.parent.mkdir(parents=True, exist_ok=True)
     chosen = choose_checkpoint(experiment, run_id, checkpoint)
     outcome = export_model(chosen, output, parity_data=parity_data, parity_rows=parity_rows, provider=provider,

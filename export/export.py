@@ -16,7 +16,7 @@ from meli.dataset import TRAIN_MIX, fingerprint, load_labelled
 from meli.demo_catalog import DEMO_DIR
 from meli.errors import MeliError, OutputError
 from meli.formats import AtomicWriter, iter_batches
-from meli.onnx_model import file_sha256, load_onnx_model
+from meli.onnx_model import DEFAULT_MODEL, file_sha256, load_onnx_model
 from meli.calibration import coverage_table
 from meli.metrics import balanced_accuracy
 from meli.tracking import (EXPORT_ARTIFACTS, HELD_OUT, REGISTERED_NAME, TRAIN_SOURCE_TAG, VALIDATION_SHA256_TAG, VALIDATION_SOURCE_TAG, Measure, Measured, Registration,
@@ -28,7 +28,7 @@ from meli.export.parity import ParityReport, check_parity, require_parity
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUT = Path("artifacts/model.onnx")
+DEFAULT_OUTPUT = Path(DEFAULT_MODEL)
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def recheck(model_path: Path, *, checkpoint: str | Path | None = None, parity_da
 def labelled_measure(source: Path) -> Measure | None:
     """How the serving gate scores an exported file: its balanced accuracy on the labelled
     titles of `source` (the candidate's validation file), scored as meli-score scores them
-    (`meli.score.scorer.Scorer`: a title with no known token gets no category). None when the
+    (`meli.scorer.Scorer`: a title with no known token gets no category). None when the
     file has no categories."""
     try:
         split = load_labelled(source)
@@ -201,11 +201,11 @@ def labelled_measure(source: Path) -> Measure | None:
     y_true = np.array([labels[c] for c in truth])
 
     def measure(model_file: Path) -> Measured:
-        from meli.score.scorer import ScoreConfig, Scorer
+        from meli.scorer import BATCH_ROWS, ScoreConfig, Scorer
 
         scorer = Scorer(load_onnx_model(model_file, provider="cpu"), ScoreConfig(keep_columns=()))
         predicted = pa.Table.from_batches(scorer.score_batches(
-            pa.record_batch({"title": split.titles.slice(start, 16_384)}) for start in range(0, len(split), 16_384)))
+            pa.record_batch({"title": split.titles.slice(start, BATCH_ROWS)}) for start in range(0, len(split), BATCH_ROWS)))
         y_pred = np.array([labels.get(c, -1) for c in predicted.column("category").to_pylist()])
         return Measured(balanced_accuracy(y_true, y_pred), len(split), str(source))
 
@@ -215,9 +215,9 @@ def labelled_measure(source: Path) -> Measure | None:
 def log_export(run_id: str, output: Path, report: ParityReport, sig: dict, name: str, temperature: float = 1.0,
                force: bool = False, measure: Measure | None = None) -> Registration | None:
     """Log the export to the checkpoint's run (parity report, signature, and the model as an
-    MLflow pyfunc model: `meli.score.mlflow_model`) and register it (`meli.tracking.register_pyfunc`:
+    MLflow pyfunc model: `meli.pyfunc`) and register it (`meli.tracking.register_pyfunc`:
     ``@latest-export`` always, ``@champion`` through its quality gate)."""
-    from meli.score.mlflow_model import pyfunc_model_args
+    from meli.pyfunc import pyfunc_model_args
 
     if not has_run(run_id):
         log.warning("run %s is not in this MLflow store: the export is not logged or registered", run_id)

@@ -28,6 +28,8 @@ FORMAT = "meli-onnx/1"
 INPUT_NAME = "token_ids"
 OUTPUT_NAME = "probabilities"
 Provider = Literal["auto", "cuda", "cpu"]
+DEFAULT_MODEL = "artifacts/model.onnx"  # where meli-export writes and meli-score reads the model by default
+DEFAULT_PROVIDER: Provider = "auto"  # CUDA when onnxruntime really gets it, else the CPU
 
 _KEYS = ("meli.format", "meli.tokenizer", "meli.vocabulary", "meli.labels", "meli.model", "meli.provenance")
 
@@ -118,7 +120,7 @@ class OnnxModel:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(token_ids, dtype=np.int64)})[0]
 
 
-def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = "auto", threads: int | None = None) -> OnnxModel:
+def load_onnx_model(model: str | os.PathLike | bytes, provider: Provider = DEFAULT_PROVIDER, threads: int | None = None) -> OnnxModel:
     """Open `model` (a path, or the file's bytes) on the requested provider.
 
     ``auto`` takes CUDA when onnxruntime offers it *and* the session really gets it, else

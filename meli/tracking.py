@@ -3,7 +3,7 @@ live, which experiment a dataset's runs go to, the names the stages hand each ot
 store checks, writing a training run (`RunRecorder`), reading runs back (`best_run_id`,
 `run_checkpoint`), and registering an export behind the serving alias's quality gate
 (`register_pyfunc`). The stages call these, never mlflow's tracking API; only the pyfunc
-model's own class (`meli.score.mlflow_model`) is written against ``mlflow.pyfunc``.
+model's own class (`meli.pyfunc`) is written against ``mlflow.pyfunc``.
 
 Default store: a SQLite file ``mlflow.db`` in the current folder (the project folder when run
 through ``make``), artifacts in ``./mlruns``; ``MLFLOW_TRACKING_URI`` overrides it. See them with

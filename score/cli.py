@@ -6,6 +6,8 @@ import click
 
 from meli import __version__
 from meli.command import console_script, one_line, reports_errors, setup_logging
+from meli.scorer import ScoreConfig
+from meli.score.job import ScoreJob
 from meli.score.report import EXIT_DRIFT, DriftRules
 
 MAX_BATCH = 1 << 24  # rows: far beyond what memory allows for titles, well inside Arrow's and onnxruntime's limits
@@ -16,9 +18,9 @@ MAX_THREADS = 1024
 @click.version_option(__version__, prog_name="meli-score", message="%(prog)s %(version)s")
 @click.argument("input_path", metavar="INPUT", type=click.Path())
 @click.argument("output_path", metavar="OUTPUT", type=click.Path())
-@click.option("--model", default="artifacts/model.onnx", show_default=True,
+@click.option("--model", default=ScoreJob.model, show_default=True,
               help="model.onnx path, or an MLflow registry URI: models:/meli-categorizer/3, models:/meli-categorizer@latest-export.")
-@click.option("--title-column", default="title", show_default=True, help="Column holding the titles.")
+@click.option("--title-column", default=ScoreConfig.title_column, show_default=True, help="Column holding the titles.")
 @click.option("--keep-columns", default=None, help="Comma-separated input columns to pass through (default: all but the title).")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also write the K best categories and their probabilities as lists.")
@@ -28,9 +30,9 @@ MAX_THREADS = 1024
 @click.option("--route-low", type=click.Path(dir_okay=False), default=None,
               help="Write the rows below --min-probability (and those without a category) to this second file "
                    "instead, with the model's category as a suggestion.")
-@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=16_384, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=ScoreJob.batch_size, show_default=True,
               help="Rows read, tokenized and written at a time; peak memory grows with it.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default=ScoreJob.provider, show_default=True,
               help="onnxruntime provider; auto takes CUDA when it really works, else the CPU.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="CPU threads for onnxruntime and Arrow (default: all cores).")
@@ -82,7 +84,6 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
         meli-score catalog.parquet scored.parquet --model artifacts/model.onnx --keep-columns id --top-k 3
     """
     setup_logging(quiet)
-    from meli.score.scorer import ScoreConfig
     from meli.score.score import score_file
 
     needs_report = [flag for flag, given in (("fail-on-drift", fail_on_drift), ("track", track),
@@ -107,19 +108,17 @@ def main(input_path, output_path, model, title_column, keep_columns, top_k, min_
         tables = [p for p in (input_path, output_path) if p.startswith("table:")]
         if tables:
             raise click.UsageError(f"{tables[0]}: tables of a Spark catalog need --engine spark")
+    job = ScoreJob(model=model, options=options, batch_size=batch_size, provider=provider, threads=threads,
+                   route_low=route_low, report=report, drift_rules=rules, previous=previous, id_column=id_column,
+                   quiet=quiet)
     if engine == "spark":
         if route_low is not None:
             raise click.UsageError("--route-low is not available with --engine spark (filter the output on probability)")
         from meli.score.spark import score_with_spark
-        from meli.tracking import resolve_model_uri
 
-        summary = score_with_spark(input_path, output_path, resolve_model_uri(model), options, master=spark_master,
-                                   remote=spark_remote, provider=provider, batch_size=batch_size, report=report, drift_rules=rules,
-                                   model_name=model, quiet=quiet, previous=previous, id_column=id_column)
+        summary = score_with_spark(input_path, output_path, job, master=spark_master, remote=spark_remote)
     else:
-        summary = score_file(input_path, output_path, model, options, route_low=route_low, batch_size=batch_size,
-                             provider=provider, threads=threads, quiet=quiet, report=report, drift_rules=rules,
-                             previous=previous, id_column=id_column)
+        summary = score_file(input_path, output_path, job)
     if not quiet:
         click.echo(one_line(summary.line()), err=True)
     if track:

@@ -1,6 +1,6 @@
 """The nightly report: what tonight's catalog looked like, and whether it drifted.
 
-`build_report` turns a run's `Tally` (counts that add up, `meli.score.tally`) and the model's
+`build_report` turns a run's `Tally` (counts that add up, `meli.tally`) and the model's
 card into plain figures: rows, unscored rows, the share of unknown words, the title-length
 distribution; the population stability index (PSI) and Jensen–Shannon divergence of tonight's
 predicted categories against the training data's category mix (stored in the model file);
@@ -29,7 +29,8 @@ from meli.calibration import THRESHOLDS, coverage_shares
 from meli.dataset import TRAIN_MIX
 from meli.formats import atomic_write_bytes, shown
 from meli.onnx_model import OnnxModel
-from meli.score.tally import CONFIDENCE_BINS, LENGTH_EDGES, Q24, Tally
+from meli.reliability import Reliability
+from meli.tally import CONFIDENCE_BINS, LENGTH_EDGES, Q24, Tally
 
 EXIT_DRIFT = 3  # meli-score --fail-on-drift: the run drifted (the output is written)
 PSI_FLOOR = 1e-4  # a share of 0 counts as this much in the PSI (its logarithm must exist)
@@ -109,15 +110,18 @@ def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None
     """The accuracy of tonight's scored rows, estimated without labels from the calibrated
     probabilities (confidence-based performance estimation, as NannyML's CBPE does it).
 
-    A calibrated model's top probability p is the chance its category is right, so the
-    expected accuracy is the mean of p; the count of right answers varies around it with
-    variance sum p (1 - p) (independent rows), and the calibration itself is only good to its
-    expected calibration error on the validation titles, added to the 95% interval. The
-    balanced accuracy is estimated the same way, category by category: expected recall =
-    (sum of p over rows predicted as it) / (sum over all rows of their probability of it), for
-    categories with at least MIN_EXPECTED_TITLES expected titles. Both assume that tonight's
-    titles relate to their categories as the training titles did; `trusted` says when that is
-    in doubt (many unknown words, a moved category mix)."""
+    A calibrated model's top probability p is the chance its category is right on titles
+    like the validation ones; on shorter titles it is too high, so each row's chance q is p
+    corrected by the model's table of accuracy by known words and probability
+    (`meli.reliability`; q = p for a model without one). The expected accuracy is the mean of
+    q; the count of right answers varies around it with variance sum q (1 - q) (independent
+    rows), and the calibration itself is only good to its expected calibration error on the
+    validation titles, added to the 95% interval. The balanced accuracy is estimated the same
+    way, category by category: expected recall = (sum of q over rows predicted as it) / (the
+    rows' summed chance of being it), for categories with at least MIN_EXPECTED_TITLES
+    expected titles. Both assume that tonight's titles relate to their categories as the
+    training titles did; `trusted` says when that is in doubt (many unknown words, a moved
+    category mix)."""
     metrics = model.card.provenance.get("metrics") or {}
     ece = float(metrics.get("calibration_ece_after") or 0.0)
     out = {"estimated_accuracy": None, "interval": None, "estimated_balanced_accuracy": None,
@@ -127,15 +131,16 @@ def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None
     n = tally.scored
     if not n:
         return out
-    accuracy = tally.probability_q24 / Q24 / n
+    accuracy = tally.right_chance_q24 / Q24 / n
     half = 1.96 * math.sqrt(tally.uncertainty_q24 / Q24) / n + ece
     support = tally.expected_support_q24 / Q24
-    correct = tally.category_probability_q24 / Q24
+    correct = tally.category_right_q24 / Q24
     enough = support >= MIN_EXPECTED_TITLES
     out.update(estimated_accuracy=accuracy, interval=[max(0.0, accuracy - half), min(1.0, accuracy + half)],
                estimated_balanced_accuracy=float(np.mean(np.minimum(1.0, correct[enough] / support[enough])))
                if enough.any() and support.sum() > 0 else None,
                categories_in_balanced=int(enough.sum()))
+    out["length_corrected"] = Reliability.of(model.card.provenance) is not None
     if "calibration_ece_after" not in metrics:
         out["caveats"].append("the model's probabilities were not calibrated at export (no temperature fitted on "
                               "validation): the estimate assumes they are")

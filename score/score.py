@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,49 +29,17 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from meli.errors import InputError, MeliError, OutputError, SettingError, first_line
-from meli.formats import (NOT_DATA, AtomicWriter, arrow_file, batch_writer, check_name_length, detect_format, iter_batches, json_lines,
+from meli.formats import (AtomicWriter, arrow_file, batch_writer, detect_format, iter_batches, json_lines,
                           parquet_parts)
 from meli.onnx_model import load_onnx_model
-from meli.tracking import resolve_model_uri
-from meli.score.scorer import Scorer, ScoreConfig
+from meli.scorer import Scorer
 from meli.score.changes import PreviousNight
-from meli.score.report import DriftRules, build_report, registered_version, report_paths, summary_words, write_report
-from meli.score.tally import Tally
+from meli.score.job import STDIO, ScoreJob, ScoreSummary, check_job, check_target, finish_report
+from meli.tally import Tally
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class ScoreSummary:
-    rows: int
-    unscored: int
-    seconds: float
-    provider: str
-    model: str
-    output: Path
-    below: int = 0  # scored rows under min_probability
-    min_probability: float = 0.0
-    routed_to: Path | None = None
-    report: dict | None = None  # the nightly report's figures (`meli.score.report`), when asked for
-    report_files: tuple[Path, ...] = ()
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows / self.seconds if self.seconds > 0 else float("inf")
-
-    def line(self) -> str:
-        low = ""
-        if self.min_probability > 0:
-            where = f"routed to {self.routed_to} with the rows without a category" if self.routed_to else "category left null"
-            low = f"{self.below:,} below probability {self.min_probability:g} ({where}); "
-        return (
-            f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows_per_second:,.0f} rows/s); "
-            f"{self.unscored:,} without a category (null/empty title or no known token); {low}"
-            f"provider {self.provider}; model {self.model}; wrote {self.output}"
-            + summary_words(self.report, self.report_files)
-        )
 
 
 class _Background:
@@ -193,7 +160,6 @@ def _count_rows(path: Path) -> int | None:
         return None  # the reader will report it with the file's name
 
 
-STDIO = Path("-")  # INPUT or OUTPUT "-": JSON Lines on stdin / stdout
 
 
 class _Stdout:
@@ -247,100 +213,46 @@ def _is_pipe(inp: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
-def _check_target(out: Path, inp: Path, what: str) -> None:
-    """What any file this run writes must not be: too long a name, the input itself, inside
-    the input folder (the next run would read it), or a folder."""
-    if out == STDIO:
-        return
-    check_name_length(out)
-    if out.exists() and inp.exists() and inp.resolve() == out.resolve():
-        raise OutputError(f"{out}: {what} would overwrite the input")
-    if inp != STDIO and inp.is_dir() and out.resolve().is_relative_to(inp.resolve()) \
-            and not any(n.startswith(NOT_DATA) for n in out.resolve().relative_to(inp.resolve()).parts):
-        raise OutputError(f"{out}: {what} would be inside the input folder {inp}, and the next run would read it "
-                          "as input; write it elsewhere")
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory; name an output file")
-
-
 def _check_output(out: Path, inp: Path, what: str = "the output") -> None:
-    _check_target(out, inp, what)
+    check_target(out, inp, what)
     if out != STDIO and detect_format(out) == "csv":
         raise OutputError(f"{out}: CSV output is not supported; use .parquet or .jsonl")
 
 
-def check_report(report: str | os.PathLike, inp: Path, outputs: list[Path]) -> None:
-    """Refuse, before any work, a report that could not be written at the end of the run or
-    would replace one of its `outputs` (both engines call this)."""
-    if Path(report) == STDIO:
-        raise SettingError("report", "names the report's file (R.html; R.json is written beside it), not -")
-    for path in report_paths(report):
-        _check_target(path, inp, "the report")
-        if not path.parent.is_dir():
-            raise OutputError(f"{path}: folder {path.parent} does not exist")
-        if any(path.resolve() == out.resolve() for out in outputs if out != STDIO):
-            raise SettingError("report", f"{path} is also an output of this run; name the report otherwise")
-
-
-def score_file(
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    model: str = "artifacts/model.onnx",
-    options: ScoreConfig = ScoreConfig(),
-    *,
-    route_low: str | os.PathLike | None = None,
-    batch_size: int = 16_384,
-    provider: str = "auto",
-    threads: int | None = None,
-    quiet: bool = False,
-    report: str | os.PathLike | None = None,
-    drift_rules: DriftRules = DriftRules(),
-    previous: str | os.PathLike | None = None,
-    id_column: str = "id",
-) -> ScoreSummary:
-    """Score INPUT into OUTPUT. With `route_low`, the rows under ``options.min_probability``
-    (and those with no category at all) go to that second file instead, with the model's
-    category as a suggestion; both files are written atomically, in input order. With
-    `report` (``R.html``), the nightly report is written to R.html and R.json once the output
-    is in place (`meli.score.report`); the summary carries its figures and drift verdict. With
-    `previous` (last night's output) the report also says what changed since, by `id_column`
-    (`meli.score.changes`); it is read before the run, so tonight may write over it."""
+def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, job: ScoreJob = ScoreJob()) -> ScoreSummary:
+    """Score INPUT into OUTPUT as `job` says. With ``job.route_low``, the rows under
+    ``options.min_probability`` (and those with no category at all) go to that second file
+    instead, with the model's category as a suggestion; both files are written atomically,
+    in input order. With ``job.report`` (``R.html``), the nightly report is written to R.html
+    and R.json once the output is in place (`meli.score.report`); the summary carries its
+    figures and drift verdict. With ``job.previous`` (last night's output) the report also
+    says what changed since, by ``job.id_column`` (`meli.score.changes`); it is read before
+    the run, so tonight may write over it."""
     inp, out = Path(input_path), Path(output_path)
-    low = Path(route_low) if route_low is not None else None
+    low = Path(job.route_low) if job.route_low is not None else None
     _check_output(out, inp)
     if inp != STDIO:
         if not inp.exists():
             raise InputError(f"{inp}: no such file or directory")
         detect_format(inp)
     if low is not None:
-        if not options.min_probability > 0:
+        if not job.options.min_probability > 0:
             raise SettingError("route_low", "needs min_probability, the probability under which rows are routed")
         _check_output(low, inp, "the low-probability file")
         if low == STDIO or low.resolve() == out.resolve():
             raise SettingError("route_low", f"{low} must be a file other than the output")
-    if threads:
-        pa.set_cpu_count(threads)
-    if report is not None:
-        check_report(report, inp, [out] if low is None else [out, low])
-    model_path = resolve_model_uri(model)
-    written = [(out, "the output"), (low, "the low-probability file")] + [(p, "the report") for p in
-                                                                           (report_paths(report) if report else [])]
-    for path, what in written:
-        if path is not None and path != STDIO and path.exists() and model_path.exists() \
-                and path.resolve() == model_path.resolve():
-            raise OutputError(f"{path}: {what} would overwrite the model file")
-    if previous is not None and (report is None or out == STDIO):
-        raise SettingError("previous", "needs --report and an OUTPUT file: the comparison goes into the report")
-    onnx_model = load_onnx_model(model_path, provider=provider, threads=threads)
-    tally = Tally(len(onnx_model.card.labels)) if report is not None else None
+    if job.threads:
+        pa.set_cpu_count(job.threads)
+    model_path = check_job(job, inp, [out] if low is None else [out, low])
+    onnx_model = load_onnx_model(model_path, provider=job.provider, threads=job.threads)
+    tally = Tally(len(onnx_model.card.labels)) if job.report is not None else None
     with contextlib.ExitStack() as nights:
-        last_night = nights.enter_context(PreviousNight(previous, id_column)) if previous is not None else None
-        return _score(inp, out, low, onnx_model, options, tally, batch_size, quiet, report, drift_rules, model, last_night,
-                      input_path, output_path)
+        last_night = nights.enter_context(PreviousNight(job.previous, job.id_column)) if job.previous is not None else None
+        return _score(inp, out, low, onnx_model, job, tally, last_night, input_path, output_path)
 
 
-def _score(inp, out, low, onnx_model, options, tally, batch_size, quiet, report, drift_rules, model, last_night,
-           input_path, output_path) -> ScoreSummary:
+def _score(inp, out, low, onnx_model, job: ScoreJob, tally, last_night, input_path, output_path) -> ScoreSummary:
+    options = job.options
     # routing: low rows keep the model's category, as a suggestion in the second file
     scorer = Scorer(onnx_model, dataclasses.replace(options, null_low=low is None), tally=tally)
     started = time.perf_counter()
@@ -350,11 +262,11 @@ def _score(inp, out, low, onnx_model, options, tally, batch_size, quiet, report,
         total = _count_rows(inp)
         targets = [_Stdout() if path == STDIO else stack.enter_context(AtomicWriter(path))
                    for path in ([out] if low is None else [out, low])]
-        batches = _prefetch(iter_batches(inp, batch_size=batch_size, string_columns=(options.title_column,)))
+        batches = _prefetch(iter_batches(inp, batch_size=job.batch_size, string_columns=(options.title_column,)))
         tokenized = _prefetch(scorer.tokenize(b) for b in batches)
         writers: list[_OutputFile] = []
         # a bar only on a terminal (None): a job's log file gets the summary line, not bar updates
-        bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=True if quiet else None, smoothing=0.1)
+        bar = tqdm(total=total, unit="rows", unit_scale=True, desc="scoring", disable=True if job.quiet else None, smoothing=0.1)
         try:
             for item in tokenized:
                 scored = scorer.predict_low(item)
@@ -383,11 +295,8 @@ def _score(inp, out, low, onnx_model, options, tally, batch_size, quiet, report,
     figures, files = None, ()
     if tally is not None:
         changes = last_night.compare(out, onnx_model.sha256) if last_night is not None else None
-        figures = build_report(tally, onnx_model, str(input_path), str(output_path), rules=drift_rules,
-                               min_probability=options.min_probability, registered=registered_version(model),
-                               changes=changes)
-        files = write_report(figures, report)
-    return ScoreSummary(stats.rows, stats.unscored, time.perf_counter() - started, onnx_model.provider, onnx_model.source,
-                        out, below=stats.below, min_probability=options.min_probability, routed_to=low, report=figures,
+        figures, files = finish_report(job, tally, onnx_model, input_path, output_path, "local", changes)
+    return ScoreSummary(stats.rows, time.perf_counter() - started, str(out),
+                        f"provider {onnx_model.provider}; model {onnx_model.source}", unscored=stats.unscored,
+                        below=stats.below, min_probability=options.min_probability, routed_to=low, report=figures,
                         report_files=files)
-

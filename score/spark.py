@@ -1,6 +1,6 @@
 """`meli-score --engine spark`: the scoring core inside Spark, for catalogs beyond one machine.
 
-The same function over Arrow record batches as `meli-score` (`meli.score.scorer.Scorer`) runs in
+The same function over Arrow record batches as `meli-score` (`meli.scorer.Scorer`) runs in
 ``DataFrame.mapInArrow``, on a classic session (local, standalone, YARN, Kubernetes) or through
 Spark Connect (``--spark-remote``). ``model.onnx`` is shipped to the executors once
 (``SparkContext.addFile``, or ``addArtifacts`` through Connect), each Python worker opens one
@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -38,11 +37,10 @@ import pyarrow as pa
 from meli.errors import InputError, MeliError, OutputError, SettingError, first_line
 from meli.formats import checked_parts, is_text
 from meli.onnx_model import load_onnx_model
-from meli.score.scorer import Scorer, ScoreConfig
+from meli.scorer import Scorer, ScoreConfig
 from meli.score.changes import PreviousNight
-from meli.score.report import DriftRules, build_report, registered_version, summary_words, write_report
-from meli.score.score import check_report
-from meli.score.tally import Tally
+from meli.score.job import ScoreJob, ScoreSummary, check_job, finish_report
+from meli.tally import Tally
 
 try:
     from pyspark.accumulators import AccumulatorParam
@@ -50,21 +48,6 @@ except ImportError:  # pyspark is the [spark] extra; the engine says so when ask
     AccumulatorParam = None
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SparkSummary:
-    rows: int
-    seconds: float
-    output: str
-    master: str
-    report: dict | None = None  # the nightly report's figures (`meli.score.report`), when asked for
-    report_files: tuple[Path, ...] = ()
-
-    def line(self) -> str:
-        return (f"scored {self.rows:,} rows in {self.seconds:.1f}s ({self.rows / max(self.seconds, 1e-9):,.0f} rows/s) "
-                f"on Spark {self.master}; wrote {self.output}"
-                + summary_words(self.report, self.report_files))
 
 
 class TallyParam(AccumulatorParam if AccumulatorParam is not None else object):
@@ -271,57 +254,40 @@ def _shipping_folder() -> Path:
     return folder
 
 
-def score_with_spark(
-    input_path: str,
-    output_path: str,
-    model: str | os.PathLike,
-    options: ScoreConfig = ScoreConfig(),
-    *,
-    master: str | None = None,
-    remote: str | None = None,
-    provider: str = "auto",
-    batch_size: int = 16_384,
-    report: str | os.PathLike | None = None,
-    drift_rules: DriftRules = DriftRules(),
-    model_name: str | None = None,
-    quiet: bool = False,
-    previous: str | os.PathLike | None = None,
-    id_column: str = "id",
-) -> SparkSummary:
+def score_with_spark(input_path: str, output_path: str, job: ScoreJob = ScoreJob(), *, master: str | None = None,
+                     remote: str | None = None) -> ScoreSummary:
     """Score a Parquet dataset (a file or a folder of part files, local or on a lake's file
     system) or a table (``table:NAME``) into a folder of Parquet part files or a table at
     `output_path`, replacing any previous one only once the new one is complete. Runs on a
-    classic session (`master`) or through Spark Connect (`remote`). With `report`, the
+    classic session (`master`) or through Spark Connect (`remote`). With ``job.report``, the
     nightly report is computed from per-partition tallies merged on the driver (no data
     collected) and written as the local engine writes it."""
     started = time.perf_counter()
-    model_path = Path(model)
-    local_model = load_onnx_model(model_path, provider="cpu")
-    scorer = Scorer(local_model, options)  # fails here, before any task
+    if job.route_low is not None:
+        raise SettingError("route_low", "is not available with the Spark engine (filter the output on probability)")
     if master is not None and remote is not None:
         raise SettingError("spark_remote", "give a master URL or a Spark Connect URL, not both")
     table_out = _table_name(output_path) if str(output_path).startswith(TABLE) else None
     if table_out is None:
         _check_output_folder(str(output_path))
-    if report is not None:  # the local engine's checks: written at the end, so refused now
-        check_report(report, Path(input_path), [] if table_out else [Path(str(output_path).removeprefix("file://"))])
-    if previous is not None and (report is None or table_out is not None):
-        raise SettingError("previous", "needs --report and an OUTPUT folder: the comparison goes into the report")
+    outputs = [] if table_out else [Path(str(output_path).removeprefix("file://"))]
+    model_path = check_job(job, Path(input_path), outputs)
+    local_model = load_onnx_model(model_path, provider="cpu")
+    scorer = Scorer(local_model, job.options)  # fails here, before any task
     with contextlib.ExitStack() as nights:  # last night is read before tonight may write over it
-        last_night = nights.enter_context(PreviousNight(previous, id_column)) if previous is not None else None
-        return _score_with_spark(input_path, output_path, model_path, local_model, scorer, options, master, remote,
-                                 provider, batch_size, report, drift_rules, model, model_name, quiet, table_out,
-                                 last_night, started)
+        last_night = nights.enter_context(PreviousNight(job.previous, job.id_column)) if job.previous is not None else None
+        return _score_with_spark(input_path, output_path, model_path, local_model, scorer, job, master, remote,
+                                 table_out, last_night, started)
 
 
-def _score_with_spark(input_path, output_path, model_path, local_model, scorer, options, master, remote, provider,
-                      batch_size, report, drift_rules, model, model_name, quiet, table_out, last_night,
-                      started) -> SparkSummary:
-    spark = spark_session(master, remote, quiet)
+def _score_with_spark(input_path, output_path, model_path, local_model, scorer, job: ScoreJob, master, remote,
+                      table_out, last_night, started) -> ScoreSummary:
+    spark = spark_session(master, remote, job.quiet)
     connect = is_connect(spark)
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+    options, provider = job.options, job.provider
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(job.batch_size))
     # Hive partition columns as strings, as the local engine reads them (meli.formats.partition_schema)
     spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     df = _read_input(spark, str(input_path))
@@ -334,12 +300,12 @@ def _score_with_spark(input_path, output_path, model_path, local_model, scorer, 
     out_schema = scorer.output_schema(in_schema).remove_metadata()  # checks --keep-columns and names too
     name, opts = _ship_model(spark, model_path), options
     profile = {"profile": gpu_profile()} if provider == "cuda" else {}
-    tallies = spark.sparkContext.accumulator({}, TallyParam()) if report is not None and not connect else None
+    tallies = spark.sparkContext.accumulator({}, TallyParam()) if job.report is not None and not connect else None
     scored = df.mapInArrow(lambda it: _score_partition(it, name, opts, provider, out_schema, tallies),
                            from_arrow_schema(out_schema), **profile)
     try:
         rows = _write_table(scored, table_out) if table_out else _write_replacing(scored, str(output_path))
-        if report is not None and connect:
+        if job.report is not None and connect:
             # Spark Connect has no accumulators: a second job over the input sends back one tally a partition
             tallies_by_part = _collect_tallies(df, name, opts, provider, profile)
     except MeliError:
@@ -347,18 +313,19 @@ def _score_with_spark(input_path, output_path, model_path, local_model, scorer, 
     except Exception as e:  # noqa: BLE001 - a task failed: Py4J/Java/gRPC errors, or a worker's Python error
         raise InputError(f"{input_path}: the Spark job failed ({spark_reason(e)})") from e
     figures, files = None, ()
-    if report is not None:
+    unscored = below = None
+    if job.report is not None:
         parts = tallies_by_part if connect else tallies.value
         tally = functools.reduce(Tally.merge, (Tally.from_dict(t) for t in parts.values()),
                                  Tally(len(local_model.card.labels)))
         changes = (last_night.compare(Path(str(output_path).removeprefix("file://")), local_model.sha256)
                    if last_night is not None else None)
-        figures = build_report(tally, local_model, str(input_path), str(output_path), rules=drift_rules,
-                               min_probability=options.min_probability, engine="spark-connect" if connect else "spark",
-                               registered=registered_version(model_name or str(model)), changes=changes)
-        files = write_report(figures, report)
+        figures, files = finish_report(job, tally, local_model, input_path, output_path,
+                                       "spark-connect" if connect else "spark", changes)
+        unscored, below = tally.rows - tally.scored, tally.below
     where = remote if connect else spark.sparkContext.master
-    return SparkSummary(rows, time.perf_counter() - started, str(output_path), where, figures, files)
+    return ScoreSummary(rows, time.perf_counter() - started, str(output_path), f"Spark {where}", unscored=unscored,
+                        below=below or 0, min_probability=options.min_probability, report=figures, report_files=files)
 
 
 def _read_input(spark, input_path: str):
@@ -453,9 +420,3 @@ def _parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
-
-
-if __name__ == "__main__":  # spark-submit .../score/spark.py INPUT OUTPUT --model model.onnx
-    from meli.score.cli import main
-
-    main(sys.argv[1:] + ["--engine", "spark"])

@@ -24,7 +24,7 @@ from meli.calibration import (
 )
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
-from meli.score.scorer import ScoreConfig, Scorer
+from meli.scorer import ScoreConfig, Scorer
 from test_score import TITLES
 
 
@@ -110,6 +110,9 @@ def test_the_refit_model_takes_the_selection_fits_temperature(demo_splits):
     assert refit.checkpoint.provenance["refit"] == "train+validation"
     assert len(refit.checkpoint.vocabulary) > len(selection.checkpoint.vocabulary)  # it read the validation titles too
     assert refit.checkpoint.temperature == selection.checkpoint.temperature == refit.calibration.temperature != 1.0
+    # and its table of accuracy by title length, measured on titles the selection fit never saw
+    key = "reliability_by_known_words"
+    assert refit.checkpoint.provenance[key] == selection.checkpoint.provenance[key]
 
 
 @pytest.mark.parametrize("quantize", [False, True])

@@ -22,7 +22,8 @@ from conftest import SHARED_DATA
 from meli.demo_catalog import DEMO_DIR
 from meli.formats import read_table
 from meli.onnx_model import load_onnx_model
-from meli.score.scorer import ScoreConfig, Scorer
+from meli.scorer import ScoreConfig, Scorer
+from meli.score.job import ScoreJob
 from meli.score.score import score_file
 
 OPTIONS = ScoreConfig(top_k=3)
@@ -62,7 +63,7 @@ def models(exported, exported_float, trained, tmp_path_factory):
 
 def scored(catalog, model, tmp_path, name="out.parquet", **kwargs) -> pa.Table:
     out = tmp_path / name
-    score_file(catalog, out, str(model), OPTIONS, quiet=True, **kwargs)
+    score_file(catalog, out, ScoreJob(model=str(model), options=OPTIONS, quiet=True, **kwargs))
     return pq.read_table(out)
 
 
@@ -164,7 +165,7 @@ def test_the_mlflow_model_answers_as_meli_score(models, catalog, tmp_path):
     import mlflow
     import pandas as pd
 
-    from meli.score.mlflow_model import pyfunc_model_args
+    from meli.pyfunc import pyfunc_model_args
 
     reference = scored(catalog, models["default"], tmp_path, "ref.parquet")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -199,7 +200,7 @@ def test_spark_and_its_udf_answer_as_meli_score(models, catalog, tmp_path):
     from click.testing import CliRunner
 
     from meli.score.cli import main as score_main
-    from meli.score.mlflow_model import pyfunc_model_args
+    from meli.pyfunc import pyfunc_model_args
     from meli.score.spark import spark_session
 
     reference = scored(catalog, models["default"], tmp_path, "ref.parquet", report=tmp_path / "ref.html")

@@ -30,7 +30,7 @@ from conftest import ROOT, write_jsonl
 from meli.errors import ModelFileError
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
-from meli.score.scorer import Scorer
+from meli.scorer import Scorer
 from test_score import TITLES, direct_predictions
 
 YESTERDAY = b"yesterday's scores"

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
 from meli.score.report import EXIT_DRIFT, js_divergence, psi, training_mix
-from meli.score.tally import Tally
+from meli.tally import Tally
 
 # figures that say where and when, not what the catalog held
 CIRCUMSTANCES = ("created_at", "input", "output", "engine")
@@ -157,7 +157,7 @@ def test_psi_and_js_are_zero_for_the_same_mix_and_grow_with_the_shift():
 
 
 def test_tallies_of_parts_merge_into_the_tally_of_the_whole(exported):
-    from meli.score.scorer import ScoreConfig, Scorer
+    from meli.scorer import ScoreConfig, Scorer
 
     model = load_onnx_model(exported["mlp"], provider="cpu")
     titles = pa.array(["Bolso Maternal Con Cambiador", None, "", "Casco Moto", "xx yy", "Zapatillas Nike"] * 50)
@@ -278,21 +278,18 @@ def calibrated_on_half(trained, demo_splits, tmp_path_factory):
     the recipe fits it on validation), exported; the second half is left to judge it on."""
     import dataclasses
 
-    import torch
 
-    from meli.calibration import calibrate
+    from meli.dataset import LabelledSplit
     from meli.export.onnx_export import to_onnx
+    from meli.train.recipe import calibrated
     from meli.train.trainer import label_indices
 
     _, validation = demo_splits
-    ckpt = trained["mlp"].checkpoint
     half = len(validation) // 2
-    titles = validation.titles.slice(0, half)
-    with torch.no_grad():
-        scores = ckpt.build_model()(torch.from_numpy(ckpt.tokenizer().encode_batch(titles).ids)).numpy()
-    calibration = calibrate(scores, label_indices(validation.categories.slice(0, half), ckpt.labels))
-    ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, temperature=calibration.temperature),
-                               metrics={**ckpt.metrics, **calibration.metrics()})
+    first = LabelledSplit(validation.titles.slice(0, half), validation.categories.slice(0, half), "first half")
+    fit = trained["mlp"]
+    ckpt = calibrated(dataclasses.replace(fit, val_true=label_indices(first.categories, fit.checkpoint.labels)),
+                      first).checkpoint
     path = tmp_path_factory.mktemp("calibrated") / "model.onnx"
     path.write_bytes(to_onnx(ckpt, quantize=True).SerializeToString())
     return path, (validation.titles.slice(half), validation.categories.slice(half))
@@ -311,10 +308,18 @@ def test_the_estimated_accuracy_tracks_the_real_one_without_labels(calibrated_on
     assert abs(full["estimated_balanced_accuracy"] - real_balanced) < 0.04, (full, real_balanced)
     assert full["trusted"] and full["validation_accuracy"] is not None
     assert "estimated accuracy (no labels)" in page
+    assert full["length_corrected"]
     short = [" ".join(t.split()[2:]) for t in titles]
     hard, real_hard, _, _ = _estimate_against_truth(tmp_path / "short", short, categories, model)
     assert hard["estimated_accuracy"] < full["estimated_accuracy"] - 0.02 and real_hard < real
+    print("HARD", hard["estimated_accuracy"], real_hard)
     assert hard["interval"][0] - 0.02 <= real_hard <= hard["interval"][1] + 0.02, (hard, real_hard)
+    for words in (1, 2):  # cut to their first words: far more often wrong, and the estimate says so
+        cut = [" ".join(t.split()[:words]) for t in titles]
+        est, real_cut, _, _ = _estimate_against_truth(tmp_path / f"first{words}", cut, categories, model)
+        print(words, est["estimated_accuracy"], real_cut)
+        assert real_cut < real - 0.05
+        assert abs(est["estimated_accuracy"] - real_cut) < 0.05, (words, est, real_cut)
 
 
 def test_titles_far_from_training_are_flagged_as_untrusted(calibrated_on_half, exported, tmp_path):

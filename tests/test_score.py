@@ -22,7 +22,8 @@ from meli.export.parity import MAX_ROUNDED_DIFF, MIN_QUANTIZED_AGREEMENT, MIN_RO
 from meli.errors import InputError, ModelFileError, SettingError
 from meli.onnx_model import load_onnx_model
 from meli.score.cli import main as score_main
-from meli.score.scorer import ScoreConfig, Scorer, score_arrow_batches
+from meli.scorer import ScoreConfig, Scorer, score_arrow_batches
+from meli.score.job import ScoreJob
 from meli.score.score import score_file
 
 TITLES = ["Taladro Percutor Bosch 650w", "", None, "Casco Moto Hawk Rebatible", "®®®", "Funda iPhone 11 silicona",
@@ -267,7 +268,7 @@ def test_scores_every_format_in_order_row_by_row(fmt, exported, tmp_path):
             w.writerow(["id", "title", "language"])
             w.writerows([r["id"], r["title"] or "", r["language"]] for r in rows)
     out = tmp_path / "out.parquet"
-    summary = score_file(path, out, str(exported["mlp"]), batch_size=50, quiet=True)
+    summary = score_file(path, out, ScoreJob(model=str(exported["mlp"]), batch_size=50, quiet=True))
     result = pq.read_table(out)
     assert result.num_rows == len(rows) == summary.rows
     ids = result["id"].to_pylist()
@@ -296,14 +297,14 @@ def test_challenge_test_sample_as_parquet_and_jsonl(exported, shared_data, tmp_p
 def test_keep_columns_top_k_and_renamed_clashes(exported, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"sku": "a1", "title": t, "category": "TRUTH", "extra": 1} for t in TITLES])
     out = tmp_path / "out.parquet"
-    score_file(path, out, str(exported["mlp"]), ScoreConfig(keep_columns=("sku",), top_k=3), quiet=True)
+    score_file(path, out, ScoreJob(model=str(exported["mlp"]), options=ScoreConfig(keep_columns=("sku",), top_k=3), quiet=True))
     t = pq.read_table(out)
     assert t.column_names == ["sku", "category", "probability", "top_categories", "top_probabilities"]
     first = t.slice(0, 1).to_pylist()[0]
     assert first["top_categories"][0] == first["category"] and first["top_probabilities"][0] == pytest.approx(first["probability"])
     assert first["top_probabilities"] == sorted(first["top_probabilities"], reverse=True)
     assert t["top_categories"].to_pylist()[1] is None  # the empty title
-    score_file(path, out, str(exported["mlp"]), quiet=True)
+    score_file(path, out, ScoreJob(model=str(exported["mlp"]), quiet=True))
     assert pq.read_table(out).column_names == ["sku", "input_category", "extra", "category", "probability"]
 
 
@@ -378,7 +379,7 @@ def test_a_failure_mid_file_leaves_the_previous_output_untouched(exported, tmp_p
     out = tmp_path / "out.parquet"
     out.write_bytes(b"yesterday's scores")
     with pytest.raises(InputError, match="part-1.parquet"):
-        score_file(folder, out, str(exported["mlp"]), batch_size=100, quiet=True)
+        score_file(folder, out, ScoreJob(model=str(exported["mlp"]), batch_size=100, quiet=True))
     assert out.read_bytes() == b"yesterday's scores"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "parts"]
 

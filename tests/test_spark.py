@@ -77,7 +77,7 @@ def test_spark_fails_before_any_task_with_one_line(lake, exported, tmp_path):
 def test_the_mlflow_model_works_as_a_spark_udf(lake, exported, tmp_path, monkeypatch):
     import mlflow
 
-    from meli.score.mlflow_model import pyfunc_model_args
+    from meli.pyfunc import pyfunc_model_args
     from meli.score.spark import spark_session
 
     model = exported["ensemble"]

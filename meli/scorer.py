@@ -24,14 +24,18 @@ import pyarrow.compute as pc
 
 from meli.errors import InputError, SettingError
 from meli.formats import as_plain_strings, first_repeat, is_text
-from meli.onnx_model import OnnxModel, load_onnx_model
+from meli.onnx_model import DEFAULT_PROVIDER, OnnxModel, Provider, load_onnx_model
 from meli.tokenizer import N_SPECIAL, Encoded
-from meli.score.tally import Tally, WordCounter, q24, tally_batch
+from meli.reliability import Reliability, WordCounter
+from meli.tally import Tally, q24, tally_batch
 
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("category", "probability", "top_categories", "top_probabilities")
 RENAMED_PREFIX = "input_"  # an input column named like an output column is kept under this prefix
+
+
+BATCH_ROWS = 16_384  # rows read, tokenized and scored together by default: memory follows it
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class Tokenized:
 
 @dataclass
 class Scorer:
-    """Scores batches of rows with one model. With a `tally` (`meli.score.tally.Tally`), every
+    """Scores batches of rows with one model. With a `tally` (`meli.tally.Tally`), every
     batch it scores is also counted there, for the nightly report."""
 
     model: OnnxModel
@@ -94,6 +98,8 @@ class Scorer:
             raise SettingError("min_probability", f"must be between 0 and 1, got {self.options.min_probability}")
         self.stats = ScoreStats()
         self._words: WordCounter | None = None  # built on the first batch a tally counts
+        # the model's accuracy by title length (`meli.reliability`), for the tally's chances of being right
+        self._reliability = Reliability.of(self.model.card.provenance)
 
     # ---------------------------------------------------------------- schema
     def _kept(self, schema: pa.Schema) -> list[tuple[str, str]]:
@@ -181,10 +187,12 @@ class Scorer:
         lengths = enc.lengths
         rows = rows[np.argsort(lengths[rows], kind="stable")]
         support = np.zeros(len(self.labels), np.int64) if self.tally is not None else None
+        if self.tally is not None:
+            self._words = self._words or WordCounter(self.tokenizer)
+            chance = np.zeros(n, np.float64)
+            known_words = self._words.known_per_row(enc) if self._reliability is not None else None
         for chunk in length_runs(rows, lengths[rows], self.options.inference_ids):
             probs = self.model.predict(enc.rows(chunk, max(1, int(lengths[chunk[-1]]))))  # sorted: the last is the longest
-            if support is not None:  # each row's probability of every category: the expected mix
-                support += q24(probs).sum(0)
             if k == 1:
                 best = probs.argmax(axis=1)[:, None]
             else:
@@ -193,6 +201,8 @@ class Scorer:
                 best = np.take_along_axis(part, order, axis=1)
             top_idx[chunk] = best
             top_p[chunk] = np.take_along_axis(probs, best, axis=1)
+            if support is not None:  # each row's chance of every category: the expected mix
+                support += self._expected_mix(probs, best[:, 0], top_p[chunk, 0], known_words, chance, chunk)
         missing = pa.array(~scorable)
         below = scorable & (top_p[:, 0] < self.options.min_probability)
         no_category = pa.array(~scorable | (below if self.options.null_low else False))
@@ -206,9 +216,28 @@ class Scorer:
             columns += [names, values]
         self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum()), below=int(below.sum())))
         if self.tally is not None:
-            self._words = self._words or WordCounter(self.tokenizer)
-            tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below, support)
+            tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below,
+                        chance[scorable], support)
         return Scored(pa.RecordBatch.from_arrays(columns, schema=schema), ~scorable | below)
+
+    def _expected_mix(self, probs: np.ndarray, top: np.ndarray, p: np.ndarray, known_words: tuple[np.ndarray, np.ndarray] | None,
+                      chance: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        """The chunk's summed chances of being each category (`q24`), its rows' chance of being
+        right written into ``chance[chunk]``. Without a reliability table that chance is the top
+        probability and the mix is the probabilities' sum; with one, the top category takes the
+        corrected chance q and the others share 1 - q in proportion to their probabilities."""
+        if known_words is None:
+            chance[chunk] = p
+            return q24(probs).sum(0)
+        p = p.astype(np.float64)
+        q = self._reliability.right_chance(p, known_words[0][chunk], known_words[1][chunk])
+        chance[chunk] = q
+        at = np.arange(len(chunk))
+        rest = probs.sum(axis=1, dtype=np.float64) - p  # the other categories' probability
+        scale = np.divide(1.0 - q, rest, out=np.zeros_like(q), where=rest > 0)
+        mixed = probs * scale[:, None]
+        mixed[at, top] = q
+        return q24(mixed).sum(0)
 
     def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         return self.predict(self.tokenize(batch))
@@ -232,7 +261,8 @@ def length_runs(rows: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[
 
 
 def score_arrow_batches(
-    batches: Iterable[pa.RecordBatch], model_path: str, options: ScoreConfig = ScoreConfig(), provider: str = "auto", threads: int | None = None
+    batches: Iterable[pa.RecordBatch], model_path: str, options: ScoreConfig = ScoreConfig(), provider: Provider = DEFAULT_PROVIDER,
+    threads: int | None = None
 ) -> Iterator[pa.RecordBatch]:
     """For your own ``mapInArrow``: ``df.mapInArrow(lambda it: score_arrow_batches(it, "model.onnx"), schema)``.
 

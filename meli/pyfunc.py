@@ -9,10 +9,10 @@ finds its other models and loads it the MLflow way::
     # 0  MOTORCYCLE_HELMETS        0.98
 
 ``mlflow models predict`` and ``mlflow.pyfunc.spark_udf`` work on it too. The logged model
-carries ``model.onnx`` as an artifact and the ``meli`` core with ``meli.score`` as code (no
-torch, no training code), and its requirements are the scoring ones only. Predictions go
+carries ``model.onnx`` as an artifact and the ``meli`` core as code (no torch, no stage's
+code), and its requirements are the scoring ones only. Predictions go
 through the same function over Arrow record batches as `meli-score` and Spark
-(`meli.score.scorer.Scorer.score_batches`).
+(`meli.scorer.Scorer.score_batches`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ class MeliPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from meli.onnx_model import load_onnx_model
-        from meli.score.scorer import ScoreConfig, Scorer
+        from meli.scorer import ScoreConfig, Scorer
 
-        self.scorer = Scorer(load_onnx_model(context.artifacts[ARTIFACT], provider="auto"), ScoreConfig(keep_columns=()))
+        self.scorer = Scorer(load_onnx_model(context.artifacts[ARTIFACT]), ScoreConfig(keep_columns=()))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # the type hint tells MLflow what the model takes (its logged signature says which columns)
@@ -67,15 +67,13 @@ def scoring_requirements() -> list[str]:
 
 
 def _scoring_code(folder: Path) -> Path:
-    """A ``meli`` package holding what scoring imports: the core modules and ``meli.score``
-    (not the training or export code, which need torch)."""
+    """A ``meli`` package holding what scoring imports: the core modules (not the stages'
+    code: training and export need torch)."""
     import meli
-    import meli.score
 
     target = folder / "meli"
     skip = shutil.ignore_patterns("__pycache__", "demo", "train", "export", "score")
     shutil.copytree(Path(meli.__file__).parent, target, ignore=skip)
-    shutil.copytree(Path(meli.score.__file__).parent, target / "score", ignore=shutil.ignore_patterns("__pycache__"))
     return target
 
 

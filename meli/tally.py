@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from meli.calibration import THRESHOLDS
-from meli.tokenizer import N_SPECIAL, UNK, Encoded, Tokenizer
+from meli.reliability import WordCounter
+from meli.tokenizer import Encoded
 
 # title length in characters: [0, 1) is the empty title, the last bin is open
 LENGTH_EDGES = (0, 1, 10, 20, 30, 40, 50, 60, 80, 100, 150, 200)
@@ -39,12 +40,16 @@ class Tally:
     words: int = 0  # words after normalisation and stopwords, of every title
     unknown_words: int = 0  # of those, words not in the vocabulary
     probability_q24: int = 0  # sum of the scored rows' top probability, in units of 2**-24 (whole numbers add exactly)
-    uncertainty_q24: int = 0  # sum of p (1 - p) over the scored rows' top probability p, in units of 2**-24
+    # each scored row's chance q that its category is right: its top probability, corrected for
+    # its length where the model holds a `meli.reliability.Reliability` table (else q = p)
+    right_chance_q24: int = 0  # sum of q, in units of 2**-24
+    uncertainty_q24: int = 0  # sum of q (1 - q), in units of 2**-24
     below: int = 0  # scored rows under --min-probability
     categories: np.ndarray = field(default=None)  # type: ignore[assignment]
-    # by label, in units of 2**-24: the top probability of the rows predicted as it (their expected
-    # correct answers), and every scored row's probability of it (its expected number of titles)
-    category_probability_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # by label, in units of 2**-24: q of the rows predicted as it (their expected correct answers),
+    # and every scored row's chance of being it (its expected number of titles: q for the
+    # predicted label, the other probabilities scaled to share 1 - q)
+    category_right_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
     expected_support_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
     lengths: np.ndarray = field(default=None)  # type: ignore[assignment]
     confidence: np.ndarray = field(default=None)  # type: ignore[assignment]
@@ -52,7 +57,7 @@ class Tally:
 
     def __post_init__(self) -> None:
         zeros = {"categories": self.n_labels, "lengths": len(LENGTH_EDGES), "confidence": CONFIDENCE_BINS,
-                 "at_threshold": len(THRESHOLDS), "category_probability_q24": self.n_labels,
+                 "at_threshold": len(THRESHOLDS), "category_right_q24": self.n_labels,
                  "expected_support_q24": self.n_labels}
         for name, size in zeros.items():
             if getattr(self, name) is None:
@@ -87,30 +92,6 @@ class Tally:
         return cls(**{k: (np.asarray(v, np.int64) if isinstance(v, list) else v) for k, v in d.items()})
 
 
-class WordCounter:
-    """Counts a batch's words and unknown words from its token ids, in either encoding: an
-    unknown word is one `UNK` id; a known word is its vocabulary id (full ids, and titles the
-    compact encoding leaves in full) or its fused id (compact). Head tokens and bigrams share
-    the vocabulary's id range, so a table over every id says which ids are words: one lookup
-    and one count a batch."""
-
-    OTHER, WORD, UNKNOWN = 0, 1, 2
-
-    def __init__(self, tokenizer: Tokenizer):
-        vocab = tokenizer.vocabulary
-        is_word = np.fromiter((("^" not in t) and (" " not in t) for t in vocab), bool, len(vocab))
-        kind = np.zeros(tokenizer.n_compact_ids, np.uint8)
-        kind[UNK] = self.UNKNOWN
-        kind[N_SPECIAL:N_SPECIAL + len(vocab)][is_word] = self.WORD
-        kind[tokenizer.fused_offset:tokenizer.fused_offset + len(vocab)][is_word] = self.WORD
-        self.kind = kind
-
-    def count(self, values: np.ndarray) -> tuple[int, int]:
-        """(words, unknown words) among `values`, a batch's flat token ids."""
-        counts = np.bincount(self.kind[values], minlength=3)
-        return int(counts[self.WORD] + counts[self.UNKNOWN]), int(counts[self.UNKNOWN])
-
-
 def q24(probabilities: np.ndarray) -> np.ndarray:
     """Probabilities as whole units of 2**-24 (int64): sums of them are exact in any order."""
     return np.rint(np.asarray(probabilities, np.float64) * Q24).astype(np.int64)
@@ -118,10 +99,11 @@ def q24(probabilities: np.ndarray) -> np.ndarray:
 
 def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Encoded, scorable: np.ndarray,
                 top_index: np.ndarray, top_probability: np.ndarray, below: np.ndarray,
-                support_q24: np.ndarray | None = None) -> None:
+                right_chance: np.ndarray | None = None, support_q24: np.ndarray | None = None) -> None:
     """Add one scored batch to `tally`: its plain-string `titles`, their `encoded` ids, which
     rows were scorable, their top category and probability, which fell under the threshold,
-    and the sum of the scorable rows' probability vectors (`q24`)."""
+    each scorable row's chance of being right (default: its top probability) and the sum of
+    their chances of being each category (`q24`; see `Tally`)."""
     n = len(titles)
     chars = pc.utf8_length(titles).fill_null(0).to_numpy(zero_copy_only=False).copy()
     empty = chars == 0
@@ -138,15 +120,17 @@ def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Enc
     tally.unknown_words += u
     tally.lengths += np.bincount(np.searchsorted(LENGTH_EDGES, chars, side="right") - 1, minlength=len(LENGTH_EDGES))
     p = top_probability[scorable].astype(np.float64)
+    q = p if right_chance is None else np.asarray(right_chance, np.float64)
     tally.categories += np.bincount(top_index[scorable], minlength=tally.n_labels)
     tally.confidence += np.bincount(np.minimum((p * CONFIDENCE_BINS).astype(np.int64), CONFIDENCE_BINS - 1),
                                     minlength=CONFIDENCE_BINS)
     tally.at_threshold += np.array([np.count_nonzero(p >= t) for t in THRESHOLDS], np.int64)
-    top_q24 = q24(p)
-    tally.probability_q24 += int(top_q24.sum())
-    tally.uncertainty_q24 += int(q24(p * (1.0 - p)).sum())
-    tally.category_probability_q24 += np.bincount(top_index[scorable], weights=top_q24, minlength=tally.n_labels
-                                                  ).astype(np.int64)
+    tally.probability_q24 += int(q24(p).sum())
+    right_q24 = q24(q)
+    tally.right_chance_q24 += int(right_q24.sum())
+    tally.uncertainty_q24 += int(q24(q * (1.0 - q)).sum())
+    tally.category_right_q24 += np.bincount(top_index[scorable], weights=right_q24, minlength=tally.n_labels
+                                            ).astype(np.int64)
     if support_q24 is not None:
         tally.expected_support_q24 += support_q24
     tally.below += int(below.sum())
