@@ -16,15 +16,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from meli.calibration import calibrate
+from meli.calibration import calibrate, softmax
 from meli.checkpoint import Checkpoint
 from meli.dataset import LabelledSplit
 from meli.errors import MeliError
 from meli.metrics import balanced_accuracy
+from meli.reliability import PROVENANCE_KEY, Reliability, WordCounter, shortened
+from meli.tokenizer import N_SPECIAL
 from meli.train.config import TrainConfig
 from meli.train.distill import model_scores
 from meli.train.trainer import (STUDENT, EpochMetrics, TrainResult, evaluate, load_saved, prepare, save_atomically,
@@ -157,16 +160,34 @@ def calibrated(result: TrainResult, validation: LabelledSplit) -> TrainResult:
     """Step 3: `result` with a temperature fitted on its validation scores (`meli.calibration`)
     in its checkpoint, with the calibration's metrics (ECE before/after, coverage table)."""
     checkpoint = result.checkpoint
-    encoded = checkpoint.tokenizer().encode_batch(validation.titles)
-    scores = model_scores(checkpoint.build_model(shared=True), encoded, torch.device("cpu"))
+    tokenizer = checkpoint.tokenizer()
+    titles, y = shortened(validation.titles, result.val_true)  # the validation titles first, then shortened copies
+    encoded = tokenizer.encode_batch(titles)
+    all_scores = model_scores(checkpoint.build_model(shared=True), encoded, torch.device("cpu"))
+    scores = all_scores[:len(validation)]
     calibration = calibrate(scores, result.val_true)
+    reliability = reliability_table(all_scores, y, encoded, tokenizer, calibration.temperature)
     log.info("calibration: temperature %.3f; expected calibration error %.4f -> %.4f on validation (after: %d-fold "
              "cross-fitted); share of titles at 99%% accuracy %.1f%% -> %.1f%%", calibration.temperature,
              calibration.ece_before, calibration.ece_after, calibration.folds,
              100 * calibration.coverage_at_99_before, 100 * calibration.coverage_at_99_after)
     checkpoint = dataclasses.replace(checkpoint, spec=dataclasses.replace(checkpoint.spec, temperature=calibration.temperature),
-                                     metrics={**checkpoint.metrics, **calibration.metrics()})
+                                     metrics={**checkpoint.metrics, **calibration.metrics()},
+                                     provenance={**checkpoint.provenance, PROVENANCE_KEY: reliability.to_json()})
     return dataclasses.replace(result, checkpoint=checkpoint, calibration=calibration)
+
+
+def reliability_table(scores, y, encoded, tokenizer, temperature: float) -> Reliability:
+    """`meli.reliability.Reliability` fitted on the calibrated scores of `encoded` (the
+    validation titles and their shortened copies; rows with no known token are never scored
+    and stay out)."""
+    probs = softmax(scores, temperature)
+    words = WordCounter(tokenizer)
+    known = np.concatenate([[0], np.cumsum(encoded.values >= N_SPECIAL)])
+    scorable = known[encoded.offsets[1:]] > known[encoded.offsets[:-1]]  # at least one known token
+    top, right = probs.max(axis=1), probs.argmax(axis=1) == y
+    known, first = words.known_per_row(encoded)
+    return Reliability.fit(top[scorable], right[scorable], known[scorable], first[scorable])
 
 
 def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult], teachers: Checkpoint | None,
@@ -202,7 +223,9 @@ def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult
         checkpoint,
         spec=dataclasses.replace(checkpoint.spec, temperature=selection.checkpoint.temperature),
         metrics={**selection.checkpoint.metrics, "refit_epochs": float(sum(epochs) / len(epochs))},
-        provenance={**checkpoint.provenance, "refit": "train+validation"},
+        # like the temperature, the accuracy table of the selection fit (measured on titles it never saw)
+        provenance={**checkpoint.provenance, "refit": "train+validation",
+                    **{k: v for k, v in selection.checkpoint.provenance.items() if k == PROVENANCE_KEY}},
     )
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
 
