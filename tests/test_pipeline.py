@@ -6,9 +6,13 @@ fresh ``mlflow.db`` there, exactly as on a new user's machine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +94,9 @@ def test_runs_on_other_data_never_share_an_experiment(trained_run, tmp_path):
     other = write_jsonl(tmp_path / "other.jsonl", [{"title": f"titulo {i}", "category": "AB"[i % 2]} for i in range(40)])
     result = invoke(train_main, ["--config", write_config(tmp_path), "--data", other, "--experiment", "meli-demo", "--quiet"])
     assert result.exit_code == 1
-    assert "holds runs on other data" in result.output
+    assert re.fullmatch(r"Error: MLflow experiment 'meli-demo' holds runs on other data \(fingerprint [0-9a-f]{16}, "
+                        r"this data is [0-9a-f]{16}\); pass another --experiment so that runs on different data never "
+                        r"compete\n", result.output), result.output
 
 
 def test_export_takes_the_best_run_and_score_uses_it(trained_run, tmp_path):
@@ -171,17 +177,21 @@ def test_an_ensemble_through_the_whole_pipeline(tmp_path):
 
 @pytest.mark.parametrize("setup, message", [
     (lambda d: ["--data", d / "missing"], "missing: no such file or directory"),
-    (lambda d: ["--data", _touch(d / "data.xlsx")], "data.xlsx: unknown format"),
-    (lambda d: ["--data", write_jsonl(d / "t.jsonl", [{"title": "a", "label": "B"}])], "missing column(s) category; the file has: title, label"),
+    (lambda d: ["--data", _touch(d / "data.xlsx")],
+     "data.xlsx: unknown format; expected .parquet, .jsonl, .jsonl.gz, .json, .ndjson, .csv or .csv.gz"),
+    (lambda d: ["--data", write_jsonl(d / "t.jsonl", [{"title": "a", "label": "B"}])],
+     "t.jsonl: missing column(s) category; the file has: title, label"),
     (lambda d: ["--data", _touch(d / "e.jsonl")], "e.jsonl: no rows"),
     (lambda d: ["--train", write_jsonl(d / "t.jsonl", [{"title": "a b", "category": "X"}, {"title": "c", "category": "Y"}]),
-                "--validation", write_jsonl(d / "v.jsonl", [{"title": "a", "category": "Z"}])], "appear only in validation"),
-    (lambda d: ["--data", write_jsonl(d / "one.jsonl", [{"title": "a", "category": "X"}] * 4)], "need at least 2 categories"),
+                "--validation", write_jsonl(d / "v.jsonl", [{"title": "a", "category": "Z"}])],
+     "v.jsonl: 1 category(ies) appear only in validation, never in training (Z); the model could never predict them"),
+    (lambda d: ["--data", write_jsonl(d / "one.jsonl", [{"title": "a", "category": "X"}] * 4)],
+     "one.jsonl: need at least 2 categories to train, found 1"),
 ])
 def test_train_bad_input_is_one_line_and_writes_no_checkpoint(setup, message, tmp_path):
     result = invoke(train_main, ["--config", write_config(tmp_path), "--quiet", *setup(tmp_path)])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: ") and result.output.count("\n") == 1 and message in result.output, result.output
+    assert result.output == f"Error: {tmp_path / message}\n"
     assert not list(tmp_path.rglob("*.pt"))
 
 
@@ -195,34 +205,49 @@ def _touch(path: Path) -> Path:
 
 def test_export_errors(tmp_path, monkeypatch):
     result = invoke(export_main, ["--quiet"])
-    assert result.exit_code == 1 and "meli-export: no MLflow store here (no mlflow.db in" in result.output
+    assert result.exit_code == 1 and result.output == (
+        f"Error: meli-export: no MLflow store here (no mlflow.db in {Path.cwd()}); run from the folder that holds it, "
+        "or set MLFLOW_TRACKING_URI\n")
     assert not (tmp_path / "mlflow.db").exists()  # looking for runs creates no store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
     result = invoke(export_main, ["--quiet"])
-    assert result.exit_code == 1 and "no MLflow runs found" in result.output
+    assert result.exit_code == 1 and result.output == "Error: no MLflow runs found; train a model first (make train)\n"
     corrupt = tmp_path / "c.pt"
     corrupt.write_bytes(b"garbage")
     result = invoke(export_main, ["--checkpoint", corrupt, "--quiet"])
-    assert result.exit_code == 1 and "c.pt: not a readable checkpoint" in result.output
+    assert result.exit_code == 1 and result.output == f"Error: {corrupt}: not a readable checkpoint (not a file torch.save wrote)\n"
     result = invoke(export_main, ["--experiment", "nope", "--quiet"])
-    assert result.exit_code == 1 and "no MLflow experiment named 'nope'" in result.output
+    assert result.exit_code == 1 and result.output == "Error: no MLflow experiment named 'nope'\n"
+
+
+@contextlib.contextmanager
+def unwritable_folder(path: Path):
+    """A folder this process cannot write in: mode 0o500, or, for root (whom modes do not
+    stop), a read-only bind mount of it."""
+    path.mkdir()
+    path.chmod(0o500)
+    mounted = False
+    try:
+        if os.access(path, os.W_OK):  # root
+            mounted = subprocess.run(["mount", "--bind", path, path], capture_output=True).returncode == 0
+            if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", path], capture_output=True).returncode:
+                pytest.skip("root without the right to mount: no folder it cannot write in")
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", path], check=True)
+        path.chmod(0o700)
 
 
 def test_export_to_a_missing_or_read_only_folder(trained_run, tmp_path):
     result = invoke(export_main, ["--quiet", "--output", tmp_path / "missing" / "model.onnx"])
-    assert result.exit_code == 1 and "does not exist" in result.output
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        import os
-
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root)")
+    assert result.exit_code == 1
+    missing = tmp_path / "missing"
+    assert result.output == f"Error: {missing / 'model.onnx'}: folder {missing} does not exist\n"
+    with unwritable_folder(tmp_path / "locked") as locked:
         result = invoke(export_main, ["--quiet", "--output", locked / "model.onnx"])
-        assert result.exit_code == 1 and "not writable" in result.output
-    finally:
-        locked.chmod(0o700)
+        target = locked / "model.onnx"
+        assert result.exit_code == 1 and result.output == f"Error: {target}: folder {locked} is not writable\n", result.output
 
 
 def test_failed_parity_writes_no_model(trained, exported, tmp_path):
@@ -233,11 +258,15 @@ def test_failed_parity_writes_no_model(trained, exported, tmp_path):
     other = dataclasses.replace(ckpt, state_dict={k: v + 0.01 for k, v in ckpt.state_dict.items()})  # same shapes
     path = save_checkpoint(other, tmp_path / "other.pt")
     result = invoke(export_main, ["--check", "--output", exported["mlp"], "--checkpoint", path, "--quiet"])
-    assert result.exit_code == 1 and "no titles for the parity check" in result.output  # never a silent stand-in
+    assert result.exit_code == 1 and result.output == (  # never a silent stand-in
+        "Error: no titles for the parity check: this checkpoint names no validation file; pass --parity-data FILE\n")
     validation = ROOT / "meli" / "resources" / "demo" / "validation.jsonl.gz"
     result = invoke(export_main, ["--check", "--output", exported["mlp"], "--checkpoint", path, "--parity-data", validation,
                                   "--quiet"])
-    assert result.exit_code == 1 and "parity check failed" in result.output
+    assert result.exit_code == 1
+    measured, error = result.output.splitlines()  # the parity line (stdout), then the one error line
+    assert measured.startswith(f"parity on 600 titles of {validation} ") and "top-1 agreement" in measured
+    assert error == f"Error: parity check failed: {measured}; no model.onnx was written"
 
 
 def test_every_command_has_help_with_an_example():
