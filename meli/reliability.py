@@ -19,7 +19,7 @@ probability plus its cell's correction. The shipped probabilities themselves are
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -81,12 +81,18 @@ class Reliability:
 
     correction: np.ndarray  # (2, len(WORD_EDGES), len(CONFIDENCE_EDGES)) float64
     rows: np.ndarray  # same shape, int64
+    # the validation titles as they are, by [first word known, known-word bin]: the shape of
+    # the titles the temperature was fitted on, which tonight's are compared with
+    validation_shapes: np.ndarray = field(default_factory=lambda: np.zeros((2, len(WORD_EDGES)), np.int64))
 
     SHAPE = (2, len(WORD_EDGES), len(CONFIDENCE_EDGES))
 
     @classmethod
     def fit(cls, top_probability: np.ndarray, right: np.ndarray, known_words: np.ndarray,
-            first_known: np.ndarray) -> "Reliability":
+            first_known: np.ndarray, as_they_are: np.ndarray | None = None) -> "Reliability":
+        """`as_they_are`: which rows are the validation titles themselves (default: all)."""
+        original = np.ones(len(right), bool) if as_they_are is None else as_they_are
+        shapes = title_shapes(known_words[original], first_known[original])
         cell = _cells(top_probability, known_words, first_known)
         size = int(np.prod(cls.SHAPE))
         n = np.bincount(cell, minlength=size).reshape(cls.SHAPE)
@@ -94,7 +100,8 @@ class Reliability:
                           minlength=size).reshape(cls.SHAPE)
         # only ever lowers: the temperature already makes p honest on titles like the validation
         # ones; the table is there for the titles on which the model is surer than it is right
-        return cls(correction=np.minimum(0.0, gap / (n + PRIOR_TITLES)), rows=n.astype(np.int64))
+        return cls(correction=np.minimum(0.0, gap / (n + PRIOR_TITLES)), rows=n.astype(np.int64),
+                   validation_shapes=shapes)
 
     def right_chance(self, top_probability: np.ndarray, known_words: np.ndarray, first_known: np.ndarray) -> np.ndarray:
         """Each row's chance that its top category is right (float64, in [0, 1])."""
@@ -103,7 +110,8 @@ class Reliability:
 
     def to_json(self) -> str:
         return json.dumps({"word_edges": WORD_EDGES, "confidence_edges": CONFIDENCE_EDGES,
-                           "correction": np.round(self.correction, 6).tolist(), "rows": self.rows.tolist()})
+                           "correction": np.round(self.correction, 6).tolist(), "rows": self.rows.tolist(),
+                           "validation_shapes": self.validation_shapes.tolist()})
 
     @classmethod
     def from_json(cls, text: str) -> "Reliability | None":
@@ -114,13 +122,21 @@ class Reliability:
         correction = np.asarray(d["correction"], np.float64)
         if correction.shape != cls.SHAPE:
             return None
-        return cls(correction=correction, rows=np.asarray(d["rows"], np.int64))
+        return cls(correction=correction, rows=np.asarray(d["rows"], np.int64),
+                   validation_shapes=np.asarray(d["validation_shapes"], np.int64))
 
     @classmethod
     def of(cls, provenance: dict) -> "Reliability | None":
         """The table in a checkpoint's or model card's provenance, if any."""
         text = provenance.get(PROVENANCE_KEY)
         return cls.from_json(text) if text else None
+
+
+def title_shapes(known_words: np.ndarray, first_known: np.ndarray) -> np.ndarray:
+    """How many titles fall in each [first word known (0/1), known-word bin]: (2, len(WORD_EDGES)) int64."""
+    w = np.clip(np.searchsorted(WORD_EDGES, known_words, side="right") - 1, 0, len(WORD_EDGES) - 1)
+    flat = np.asarray(first_known, np.int64) * len(WORD_EDGES) + w
+    return np.bincount(flat, minlength=2 * len(WORD_EDGES)).reshape(2, len(WORD_EDGES)).astype(np.int64)
 
 
 def _cells(top_probability: np.ndarray, known_words: np.ndarray, first_known: np.ndarray) -> np.ndarray:

@@ -190,7 +190,7 @@ class Scorer:
         if self.tally is not None:
             self._words = self._words or WordCounter(self.tokenizer)
             chance = np.zeros(n, np.float64)
-            known_words = self._words.known_per_row(enc) if self._reliability is not None else None
+            known_words = self._words.known_per_row(enc)
         for chunk in length_runs(rows, lengths[rows], self.options.inference_ids):
             probs = self.model.predict(enc.rows(chunk, max(1, int(lengths[chunk[-1]]))))  # sorted: the last is the longest
             if k == 1:
@@ -217,16 +217,16 @@ class Scorer:
         self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum()), below=int(below.sum())))
         if self.tally is not None:
             tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below,
-                        chance[scorable], support)
+                        chance[scorable], support, known_words)
         return Scored(pa.RecordBatch.from_arrays(columns, schema=schema), ~scorable | below)
 
-    def _expected_mix(self, probs: np.ndarray, top: np.ndarray, p: np.ndarray, known_words: tuple[np.ndarray, np.ndarray] | None,
+    def _expected_mix(self, probs: np.ndarray, top: np.ndarray, p: np.ndarray, known_words: tuple[np.ndarray, np.ndarray],
                       chance: np.ndarray, chunk: np.ndarray) -> np.ndarray:
         """The chunk's summed chances of being each category (`q24`), its rows' chance of being
         right written into ``chance[chunk]``. Without a reliability table that chance is the top
         probability and the mix is the probabilities' sum; with one, the top category takes the
         corrected chance q and the others share 1 - q in proportion to their probabilities."""
-        if known_words is None:
+        if self._reliability is None:
             chance[chunk] = p
             return q24(probs).sum(0)
         p = p.astype(np.float64)

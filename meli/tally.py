@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from meli.calibration import THRESHOLDS
-from meli.reliability import WordCounter
+from meli.reliability import WORD_EDGES, WordCounter, title_shapes
 from meli.tokenizer import Encoded
 
 # title length in characters: [0, 1) is the empty title, the last bin is open
@@ -52,11 +52,13 @@ class Tally:
     category_right_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
     expected_support_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
     lengths: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # scored rows by [first word known, known-word bin] (`meli.reliability.title_shapes`), flattened
+    shapes: np.ndarray = field(default=None)  # type: ignore[assignment]
     confidence: np.ndarray = field(default=None)  # type: ignore[assignment]
     at_threshold: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        zeros = {"categories": self.n_labels, "lengths": len(LENGTH_EDGES), "confidence": CONFIDENCE_BINS,
+        zeros = {"categories": self.n_labels, "lengths": len(LENGTH_EDGES), "shapes": 2 * len(WORD_EDGES), "confidence": CONFIDENCE_BINS,
                  "at_threshold": len(THRESHOLDS), "category_right_q24": self.n_labels,
                  "expected_support_q24": self.n_labels}
         for name, size in zeros.items():
@@ -99,11 +101,13 @@ def q24(probabilities: np.ndarray) -> np.ndarray:
 
 def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Encoded, scorable: np.ndarray,
                 top_index: np.ndarray, top_probability: np.ndarray, below: np.ndarray,
-                right_chance: np.ndarray | None = None, support_q24: np.ndarray | None = None) -> None:
+                right_chance: np.ndarray | None = None, support_q24: np.ndarray | None = None,
+                known: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Add one scored batch to `tally`: its plain-string `titles`, their `encoded` ids, which
     rows were scorable, their top category and probability, which fell under the threshold,
-    each scorable row's chance of being right (default: its top probability) and the sum of
-    their chances of being each category (`q24`; see `Tally`)."""
+    each scorable row's chance of being right (default: its top probability), the sum of
+    their chances of being each category (`q24`; see `Tally`) and every row's known words and
+    known first word (`WordCounter.known_per_row`; counted here when not given)."""
     n = len(titles)
     chars = pc.utf8_length(titles).fill_null(0).to_numpy(zero_copy_only=False).copy()
     empty = chars == 0
@@ -115,6 +119,8 @@ def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Enc
     tally.rows += n
     tally.empty += int(empty.sum())
     tally.no_known_token += int((~scorable & ~empty).sum())
+    known_words, first_known = known if known is not None else words.known_per_row(encoded)
+    tally.shapes += title_shapes(known_words[scorable], first_known[scorable]).ravel()
     w, u = words.count(encoded.values)
     tally.words += w
     tally.unknown_words += u

@@ -104,6 +104,7 @@ def validation_coverage(model: OnnxModel) -> dict[float, float]:
 
 MIN_EXPECTED_TITLES = 5.0  # a category enters the estimated balanced accuracy with at least this many expected titles
 UNTRUSTED_UNKNOWN_WORDS = 0.25  # an unknown-word share above this: titles far from training, estimate untrusted
+UNTRUSTED_SHAPE_PSI = 0.25  # titles shaped unlike the validation titles (known words, known first word): untrusted
 
 
 def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None, rules: DriftRules) -> dict:
@@ -140,18 +141,33 @@ def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None
                estimated_balanced_accuracy=float(np.mean(np.minimum(1.0, correct[enough] / support[enough])))
                if enough.any() and support.sum() > 0 else None,
                categories_in_balanced=int(enough.sum()))
-    out["length_corrected"] = Reliability.of(model.card.provenance) is not None
+    reliability = Reliability.of(model.card.provenance)
+    out["length_corrected"] = reliability is not None
+    shape_psi = (psi(_shares(tally.shapes.astype(np.float64)), _shares(reliability.validation_shapes.ravel().astype(np.float64)))
+                 if reliability is not None and reliability.validation_shapes.sum() else None)
+    out["title_shape_psi"] = shape_psi
     if "calibration_ece_after" not in metrics:
         out["caveats"].append("the model's probabilities were not calibrated at export (no temperature fitted on "
                               "validation): the estimate assumes they are")
     unknown = tally.unknown_words / tally.words if tally.words else 0.0
     if unknown > UNTRUSTED_UNKNOWN_WORDS:
         out["caveats"].append(f"{unknown:.0%} of words are unknown to the model (titles far from training)")
+    if shape_psi is not None and shape_psi > UNTRUSTED_SHAPE_PSI:
+        short = _mean_word_bin(tally.shapes) < _mean_word_bin(reliability.validation_shapes)
+        out["caveats"].append(f"tonight's titles are {'shorter than' if short else 'shaped unlike'} the validation titles "
+                              f"(PSI {shape_psi:.2f} of their known words and first word): the estimate corrects for "
+                              "length, but is measured on few titles like these")
     if category_psi is not None and category_psi > rules.category_psi:
         out["caveats"].append(f"the category mix moved (PSI {category_psi:.3f}): titles may relate to categories "
                               "otherwise than in training")
     out["trusted"] = not out["caveats"]
     return out
+
+
+def _mean_word_bin(shapes: np.ndarray) -> float:
+    """The mean known-word bin of titles counted by [first word known, known-word bin]."""
+    by_bin = np.asarray(shapes).reshape(2, -1).sum(0)
+    return float((by_bin * np.arange(len(by_bin))).sum() / max(1, by_bin.sum()))
 
 
 def build_report(tally: Tally, model: OnnxModel, input_path: str, output_path: str, *,
@@ -461,6 +477,7 @@ def report_metrics(report: dict) -> dict[str, float]:
         for key in ("changed_share", "changed", "new_ids", "gone_ids"):
             flat[key] = report["changes"][key]
     flat["estimated_balanced_accuracy"] = report["accuracy"]["estimated_balanced_accuracy"]
+    flat["title_shape_psi"] = report["accuracy"].get("title_shape_psi")
     flat["mean_probability"] = report["confidence"]["mean_probability"]
     flat["below_min_probability"] = report["confidence"]["below_min_probability"]
     for row in report["confidence"]["thresholds"]:

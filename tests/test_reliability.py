@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from meli.reliability import PRIOR_TITLES, Reliability, WordCounter, shortened
+from meli.reliability import PRIOR_TITLES, WORD_EDGES, Reliability, WordCounter, shortened, title_shapes
 
 
 def test_shortened_copies_are_the_first_words_and_the_titles_without_their_first_words():
@@ -46,11 +46,22 @@ def test_a_cell_with_few_titles_is_shrunk_towards_no_correction():
     assert q == pytest.approx(0.9 - 0.9 * 5 / (5 + PRIOR_TITLES)) and q > 0.7
 
 
+def test_the_table_keeps_the_shape_of_the_titles_as_they_are():
+    """Known-word bins and first word known, of the validation titles themselves (not their copies)."""
+    p, right, words, first, short = overconfident_short_titles()
+    table = Reliability.fit(p, right, words, first, as_they_are=~short)
+    assert table.validation_shapes.tolist() == title_shapes(words[~short], first[~short]).tolist()
+    assert table.validation_shapes[1, WORD_EDGES.index(8)] == (~short).sum() and table.validation_shapes.sum() == (~short).sum()
+    assert title_shapes(np.array([0, 1, 12, 7]), np.array([False, True, True, False])).tolist() == [
+        [1, 0, 0, 0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0, 1]]
+
+
 def test_the_table_travels_as_json_and_a_table_of_other_bins_is_ignored():
     p, right, words, first, _ = overconfident_short_titles()
     table = Reliability.fit(p, right, words, first)
     back = Reliability.of({"reliability_by_known_words": table.to_json()})
     assert np.allclose(back.correction, table.correction, atol=1e-6) and np.array_equal(back.rows, table.rows)
+    assert np.array_equal(back.validation_shapes, table.validation_shapes)
     assert Reliability.from_json('{"word_edges": [0, 5], "confidence_edges": [0.0], "correction": [], "rows": []}') is None
     assert Reliability.of({}) is None
 

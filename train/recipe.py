@@ -166,7 +166,7 @@ def calibrated(result: TrainResult, validation: LabelledSplit) -> TrainResult:
     all_scores = model_scores(checkpoint.build_model(shared=True), encoded, torch.device("cpu"))
     scores = all_scores[:len(validation)]
     calibration = calibrate(scores, result.val_true)
-    reliability = reliability_table(all_scores, y, encoded, tokenizer, calibration.temperature)
+    reliability = reliability_table(all_scores, y, encoded, tokenizer, calibration.temperature, len(validation))
     log.info("calibration: temperature %.3f; expected calibration error %.4f -> %.4f on validation (after: %d-fold "
              "cross-fitted); share of titles at 99%% accuracy %.1f%% -> %.1f%%", calibration.temperature,
              calibration.ece_before, calibration.ece_after, calibration.folds,
@@ -177,17 +177,18 @@ def calibrated(result: TrainResult, validation: LabelledSplit) -> TrainResult:
     return dataclasses.replace(result, checkpoint=checkpoint, calibration=calibration)
 
 
-def reliability_table(scores, y, encoded, tokenizer, temperature: float) -> Reliability:
+def reliability_table(scores, y, encoded, tokenizer, temperature: float, n_validation: int) -> Reliability:
     """`meli.reliability.Reliability` fitted on the calibrated scores of `encoded` (the
-    validation titles and their shortened copies; rows with no known token are never scored
-    and stay out)."""
+    `n_validation` validation titles, then their shortened copies; rows with no known token
+    are never scored and stay out)."""
     probs = softmax(scores, temperature)
     words = WordCounter(tokenizer)
     known = np.concatenate([[0], np.cumsum(encoded.values >= N_SPECIAL)])
     scorable = known[encoded.offsets[1:]] > known[encoded.offsets[:-1]]  # at least one known token
     top, right = probs.max(axis=1), probs.argmax(axis=1) == y
     known, first = words.known_per_row(encoded)
-    return Reliability.fit(top[scorable], right[scorable], known[scorable], first[scorable])
+    as_they_are = np.arange(len(y)) < n_validation
+    return Reliability.fit(top[scorable], right[scorable], known[scorable], first[scorable], as_they_are[scorable])
 
 
 def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult], teachers: Checkpoint | None,
