@@ -123,7 +123,7 @@ class Reliability:
         if correction.shape != cls.SHAPE:
             return None
         return cls(correction=correction, rows=np.asarray(d["rows"], np.int64),
-                   validation_shapes=np.asarray(d["validation_shapes"], np.int64))
+                   validation_shapes=np.asarray(d.get("validation_shapes", np.zeros((2, len(WORD_EDGES)))), np.int64))
 
     @classmethod
     def of(cls, provenance: dict) -> "Reliability | None":

@@ -187,6 +187,7 @@ class Scorer:
         lengths = enc.lengths
         rows = rows[np.argsort(lengths[rows], kind="stable")]
         support = np.zeros(len(self.labels), np.int64) if self.tally is not None else None
+        plain_support = None if self._reliability is None or support is None else np.zeros(len(self.labels), np.int64)
         if self.tally is not None:
             self._words = self._words or WordCounter(self.tokenizer)
             chance = np.zeros(n, np.float64)
@@ -203,6 +204,8 @@ class Scorer:
             top_p[chunk] = np.take_along_axis(probs, best, axis=1)
             if support is not None:  # each row's chance of every category: the expected mix
                 support += self._expected_mix(probs, best[:, 0], top_p[chunk, 0], known_words, chance, chunk)
+                if plain_support is not None:
+                    plain_support += q24(probs).sum(0)
         missing = pa.array(~scorable)
         below = scorable & (top_p[:, 0] < self.options.min_probability)
         no_category = pa.array(~scorable | (below if self.options.null_low else False))
@@ -217,7 +220,7 @@ class Scorer:
         self.stats.add(ScoreStats(rows=n, unscored=int((~scorable).sum()), below=int(below.sum())))
         if self.tally is not None:
             tally_batch(self.tally, self._words, tokenized.titles, enc, scorable, top_idx[:, 0], top_p[:, 0], below,
-                        chance[scorable], support, known_words)
+                        chance[scorable], support, known_words, plain_support)
         return Scored(pa.RecordBatch.from_arrays(columns, schema=schema), ~scorable | below)
 
     def _expected_mix(self, probs: np.ndarray, top: np.ndarray, p: np.ndarray, known_words: tuple[np.ndarray, np.ndarray],

@@ -44,6 +44,7 @@ class Tally:
     # its length where the model holds a `meli.reliability.Reliability` table (else q = p)
     right_chance_q24: int = 0  # sum of q, in units of 2**-24
     uncertainty_q24: int = 0  # sum of q (1 - q), in units of 2**-24
+    probability_uncertainty_q24: int = 0  # sum of p (1 - p), in units of 2**-24
     below: int = 0  # scored rows under --min-probability
     categories: np.ndarray = field(default=None)  # type: ignore[assignment]
     # by label, in units of 2**-24: q of the rows predicted as it (their expected correct answers),
@@ -51,6 +52,9 @@ class Tally:
     # predicted label, the other probabilities scaled to share 1 - q)
     category_right_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
     expected_support_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # the same two by label from the uncorrected probabilities (q = p)
+    category_probability_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
+    probability_support_q24: np.ndarray = field(default=None)  # type: ignore[assignment]
     lengths: np.ndarray = field(default=None)  # type: ignore[assignment]
     # scored rows by [first word known, known-word bin] (`meli.reliability.title_shapes`), flattened
     shapes: np.ndarray = field(default=None)  # type: ignore[assignment]
@@ -60,7 +64,8 @@ class Tally:
     def __post_init__(self) -> None:
         zeros = {"categories": self.n_labels, "lengths": len(LENGTH_EDGES), "shapes": 2 * len(WORD_EDGES), "confidence": CONFIDENCE_BINS,
                  "at_threshold": len(THRESHOLDS), "category_right_q24": self.n_labels,
-                 "expected_support_q24": self.n_labels}
+                 "expected_support_q24": self.n_labels, "category_probability_q24": self.n_labels,
+                 "probability_support_q24": self.n_labels}
         for name, size in zeros.items():
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(size, np.int64))
@@ -102,11 +107,13 @@ def q24(probabilities: np.ndarray) -> np.ndarray:
 def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Encoded, scorable: np.ndarray,
                 top_index: np.ndarray, top_probability: np.ndarray, below: np.ndarray,
                 right_chance: np.ndarray | None = None, support_q24: np.ndarray | None = None,
-                known: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                known: tuple[np.ndarray, np.ndarray] | None = None,
+                probability_support_q24: np.ndarray | None = None) -> None:
     """Add one scored batch to `tally`: its plain-string `titles`, their `encoded` ids, which
     rows were scorable, their top category and probability, which fell under the threshold,
     each scorable row's chance of being right (default: its top probability), the sum of
-    their chances of being each category (`q24`; see `Tally`) and every row's known words and
+    their chances of being each category (`q24`; see `Tally`), the plain sum of their
+    probability vectors (default: `support_q24`) and every row's known words and
     known first word (`WordCounter.known_per_row`; counted here when not given)."""
     n = len(titles)
     chars = pc.utf8_length(titles).fill_null(0).to_numpy(zero_copy_only=False).copy()
@@ -131,7 +138,11 @@ def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Enc
     tally.confidence += np.bincount(np.minimum((p * CONFIDENCE_BINS).astype(np.int64), CONFIDENCE_BINS - 1),
                                     minlength=CONFIDENCE_BINS)
     tally.at_threshold += np.array([np.count_nonzero(p >= t) for t in THRESHOLDS], np.int64)
-    tally.probability_q24 += int(q24(p).sum())
+    top_q24 = q24(p)
+    tally.probability_q24 += int(top_q24.sum())
+    tally.probability_uncertainty_q24 += int(q24(p * (1.0 - p)).sum())
+    tally.category_probability_q24 += np.bincount(top_index[scorable], weights=top_q24, minlength=tally.n_labels
+                                                  ).astype(np.int64)
     right_q24 = q24(q)
     tally.right_chance_q24 += int(right_q24.sum())
     tally.uncertainty_q24 += int(q24(q * (1.0 - q)).sum())
@@ -139,4 +150,5 @@ def tally_batch(tally: Tally, words: WordCounter, titles: pa.Array, encoded: Enc
                                             ).astype(np.int64)
     if support_q24 is not None:
         tally.expected_support_q24 += support_q24
+        tally.probability_support_q24 += support_q24 if probability_support_q24 is None else probability_support_q24
     tally.below += int(below.sum())

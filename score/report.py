@@ -105,6 +105,7 @@ def validation_coverage(model: OnnxModel) -> dict[float, float]:
 MIN_EXPECTED_TITLES = 5.0  # a category enters the estimated balanced accuracy with at least this many expected titles
 UNTRUSTED_UNKNOWN_WORDS = 0.25  # an unknown-word share above this: titles far from training, estimate untrusted
 UNTRUSTED_SHAPE_PSI = 0.25  # titles shaped unlike the validation titles (known words, known first word): untrusted
+SAME_SHAPE_PSI = 0.05  # up to this, tonight's titles are shaped like the validation titles: no length correction
 
 
 def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None, rules: DriftRules) -> dict:
@@ -132,19 +133,21 @@ def estimate_accuracy(tally: Tally, model: OnnxModel, category_psi: float | None
     n = tally.scored
     if not n:
         return out
-    accuracy = tally.right_chance_q24 / Q24 / n
-    half = 1.96 * math.sqrt(tally.uncertainty_q24 / Q24) / n + ece
-    support = tally.expected_support_q24 / Q24
-    correct = tally.category_right_q24 / Q24
+    reliability = Reliability.of(model.card.provenance)
+    shape_psi = (psi(_shares(tally.shapes.astype(np.float64)), _shares(reliability.validation_shapes.ravel().astype(np.float64)))
+                 if reliability is not None and reliability.validation_shapes.sum() else None)
+    # the length correction weighs in as tonight's titles move away from the validation titles' shape
+    w = 0.0 if shape_psi is None else min(1.0, max(0.0, (shape_psi - SAME_SHAPE_PSI) / (UNTRUSTED_SHAPE_PSI - SAME_SHAPE_PSI)))
+    accuracy = ((1 - w) * tally.probability_q24 + w * tally.right_chance_q24) / Q24 / n
+    half = 1.96 * math.sqrt(((1 - w) * tally.probability_uncertainty_q24 + w * tally.uncertainty_q24) / Q24) / n + ece
+    support = ((1 - w) * tally.probability_support_q24 + w * tally.expected_support_q24) / Q24
+    correct = ((1 - w) * tally.category_probability_q24 + w * tally.category_right_q24) / Q24
     enough = support >= MIN_EXPECTED_TITLES
     out.update(estimated_accuracy=accuracy, interval=[max(0.0, accuracy - half), min(1.0, accuracy + half)],
                estimated_balanced_accuracy=float(np.mean(np.minimum(1.0, correct[enough] / support[enough])))
                if enough.any() and support.sum() > 0 else None,
                categories_in_balanced=int(enough.sum()))
-    reliability = Reliability.of(model.card.provenance)
-    out["length_corrected"] = reliability is not None
-    shape_psi = (psi(_shares(tally.shapes.astype(np.float64)), _shares(reliability.validation_shapes.ravel().astype(np.float64)))
-                 if reliability is not None and reliability.validation_shapes.sum() else None)
+    out["length_correction_weight"] = w if reliability is not None else None
     out["title_shape_psi"] = shape_psi
     if "calibration_ece_after" not in metrics:
         out["caveats"].append("the model's probabilities were not calibrated at export (no temperature fitted on "

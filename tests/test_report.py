@@ -310,7 +310,7 @@ def test_the_estimated_accuracy_tracks_the_real_one_without_labels(calibrated_on
     assert abs(full["estimated_balanced_accuracy"] - real_balanced) < 0.04, (full, real_balanced)
     assert full["trusted"] and full["validation_accuracy"] is not None
     assert "estimated accuracy (no labels)" in page
-    assert full["length_corrected"] and full["title_shape_psi"] < 0.1  # titles like those the table was fitted beside
+    assert full["length_correction_weight"] is not None and full["title_shape_psi"] < 0.25  # shaped like validation
     for words in (1, 2):  # cut to their first words: far more often wrong, and the estimate says so
         cut = [" ".join(t.split()[:words]) for t in titles]
         est, real_cut, _, _ = _estimate_against_truth(tmp_path / f"first{words}", cut, categories, model)
