@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", type=Path, default=None, help="folder for the data, runs and model (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true", help="score with --work's model.onnx when it is there (no training)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="meli-categories-"))
@@ -78,12 +79,13 @@ def main() -> None:
     n_labels = len(set(pq.read_table(train_file).column("category").to_pylist()))
     print(f"{n_labels:,} categories", file=sys.stderr)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MELI_WORK_DIR": str(work / "runs")}
-    config = config_file(work, "one-member", members=1, refit="false", epochs=args.epochs)
-    subprocess.run([str(BIN / "meli-train"), "--config", str(config), "--train", str(train_file), "--validation",
-                    str(validation_file), "--experiment", "categories", "--quiet"], env=env, check=True)
     model = work / "model.onnx"
-    subprocess.run([str(BIN / "meli-export"), "--experiment", "categories", "--output", str(model), "--no-register",
-                    "--quiet"], env=env, check=True)
+    if not (args.reuse and model.is_file()):
+        config = config_file(work, "one-member", members=1, refit="false", epochs=args.epochs)
+        subprocess.run([str(BIN / "meli-train"), "--config", str(config), "--train", str(train_file), "--validation",
+                        str(validation_file), "--experiment", "categories", "--quiet"], env=env, check=True)
+        subprocess.run([str(BIN / "meli-export"), "--experiment", "categories", "--output", str(model), "--no-register",
+                        "--quiet"], env=env, check=True, stdout=subprocess.DEVNULL)
     cmd = [sys.executable, str(ROOT / "bench" / "score_speed.py"), "--model", str(model), "--rows", str(args.rows),
            "--threads", str(args.threads), "--fasttext-train", str(train_file)]
     table = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()
