@@ -33,7 +33,7 @@ from bench.train_scale import config_file, sources  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def split_categories(titles: list[str], categories: list[str], target: int) -> dict[str, int]:
+def split_categories(categories: list[str], target: int) -> dict[str, int]:
     """How many parts each category is cut into so that there are `target` in all: one each,
     then one more at a time to the category with the most titles per part."""
     sizes: dict[str, int] = {}
@@ -72,7 +72,7 @@ def main() -> None:
     from meli.dataset import load_labelled
 
     train = load_labelled(train_src)
-    parts = split_categories(train.titles.to_pylist(), train.categories.to_pylist(), args.categories)
+    parts = split_categories(train.categories.to_pylist(), args.categories)
     train_file, validation_file = work / "train.parquet", work / "validation.parquet"
     relabelled(train_src, parts, train_file)
     relabelled(validation_src, parts, validation_file)

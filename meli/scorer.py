@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from meli.errors import InputError, SettingError
 from meli.formats import as_plain_strings, first_repeat, is_text
 from meli.onnx_model import DEFAULT_PROVIDER, OnnxModel, Provider, load_onnx_model
-from meli.tokenizer import N_SPECIAL, Encoded
+from meli.tokenizer import Encoded
 from meli.reliability import Reliability, WordCounter
 from meli.tally import Tally, q24, tally_batch
 
@@ -177,8 +177,7 @@ class Scorer:
         batch, kept, enc = tokenized.batch, tokenized.kept, tokenized.encoded
         schema = self.output_schema(batch.schema, kept)
         n = batch.num_rows
-        known = np.concatenate([[0], np.cumsum(enc.values >= N_SPECIAL)])
-        scorable = known[enc.offsets[1:]] > known[enc.offsets[:-1]]  # at least one known token
+        scorable = enc.scorable
         k = max(1, self.options.top_k)
         top_idx = np.zeros((n, k), dtype=np.int64)
         top_p = np.zeros((n, k), dtype=np.float32)

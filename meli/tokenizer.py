@@ -151,6 +151,13 @@ class Encoded:
         """(B,) ids per title (after truncation)."""
         return np.diff(self.offsets)
 
+    @property
+    def scorable(self) -> np.ndarray:
+        """(B,) bool: the titles with at least one known token (PAD and UNK are not): the rows a
+        model has something to go on for."""
+        known = np.concatenate([[0], np.cumsum(self.values >= N_SPECIAL)])
+        return known[self.offsets[1:]] > known[self.offsets[:-1]]
+
     def rows(self, rows: np.ndarray, width: int | None = None) -> np.ndarray:
         """Titles `rows`, right-padded with PAD to `width` (default: their longest, at least 1): (len(rows), width)."""
         rows = np.asarray(rows, dtype=np.int64)

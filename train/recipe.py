@@ -27,7 +27,6 @@ from meli.dataset import LabelledSplit
 from meli.errors import MeliError
 from meli.metrics import balanced_accuracy
 from meli.reliability import PROVENANCE_KEY, Reliability, WordCounter, shortened
-from meli.tokenizer import N_SPECIAL
 from meli.train.config import TrainConfig
 from meli.train.distill import model_scores
 from meli.train.trainer import (STUDENT, EpochMetrics, TrainResult, evaluate, load_saved, prepare, save_atomically,
@@ -183,8 +182,7 @@ def reliability_table(scores, y, encoded, tokenizer, temperature: float, n_valid
     are never scored and stay out)."""
     probs = softmax(scores, temperature)
     words = WordCounter(tokenizer)
-    known = np.concatenate([[0], np.cumsum(encoded.values >= N_SPECIAL)])
-    scorable = known[encoded.offsets[1:]] > known[encoded.offsets[:-1]]  # at least one known token
+    scorable = encoded.scorable
     top, right = probs.max(axis=1), probs.argmax(axis=1) == y
     known, first = words.known_per_row(encoded)
     as_they_are = np.arange(len(y)) < n_validation
