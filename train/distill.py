@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from meli.checkpoint import Checkpoint
+from meli.checkpoint import Checkpoint, load_checkpoint
 from meli.models import MLP, Ensemble
 from meli.tokenizer import Encoded, Tokenizer
 from meli.train.row_adam import PooledRows
@@ -204,7 +204,10 @@ class WeightedTeachers:
         return (total / sum(self.weights)).astype(np.float32)
 
 
-def as_teacher(teacher: Checkpoint | Teacher) -> Teacher:
+def as_teacher(teacher: Checkpoint | Teacher | Path) -> Teacher:
+    """A teacher from a checkpoint, or from the checkpoint file it was written to (read now)."""
+    if isinstance(teacher, Path):
+        teacher = load_checkpoint(teacher)
     return CheckpointTeacher(teacher) if isinstance(teacher, Checkpoint) else teacher
 
 
@@ -274,7 +277,7 @@ class TransferSet:
     ``chunk_rows`` at a time, so no titles x categories matrix is ever held."""
 
     def __init__(self, folder: Path, train, labels: np.ndarray, n_labels: int, tokenizer: Tokenizer,
-                 teacher: Checkpoint | Teacher, teacher_titles: pa.Array | None, config, device: torch.device, compact: bool,
+                 teacher: Checkpoint | Teacher | Path, teacher_titles: pa.Array | None, config, device: torch.device, compact: bool,
                  chunk_rows: int = 16_384, quiet: bool = True):
         self.folder, self.titles, self.labels, self.tokenizer, self.device = Path(folder), train.titles, labels, tokenizer, device
         self.seed, self.n = config.seed, round(config.distill.recombined * len(train))
@@ -311,7 +314,7 @@ class TransferSet:
 
     def _write(self, folder: Path, chunks, total: int, what: str) -> Shards:
         writer = ShardWriter(folder, self.compact)
-        targets = TargetWriter(folder, min(self.settings.top_k, self.n_labels) + 1)
+        targets = TargetWriter(folder, min(self.settings.top_k, self.n_labels) + 1, self.n_labels)
         try:
             with tqdm(total=total, desc=what, unit="title", unit_scale=True, leave=False,
                       disable=True if self.quiet else None) as bar:

@@ -92,14 +92,17 @@ def _recipe(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit
         return result
 
     members = fit_members(config, train, fit, on_epoch, work / "titles", quiet)
+    member_epochs = [m.best_epoch for m in members]
     selection = members[0] if config.members == 1 else ensemble_result(members, validation)
-    teachers = selection.checkpoint if distills(config) else None
-    if teachers is not None:
+    del members  # their weights live on in the selection's checkpoint alone
+    teachers = None
+    if distills(config):
+        selection, teachers = weights_to_disk(selection, work / "teachers.pt")
         selection = distil_student(config, teachers, selection, train, fit, on_epoch)
     selection = calibrated(selection, validation)
     if not config.refit:
         return selection
-    return refit(config, selection, members, teachers, train, validation, fit, on_refit_epoch)
+    return refit(config, selection, member_epochs, teachers, train, validation, fit, on_refit_epoch)
 
 
 def distills(config: TrainConfig) -> bool:
@@ -136,10 +139,20 @@ def fit_members(config: TrainConfig, train: LabelledSplit, fit: Fit,
     return results
 
 
-def distil_student(config: TrainConfig, teachers: Checkpoint, ensemble: TrainResult, train: LabelledSplit, fit: Fit,
-                   on_epoch: Callable[[EpochMetrics], None] | None) -> TrainResult:
+def weights_to_disk(result: TrainResult, path: Path) -> tuple[TrainResult, Path]:
+    """`result` without its weights, and the file its checkpoint is now written to. The
+    members' weights (an embedding table each) are needed only while a student's targets are
+    written: kept on disk, they take no memory while the student trains, and a `TransferSet`
+    reads them back for its targets and drops them when done."""
+    save_atomically(path, result.checkpoint.to_payload())
+    return dataclasses.replace(result, checkpoint=dataclasses.replace(result.checkpoint, state_dict={})), path
+
+
+def distil_student(config: TrainConfig, teachers: Checkpoint | Path, ensemble: TrainResult, train: LabelledSplit,
+                   fit: Fit, on_epoch: Callable[[EpochMetrics], None] | None) -> TrainResult:
     """Step 2: one student of the members' shape, taught by their averaged probabilities
-    (`meli.train.distill`); its result keeps the teachers' metrics, curves and timings."""
+    (`meli.train.distill`; `teachers`: their checkpoint, or the file it is in); its result
+    keeps the teachers' metrics, curves and timings."""
     log.info("distilling one student from the ensemble of %d", config.members)
     student = fit(student_config(config), train, on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers,
                   teacher_titles=train.titles, name="student")
@@ -189,7 +202,7 @@ def reliability_table(scores, y, encoded, tokenizer, temperature: float, n_valid
     return Reliability.fit(top[scorable], right[scorable], known[scorable], first[scorable], as_they_are[scorable])
 
 
-def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult], teachers: Checkpoint | None,
+def refit(config: TrainConfig, selection: TrainResult, member_epochs: list[int], teachers: Checkpoint | Path | None,
           train: LabelledSplit, validation: LabelledSplit, fit: Fit,
           on_epoch: Callable[[EpochMetrics], None] | None) -> TrainResult:
     """Step 4: the kept model fitted again on train + validation for the selection's epoch
@@ -203,11 +216,11 @@ def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult
     timings = dict(selection.timings)
     refit_ensemble = None
     if teachers is None or config.distill.refit_teachers:
-        refits, refit_timings = refit_members(config, members, combined, fit, on_epoch)
+        refits, refit_timings = refit_members(config, member_epochs, combined, fit, on_epoch)
         timings = _summed(timings, refit_timings, "refit_")
         refit_ensemble = refits[0] if len(refits) == 1 else ensemble_checkpoint(refits)
     if teachers is None:
-        checkpoint, epochs = refit_ensemble, [m.best_epoch for m in members]
+        checkpoint, epochs = refit_ensemble, member_epochs
     else:
         teacher_titles = train.titles
         if refit_ensemble is not None:  # distill.refit_teachers: the refit members teach; they have seen every real title
@@ -229,13 +242,13 @@ def refit(config: TrainConfig, selection: TrainResult, members: list[TrainResult
     return dataclasses.replace(selection, checkpoint=checkpoint, timings=timings)
 
 
-def refit_members(config: TrainConfig, members: list[TrainResult], combined: LabelledSplit, fit: Fit,
+def refit_members(config: TrainConfig, member_epochs: list[int], combined: LabelledSplit, fit: Fit,
                   on_epoch: Callable[[EpochMetrics], None] | None) -> tuple[list[Checkpoint], dict[str, float]]:
     """Each member fitted again on `combined` for its selection fit's epoch count (same seed)."""
     refits, timings = [], {}
-    for member, chosen in enumerate(members):
-        log.info("refit on train + validation (%d titles) for %d epochs", len(combined), chosen.best_epoch)
-        final = fit(dataclasses.replace(config, seed=config.seed + member, members=1, epochs=chosen.best_epoch),
+    for member, epochs in enumerate(member_epochs):
+        log.info("refit on train + validation (%d titles) for %d epochs", len(combined), epochs)
+        final = fit(dataclasses.replace(config, seed=config.seed + member, members=1, epochs=epochs),
                     combined, keep="last", on_epoch=_tagged(on_epoch, member), name=f"refit member {member + 1}")
         refits.append(final.checkpoint)
         timings = _summed(timings, final.timings)

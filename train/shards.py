@@ -6,8 +6,11 @@ written once, chunk by chunk, into a folder of flat little-endian files:
 - ``ids.i32``: every title's ids, one after another (int32);
 - ``offsets.i64``: where each title starts in ``ids.i32`` (N + 1 values);
 - ``labels.i32``: each title's label index;
-- ``targets.idx.i32`` / ``targets.val.f32`` (N x K) and ``targets.base.f32`` (N): a
-  distilled fit's soft targets, kept sparse (`meli.train.distill.SparseTargets`);
+- ``targets.idx`` / ``targets.val.f16`` (N x K) and ``targets.base.f32`` (N): a distilled
+  fit's soft targets, kept sparse (`meli.train.distill.SparseTargets`): category indices as
+  uint16 (int32 past 65,535 categories, as ``meta.json`` says), probabilities as float16 (a
+  relative error of 1/2048, far below what a target's smoothing moves), so K = 129 slots
+  take 4 bytes each instead of 8;
 - ``meta.json``: the format version, row count, encoding and K.
 
 A mean-pooling MLP's titles are stored in the *compact* encoding (`meli.tokenizer.Tokenizer`:
@@ -38,9 +41,9 @@ from meli.errors import MeliError
 from meli.tokenizer import Encoded, Tokenizer
 from meli.tokenizer_kernels import expanded_flat, expanded_rows, pad_rows
 
-FORMAT = 1
+FORMAT = 2
 FILES = ("ids.i32", "offsets.i64", "labels.i32")
-TARGET_FILES = ("targets.idx.i32", "targets.val.f32", "targets.base.f32")
+TARGET_FILES = ("targets.idx", "targets.val.f16", "targets.base.f32")
 T = TypeVar("T")
 
 
@@ -50,8 +53,8 @@ class Window:
 
     encoded: Encoded  # values int32
     labels: np.ndarray  # (n,) int32
-    target_idx: np.ndarray | None = None  # (n, K) int32
-    target_val: np.ndarray | None = None  # (n, K) float32
+    target_idx: np.ndarray | None = None  # (n, K) uint16 (int32 past 65,535 categories)
+    target_val: np.ndarray | None = None  # (n, K) float16
     target_base: np.ndarray | None = None  # (n,) float32
 
     def __len__(self) -> int:
@@ -144,18 +147,24 @@ class ShardWriter:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def target_index_dtype(n_labels: int) -> str:
+    """The file type of target category indices: uint16 while the categories fit it."""
+    return "<u2" if n_labels <= 1 << 16 else "<i4"
+
+
 class TargetWriter:
     """Appends sparse soft targets, row for row with a `Shards` folder's titles."""
 
-    def __init__(self, folder: Path, k: int):
+    def __init__(self, folder: Path, k: int, n_labels: int):
         self.folder, self.k, self.rows = Path(folder), k, 0
+        self.idx_dtype = target_index_dtype(n_labels)
         self._files = {name: open(self.folder / name, "wb") for name in TARGET_FILES}
 
     def append(self, idx: np.ndarray, val: np.ndarray, base: np.ndarray) -> None:
         if idx.shape != val.shape or idx.shape[1] != self.k or len(base) != len(idx):
             raise ValueError(f"targets must be (n, {self.k}) indices and values and (n,) bases")
-        idx.astype("<i4").tofile(self._files["targets.idx.i32"])
-        val.astype("<f4").tofile(self._files["targets.val.f32"])
+        idx.astype(self.idx_dtype).tofile(self._files["targets.idx"])
+        val.astype("<f2").tofile(self._files["targets.val.f16"])
         base.astype("<f4").tofile(self._files["targets.base.f32"])
         self.rows += len(base)
 
@@ -165,7 +174,7 @@ class TargetWriter:
         meta = json.loads((self.folder / "meta.json").read_text())
         if self.rows != meta["rows"]:
             raise MeliError(f"{self.folder}: {self.rows} target rows for {meta['rows']} titles")
-        (self.folder / "meta.json").write_text(json.dumps({**meta, "target_k": self.k}))
+        (self.folder / "meta.json").write_text(json.dumps({**meta, "target_k": self.k, "target_idx_dtype": self.idx_dtype}))
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,7 @@ class Shards:
     ids: int
     compact: bool
     target_k: int = 0  # 0: no soft targets
+    target_idx_dtype: str = "<u2"
 
     @classmethod
     def open(cls, folder: Path) -> "Shards":
@@ -187,7 +197,8 @@ class Shards:
             raise MeliError(f"{folder}: not a shard folder ({e})") from e
         if meta.get("format") != FORMAT:
             raise MeliError(f"{folder}: shard format {meta.get('format')}, this version reads {FORMAT}")
-        return cls(folder, int(meta["rows"]), int(meta["ids"]), bool(meta["compact"]), int(meta.get("target_k", 0)))
+        return cls(folder, int(meta["rows"]), int(meta["ids"]), bool(meta["compact"]), int(meta.get("target_k", 0)),
+                   str(meta.get("target_idx_dtype", "<u2")))
 
     def __len__(self) -> int:
         return self.rows
@@ -207,7 +218,7 @@ class Shards:
     def read(self, start: int, end: int) -> Window:
         """Rows ``[start, end)``."""
         offsets = self._read("offsets.i64", "<i8", start, end - start + 1).astype(np.int64)
-        # ids, labels and target indices stay int32 (half the bytes); batches widen them
+        # ids, labels and targets stay as stored (a half or a quarter of the bytes); batches widen them
         values = self._read("ids.i32", "<i4", int(offsets[0]), int(offsets[-1] - offsets[0])).astype(np.int32)
         labels = self._read("labels.i32", "<i4", start, end - start).astype(np.int32)
         window = Window(Encoded(values, offsets - offsets[0]), labels)
@@ -215,8 +226,8 @@ class Shards:
             return window
         k = self.target_k
         return Window(window.encoded, labels,
-                      self._read("targets.idx.i32", "<i4", start, end - start, k).astype(np.int32),
-                      self._read("targets.val.f32", "<f4", start, end - start, k),
+                      self._read("targets.idx", self.target_idx_dtype, start, end - start, k),
+                      self._read("targets.val.f16", "<f2", start, end - start, k),
                       self._read("targets.base.f32", "<f4", start, end - start))
 
     def chunks(self, rows: int = 65_536) -> Iterator[Window]:

@@ -249,22 +249,23 @@ def check_resumable(run_id: str, experiment_id: str, fp: str, config: TrainConfi
 def check_room(work: Path, train: LabelledSplit, config: TrainConfig) -> None:
     """Fail before training when the work folder's disk, or the memory, cannot hold the run.
 
-    Disk: the encoded titles (about 100 bytes a title, compact) and a student's targets
-    (recombined titles too, 8 bytes per kept probability). Memory: the embedding table with its
+    Disk: the encoded titles (about 100 bytes a title, compact), a student's targets
+    (recombined titles too, 4 bytes per kept probability) and its teachers' weights. Memory: the embedding table with its
     optimizer moments and kept copies (8 per model), times the members kept for the student."""
     try:
         work.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(work).free
     except OSError as e:
         raise OutputError(f"{work}: cannot use it for the run's work files ({e.strerror or e}); set MELI_WORK_DIR") from e
-    rows = len(train) * (1 + (config.distill.recombined if config.distill.enabled and config.members > 1 else 0))
-    per_row = 100 + (8 * (config.distill.top_k + 1) + 4 if config.distill.enabled and config.members > 1 else 0)
-    need_disk = int(rows * per_row * 1.2)
-    if need_disk > free:
-        raise OutputError(f"{work}: the run needs about {need_disk / 2**30:.1f} GiB of disk for its encoded titles and "
-                          f"targets, {free / 2**30:.1f} GiB are free; set MELI_WORK_DIR to a folder with room")
+    distilled = config.distill.enabled and config.members > 1
+    rows = len(train) * (1 + (config.distill.recombined if distilled else 0))
+    per_row = 100 + (4 * (config.distill.top_k + 1) + 4 if distilled else 0)
     dim = config.mlp.embedding_dim if config.model == "mlp" else config.cnn.embedding_dim
     ids = config.vocabulary.max_size + (config.tokenizer.char_buckets if config.tokenizer.char_ngrams else 0)
+    need_disk = int((rows * per_row + (ids * dim * 4 * config.members if distilled else 0)) * 1.2)
+    if need_disk > free:
+        raise OutputError(f"{work}: the run needs about {need_disk / 2**30:.1f} GiB of disk for its encoded titles, "
+                          f"targets and teachers, {free / 2**30:.1f} GiB are free; set MELI_WORK_DIR to a folder with room")
     need_memory = ids * dim * 4 * (config.members + 4) + len(train) * 200
     available = available_memory()
     if available is not None and need_memory > available:

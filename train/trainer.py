@@ -223,7 +223,7 @@ def train_model(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     quiet: bool = False,
     keep: Literal["best", "last"] = "best",
-    teacher: Checkpoint | Teacher | None = None,
+    teacher: Checkpoint | Teacher | Path | None = None,
     teacher_titles: pa.Array | None = None,
     prepared: Prepared | None = None,
     work: Path | None = None,
@@ -233,8 +233,8 @@ def train_model(
     """One fit. `keep="best"` keeps the epoch with the best validation balanced accuracy and
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
 
-    With a `teacher` (an ensemble's checkpoint, or any `meli.train.distill.Teacher`), the fit is
-    a distillation (`meli.train.distill`): recombined titles added to the training titles, and
+    With a `teacher` (an ensemble's checkpoint, the file it is written to, or any
+    `meli.train.distill.Teacher`), the fit is a distillation (`meli.train.distill`): recombined titles added to the training titles, and
     the teacher's probabilities (a checkpoint reads them with its own tokenizer) in the
     targets; real titles not among `teacher_titles` (what the teacher trained on) also get
     their true label.
@@ -276,7 +276,7 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
         transfer = TransferSet(work / "student", train, label_indices(train.categories, labels), len(labels), tokenizer,
                                teacher, teacher_titles, config, device, compact_training(config), quiet=quiet)
         corpus_of = transfer.corpus if config.distill.fresh else (lambda epoch: transfer.corpus(0))
-        log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", teacher.members,
+        log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", transfer.teacher.members,
                  len(corpus_of(0)), transfer.n, ", new ones every epoch" if config.distill.fresh else "")
         if not config.distill.fresh:
             transfer.teacher = None  # every target is written: the teacher's weights can go
@@ -338,8 +338,8 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
                     logits = model(torch.from_numpy(corpus.ids(window, rows)).to(device, non_blocking=True))
                 if window.target_idx is not None:  # soft targets: the smoothing is already in them
                     loss = soft_cross_entropy(logits, torch.from_numpy(window.target_idx[rows].astype(np.int64)).to(device),
-                                              *(torch.from_numpy(a[rows]).to(device) for a in
-                                                (window.target_val, window.target_base)))
+                                              torch.from_numpy(window.target_val[rows].astype(np.float32)).to(device),
+                                              torch.from_numpy(window.target_base[rows]).to(device))
                 else:
                     target = torch.from_numpy(window.labels[rows].astype(np.int64)).to(device)
                     loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
