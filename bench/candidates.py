@@ -124,16 +124,16 @@ class Bench:
         name and seed)."""
         if (name, config.seed) not in self.students:
             self.students[name, config.seed] = train_model(config, self.fit, self.choose, quiet=True, teacher=teacher,
-                                                           teacher_titles=self.fit.titles)
+                                                           teacher_saw=len(self.fit))
         return self.students[name, config.seed]
 
     def refit(self, config: TrainConfig, student: TrainResult, teacher: Checkpoint | Teacher,
-              teacher_titles: pa.Array | None = None) -> Checkpoint:
+              teacher_saw: int | None = None) -> Checkpoint:
         """`student`'s refit on fit' + choose' for its chosen epochs, taught by `teacher`, which trained on
-        `teacher_titles` (by default fit': the selection fits)."""
-        titles = self.fit.titles if teacher_titles is None else teacher_titles
+        the first `teacher_saw` of them (by default fit': the selection fits)."""
+        saw = len(self.fit) if teacher_saw is None else teacher_saw
         return train_model(dataclasses.replace(config, epochs=student.best_epoch), self.both, self.choose, quiet=True,
-                           keep="last", teacher=teacher, teacher_titles=titles).checkpoint
+                           keep="last", teacher=teacher, teacher_saw=saw).checkpoint
 
     def record(self, group: str, name: str, scores: list[float], seconds: float) -> None:
         spread = f" ({min(scores):.4f}-{max(scores):.4f})" if len(scores) > 1 else ""
@@ -239,7 +239,7 @@ def run_refit(bench: Bench, write) -> None:
     write()
     t = time.perf_counter()
     refit = bench.refit(bench.student_base, bench.student(TODAYS_STUDENT, bench.student_base, teachers), refit_teachers,
-                        teacher_titles=both.titles)
+                        teacher_saw=len(both))
     bench.record("refit on fit' + choose'", "the student refit, taught by the refit MLPs (distill.refit_teachers)",
                  [bench.judge(bench.probabilities(refit, bench.judged.titles))], time.perf_counter() - t)
     write()

@@ -411,7 +411,7 @@ def test_fresh_distillation_draws_new_recombined_titles_every_epoch(trained, dem
     config = small_config("mlp", members=2, distill=DistillConfig(enabled=True, recombined=0.5, fresh=True, top_k=5))
     y = label_indices(train.categories, teachers.labels)
     tokenizer = teachers.tokenizer()
-    transfer = TransferSet(tmp_path, train, y, len(teachers.labels), tokenizer, teachers, train.titles, config,
+    transfer = TransferSet(tmp_path, train, y, len(teachers.labels), tokenizer, teachers, len(train), config,
                            torch.device("cpu"), compact=True, chunk_rows=1000)
 
     def rows(corpus):
@@ -439,9 +439,31 @@ def test_fresh_distillation_draws_new_recombined_titles_every_epoch(trained, dem
     for fresh, sets in ((True, config.epochs), (False, 1)):
         calls.clear()
         fit_config = dataclasses.replace(config, members=1, distill=dataclasses.replace(config.distill, fresh=fresh))
-        student = train_model(fit_config, train, demo_splits[1], quiet=True, teacher=teachers, teacher_titles=train.titles)
+        student = train_model(fit_config, train, demo_splits[1], quiet=True, teacher=teachers, teacher_saw=len(train))
         assert sum(calls) == n + round(0.5 * n) * sets
         assert student.checkpoint.metrics["val_balanced_accuracy"] > 0.7  # 0.73-0.88 over seeds; untrained: 0.3
+
+
+def test_titles_past_those_the_teachers_saw_also_get_their_true_label(trained, demo_splits, tmp_path):
+    """A refit's real titles are the training titles (which the teachers trained on), then the
+    validation titles (which they never saw): only the latter mix the smoothed true label into
+    their targets, in the slot after the top k."""
+    from meli.train.distill import DistillConfig, TransferSet
+    from meli.train.shards import concat_windows
+    from meli.train.trainer import label_indices
+
+    train, _ = demo_splits
+    teachers = trained["ensemble"].checkpoint
+    config = small_config("mlp", members=2, distill=DistillConfig(enabled=True, recombined=0.0, top_k=5, teacher_weight=0.5))
+    y = label_indices(train.categories, teachers.labels)
+    saw = len(train) - 300
+    transfer = TransferSet(tmp_path, train, y, len(teachers.labels), teachers.tokenizer(), teachers, saw, config,
+                           torch.device("cpu"), compact=True, chunk_rows=1000)
+    real = concat_windows(list(transfer.corpus(0).shards[0].chunks()))
+    label_share = real.target_val[:, -1].astype(np.float32)
+    assert np.array_equal(real.target_idx[:, -1], y)
+    assert (label_share[:saw] == 0).all()
+    assert np.allclose(label_share[saw:], 0.5 * (1 - config.label_smoothing), rtol=1e-3)
 
 
 def test_a_student_learns_from_teachers_of_any_kind_mixed_by_weight(trained, demo_splits):
@@ -474,7 +496,7 @@ def test_a_student_learns_from_teachers_of_any_kind_mixed_by_weight(trained, dem
         WeightedTeachers((mlps,), (0.5, 0.5))
     # a student of a teacher that always answers category 7 answers 7, on titles it never saw
     config = small_config("mlp", epochs=3, distill=DistillConfig(enabled=True, recombined=0.5))
-    student = train_model(config, train, validation, quiet=True, teacher=Always(7), teacher_titles=train.titles)
+    student = train_model(config, train, validation, quiet=True, teacher=Always(7), teacher_saw=len(train))
     model = student.checkpoint.build_model()
     scores = model(torch.from_numpy(student.checkpoint.tokenizer().encode_batch(validation.titles).rows(np.arange(100))))
     assert (scores.argmax(1) == 7).all()
@@ -493,10 +515,10 @@ def test_refit_teachers_refits_the_members_and_teaches_with_them(demo_splits, mo
     taught = []  # (titles the teachers are said to have seen, their vocabulary) of each distillation
     kinds = []  # what each distillation got as its teachers
     original = recipe.train_model
-    monkeypatch.setattr(recipe, "train_model", lambda *a, teacher=None, teacher_titles=None, **kw: (
+    monkeypatch.setattr(recipe, "train_model", lambda *a, teacher=None, teacher_saw=None, **kw: (
         teacher is not None and kinds.append(type(teacher)) is None
-        and taught.append((len(teacher_titles), set(as_teacher(teacher).checkpoint.vocabulary)))
-    ) or original(*a, teacher=teacher, teacher_titles=teacher_titles, **kw))
+        and taught.append((teacher_saw, set(as_teacher(teacher).checkpoint.vocabulary)))
+    ) or original(*a, teacher=teacher, teacher_saw=teacher_saw, **kw))
     config = small_config("mlp")
     train_only = set(build_vocabulary(train.titles, config.tokenizer, config.vocabulary))
     for refit_teachers, refitted in ((True, {0, 1, STUDENT}), (False, {STUDENT})):

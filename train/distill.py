@@ -23,7 +23,6 @@ from typing import Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -274,10 +273,12 @@ class TransferSet:
     titles labelled by the teacher (`corpus(k)`; set 0 is drawn from the fit's seed alone). A
     fit uses set 0, or with ``distill.fresh`` a new set every epoch, so the student sees more of
     the teachers' answers at the cost of labelling each set. Titles go through the teacher
-    ``chunk_rows`` at a time, so no titles x categories matrix is ever held."""
+    ``chunk_rows`` at a time, so no titles x categories matrix is ever held. The teacher trained
+    on the first `teacher_saw` real titles (None: on all of them); the rest (a refit's
+    validation titles, after the training ones) are titles it never saw."""
 
     def __init__(self, folder: Path, train, labels: np.ndarray, n_labels: int, tokenizer: Tokenizer,
-                 teacher: Checkpoint | Teacher | Path, teacher_titles: pa.Array | None, config, device: torch.device, compact: bool,
+                 teacher: Checkpoint | Teacher | Path, teacher_saw: int | None, config, device: torch.device, compact: bool,
                  chunk_rows: int = 16_384, quiet: bool = True):
         self.folder, self.titles, self.labels, self.tokenizer, self.device = Path(folder), train.titles, labels, tokenizer, device
         self.seed, self.n = config.seed, round(config.distill.recombined * len(train))
@@ -286,10 +287,9 @@ class TransferSet:
         self.teacher = as_teacher(teacher)
         self.recombiner = Recombiner(train.titles, labels)
         self.expander = Expander.of(tokenizer) if compact else None  # built once: every set's corpus shares it
-        unseen = (np.zeros(len(train), dtype=bool) if teacher_titles is None
-                  else ~pc.is_in(train.titles, value_set=teacher_titles).to_numpy(zero_copy_only=False))
-        chunks = ((train.titles.slice(s, chunk_rows), labels[s : s + chunk_rows], unseen[s : s + chunk_rows])
-                  for s in range(0, len(train), chunk_rows))
+        saw = len(train) if teacher_saw is None else teacher_saw
+        chunks = ((train.titles.slice(s, chunk_rows), labels[s : s + chunk_rows],
+                   np.arange(s, min(len(train), s + chunk_rows)) >= saw) for s in range(0, len(train), chunk_rows))
         self.real = self._write(self.folder / "real", chunks, len(train), "teacher: training titles")
         self._sets: dict[int, Shards] = {}
 

@@ -155,7 +155,7 @@ def distil_student(config: TrainConfig, teachers: Checkpoint | Path, ensemble: T
     keeps the teachers' metrics, curves and timings."""
     log.info("distilling one student from the ensemble of %d", config.members)
     student = fit(student_config(config), train, on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers,
-                  teacher_titles=train.titles, name="student")
+                  teacher_saw=len(train), name="student")
     metrics = {
         **student.checkpoint.metrics,
         **{k: v for k, v in ensemble.checkpoint.metrics.items() if k.startswith("member")},
@@ -222,12 +222,12 @@ def refit(config: TrainConfig, selection: TrainResult, member_epochs: list[int],
     if teachers is None:
         checkpoint, epochs = refit_ensemble, member_epochs
     else:
-        teacher_titles = train.titles
+        teacher_saw = len(train)  # the train titles, first in `combined`
         if refit_ensemble is not None:  # distill.refit_teachers: the refit members teach; they have seen every real title
-            teachers, teacher_titles = refit_ensemble, combined.titles
+            teachers, teacher_saw = refit_ensemble, len(combined)
         log.info("refit the student on train + validation (%d titles) for %d epochs", len(combined), selection.best_epoch)
         final = fit(dataclasses.replace(student_config(config), epochs=selection.best_epoch), combined, keep="last",
-                    on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_titles=teacher_titles,
+                    on_epoch=_tagged(on_epoch, STUDENT), teacher=teachers, teacher_saw=teacher_saw,
                     name="refit student")
         timings = _summed(timings, final.timings, "refit_student_")
         checkpoint, epochs = final.checkpoint, [selection.best_epoch]

@@ -224,7 +224,7 @@ def train_model(
     quiet: bool = False,
     keep: Literal["best", "last"] = "best",
     teacher: Checkpoint | Teacher | Path | None = None,
-    teacher_titles: pa.Array | None = None,
+    teacher_saw: int | None = None,
     prepared: Prepared | None = None,
     work: Path | None = None,
     name: str = "fit",
@@ -236,8 +236,8 @@ def train_model(
     With a `teacher` (an ensemble's checkpoint, the file it is written to, or any
     `meli.train.distill.Teacher`), the fit is a distillation (`meli.train.distill`): recombined titles added to the training titles, and
     the teacher's probabilities (a checkpoint reads them with its own tokenizer) in the
-    targets; real titles not among `teacher_titles` (what the teacher trained on) also get
-    their true label.
+    targets; real titles past the first `teacher_saw` (those the teacher trained on; None: all
+    of them) also get their true label.
 
     The encoded titles and targets live in shard folders under `work` (a temporary folder
     when none is given); `prepared` (`prepare`) reuses a vocabulary and encoded titles of the
@@ -252,12 +252,12 @@ def train_model(
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meli-fit-")))
         return _fit(config, train, validation, provenance=provenance, on_epoch=on_epoch, quiet=quiet, keep=keep,
-                    teacher=teacher, teacher_titles=teacher_titles, prepared=prepared, work=Path(work), name=name,
+                    teacher=teacher, teacher_saw=teacher_saw, prepared=prepared, work=Path(work), name=name,
                     save_every_s=save_every_s)
 
 
 def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *, provenance, on_epoch, quiet, keep,
-         teacher, teacher_titles, prepared: Prepared | None, work: Path, name: str,
+         teacher, teacher_saw, prepared: Prepared | None, work: Path, name: str,
          save_every_s: float | None) -> TrainResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -274,7 +274,7 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
     else:  # real titles, then recombined ones labelled by the teacher, with sparse soft targets
         tokenizer = prepared.tokenizer if prepared is not None else fit_tokenizer(config, train)
         transfer = TransferSet(work / "student", train, label_indices(train.categories, labels), len(labels), tokenizer,
-                               teacher, teacher_titles, config, device, compact_training(config), quiet=quiet)
+                               teacher, teacher_saw, config, device, compact_training(config), quiet=quiet)
         corpus_of = transfer.corpus if config.distill.fresh else (lambda epoch: transfer.corpus(0))
         log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", transfer.teacher.members,
                  len(corpus_of(0)), transfer.n, ", new ones every epoch" if config.distill.fresh else "")
