@@ -8,7 +8,7 @@ written once, chunk by chunk, into a folder of flat little-endian files:
 - ``labels.i32``: each title's label index;
 - ``targets.idx`` / ``targets.val.f16`` (N x K) and ``targets.base.f32`` (N): a distilled
   fit's soft targets, kept sparse (`meli.train.distill.SparseTargets`): category indices as
-  uint16 (int32 past 65,535 categories, as ``meta.json`` says), probabilities as float16 (a
+  uint16 (int32 past 65,536 categories, as ``meta.json`` says), probabilities as float16 (a
   relative error of 1/2048, far below what a target's smoothing moves), so K = 129 slots
   take 4 bytes each instead of 8;
 - ``meta.json``: the format version, row count, encoding and K.
@@ -53,7 +53,7 @@ class Window:
 
     encoded: Encoded  # values int32
     labels: np.ndarray  # (n,) int32
-    target_idx: np.ndarray | None = None  # (n, K) uint16 (int32 past 65,535 categories)
+    target_idx: np.ndarray | None = None  # (n, K) uint16 (int32 past 65,536 categories)
     target_val: np.ndarray | None = None  # (n, K) float16
     target_base: np.ndarray | None = None  # (n,) float32
 
