@@ -12,6 +12,8 @@ CONFIG ?= $(MODEL)
 DATA ?=
 TRAIN_ARGS ?=
 EXPERIMENT ?=
+# make bench-train's earlier version: the last before training read its titles from shards
+PREVIOUS ?= b130249
 OUTPUT ?= artifacts/model.onnx
 INPUT ?= meli/resources/demo/catalog.jsonl.gz
 SCORED ?= artifacts/scored.parquet
@@ -22,7 +24,7 @@ BENCH_ARGS ?=
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-candidates bench-determinism bench-export bench-cluster bench-train-scale bench-categories bench-learning-curve bench-report data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-candidates bench-determinism bench-export bench-cluster bench-train-scale bench-train bench-categories bench-learning-curve bench-report data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
@@ -39,6 +41,7 @@ help:
 	@echo "make bench-export    parity and calibration of $(OUTPUT), re-measured against its checkpoint"
 	@echo "make bench-cluster   meli-score's engines on one dataset: local, local[2], standalone cluster, Spark Connect"
 	@echo "make bench-train-scale  training time and peak RSS at 0.5M and 2M titles, vs fastText (about 1 hour)"
+	@echo "make bench-train     make train by an earlier version (PREVIOUS=rev) and this one, back to back (DATA=folder)"
 	@echo "make bench-categories  scoring speed at 1,588 categories (shared categories split), vs fastText"
 	@echo "make bench-learning-curve  balanced accuracy at 5k/10k/20k/all training titles, vs fastText and TF-IDF + LinearSVC"
 	@echo "make bench-report    the report's label-free accuracy estimate against the real accuracy (DATA=folder)"
@@ -105,6 +108,9 @@ bench-train-scale: venv
 bench-categories: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/many_categories.py --rows 2000000 --write docs/results-categories.md $(BENCH_ARGS)
+
+bench-train: venv
+	$(BIN)/python bench/train_speed.py --previous $(PREVIOUS) $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-train-speed.md $(BENCH_ARGS)
 
 bench-learning-curve: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
