@@ -270,8 +270,9 @@ def _score(inp, out, low, onnx_model, job: ScoreJob, tally, last_night, input_pa
         try:
             for item in tokenized:
                 scored = scorer.predict_low(item)
-                if not writers:
-                    writers = [_OutputFile(t.path, scored.batch.schema, t.target) for t in targets]
+                if not writers:  # one at a time, each listed as soon as its thread runs: an abort stops every one
+                    for t in targets:
+                        writers.append(_OutputFile(t.path, scored.batch.schema, t.target))
                 if low is None:
                     writers[0].put(scored.batch)
                 else:
