@@ -97,12 +97,12 @@ STAGE_MARKS = (  # a log line -> the stage that starts there
 )
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> Run:
-    """Run `cmd`, polling the RSS of its process tree every 0.1 s; stages from its stderr."""
+def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> Run:
+    """Run `cmd` (in `cwd`), polling the RSS of its process tree every 0.1 s; stages from its stderr."""
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     stage, marks, lines = "start-up and encoding", [], []
     peaks: dict[str, int] = {}
     lock = threading.Lock()

@@ -32,19 +32,15 @@ STUDENT = re.compile(r"student: validation balanced accuracy ([0-9.]+) \(the ens
 
 
 def meli_train(folder: Path, data: Path, work: Path, *extra: str) -> Run:
-    """`meli-train --data DATA` of the version laid out in `folder` (None: this one)."""
+    """`meli-train --data DATA` of the version laid out in `folder` (`ROOT`: this one, as installed),
+    run in `work`: `python -c` puts its working folder first on the path, so not this repository's."""
     work.mkdir(parents=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MELI_WORK_DIR": str(work / "work"),
            "TMPDIR": str(work)}
-    if folder != ROOT:  # the earlier version's modules first: `python -c` puts the working folder on the path
+    if folder != ROOT:  # the earlier version's modules before the installed ones
         env["PYTHONPATH"] = str(folder)
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        return run_measured([sys.executable, "-c", CHILD, "--config", str(folder / "train" / "configs" / "mlp.toml"),
-                             "--data", str(data), *extra], env)
-    finally:
-        os.chdir(cwd)
+    return run_measured([sys.executable, "-c", CHILD, "--config", str(folder / "train" / "configs" / "mlp.toml"),
+                         "--data", str(data), *extra], env, cwd=work)
 
 
 def main() -> None:
@@ -60,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="meli-train-speed-") as tmp:
         versions = ((f"previous ({args.previous})", checkout(args.previous, Path(tmp) / "previous")), ("this version", ROOT))
         for name, folder in versions:
-            warm = meli_train(folder, data, Path(tmp) / f"warm-{len(rows)}-{folder.name}", "--epochs", "1", "--members", "2")
+            warm = meli_train(folder, data, Path(tmp) / f"warm-{folder.name}", "--epochs", "1", "--members", "2")
             if warm.returncode:
                 sys.exit(f"{name}: meli-train failed:\n{warm.stderr[-3000:]}")
         for seed in seeds:

@@ -250,8 +250,9 @@ def check_room(work: Path, train: LabelledSplit, config: TrainConfig) -> None:
     """Fail before training when the work folder's disk, or the memory, cannot hold the run.
 
     Disk: the encoded titles (about 100 bytes a title, compact), a student's targets
-    (recombined titles too, 4 bytes per kept probability) and its teachers' weights. Memory: the embedding table with its
-    optimizer moments and kept copies (8 per model), times the members kept for the student."""
+    (recombined titles too, 4 bytes per kept probability) and its teachers' weights. Memory:
+    the embedding table with its optimizer moments and kept copies (8 per model), times the
+    members kept for the student."""
     try:
         work.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(work).free

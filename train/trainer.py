@@ -234,9 +234,9 @@ def train_model(
     stops early; `keep="last"` trains all epochs and keeps the last (for the refit).
 
     With a `teacher` (an ensemble's checkpoint, the file it is written to, or any
-    `meli.train.distill.Teacher`), the fit is a distillation (`meli.train.distill`): recombined titles added to the training titles, and
-    the teacher's probabilities (a checkpoint reads them with its own tokenizer) in the
-    targets; real titles past the first `teacher_saw` (those the teacher trained on; None: all
+    `meli.train.distill.Teacher`), the fit is a distillation (`meli.train.distill`): recombined
+    titles added to the training titles, and the teacher's probabilities (a checkpoint reads
+    them with its own tokenizer) in the targets; real titles past the first `teacher_saw` (those the teacher trained on; None: all
     of them) also get their true label.
 
     The encoded titles and targets live in shard folders under `work` (a temporary folder
