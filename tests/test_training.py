@@ -555,6 +555,56 @@ def test_each_optimizer_learns(optimizer, demo_splits):
     assert result.checkpoint.metrics["val_balanced_accuracy"] > (0.75 if optimizer == "sgd" else 0.9)
 
 
+def test_the_batch_grows_with_the_rows_an_epoch_reads():
+    """The shipped config keeps its batch of 128 at today's size (38,205 titles, three times
+    that for a student) and doubles it, rates by the square root, while an epoch would take
+    more than `steps_per_epoch` steps, up to `max_batch_size`."""
+    config = load_config(None)
+    # today's size: a student reads 3 x 38,205 rows, its refit 3 x (38,205 + 6,371)
+    assert config.batch_for(3 * 38_205) == config.batch_for(3 * 44_576) == (config.batch_size, 1.0)
+    for rows in (1, 130_000, 131_073, 500_000, 2_000_000, 20_000_000):
+        batch, scale = config.batch_for(rows)
+        doublings = batch // config.batch_size
+        assert batch == config.batch_size * doublings and doublings & (doublings - 1) == 0  # a power of two
+        assert scale == pytest.approx(doublings ** 0.5)
+        assert batch <= config.max_batch_size
+        steps = -(-rows // batch)
+        assert steps <= config.steps_per_epoch or batch == config.max_batch_size, rows
+        if batch > config.batch_size:  # no smaller batch would have done
+            assert -(-rows // (batch // 2)) > config.steps_per_epoch, rows
+    assert config.batch_for(2_000_000)[0] == 2048 and config.batch_for(20_000_000)[0] == config.max_batch_size
+    assert dataclasses.replace(config, max_batch_size=None).batch_for(20_000_000) == (config.batch_size, 1.0)
+
+
+def test_a_fit_over_many_rows_takes_larger_batches(demo_splits, caplog):
+    train, validation = demo_splits
+    config = small_config(epochs=8, steps_per_epoch=4, max_batch_size=512)
+    batch, scale = config.batch_for(len(train))
+    assert batch == 512 and scale == 2.0  # 3,000 demo titles: more than 4 steps even at 256
+    with caplog.at_level(logging.INFO, logger="meli.train.trainer"):
+        result = train_model(config, train, validation, quiet=True)
+    assert "batches of 512 titles (learning rates x2.00)" in caplog.text
+    # 30 categories, 3,000 titles: 6 steps an epoch; it reaches 0.96 here
+    assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.9
+
+
+def test_bfloat16_arithmetic_trains_a_float32_model(demo_splits):
+    """precision = "bf16" runs the hidden and output layers in bfloat16 while training: the fit
+    differs from the float32 one, learns as well, and its weights stay float32."""
+    from meli.train.trainer import autocast_dtype
+
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) in (None, torch.bfloat16)
+    train, validation = demo_splits
+    results = {p: train_model(small_config(precision=p), train, validation, quiet=True) for p in ("fp32", "bf16")}
+    low, full = results["bf16"].checkpoint, results["fp32"].checkpoint
+    assert all(v.dtype == torch.float32 for v in low.state_dict.values() if v.is_floating_point())
+    assert not torch.equal(low.state_dict["head.1.weight"], full.state_dict["head.1.weight"])
+    # 30 categories: both reach 0.93-0.95 here
+    assert low.metrics["val_balanced_accuracy"] > full.metrics["val_balanced_accuracy"] - 0.03 > 0.87
+
+
 def test_attention_pooling_trains_exports_and_keeps_parity(demo_splits, tmp_path):
     from meli.export.onnx_export import to_onnx
     from meli.export.parity import check_parity

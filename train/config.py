@@ -40,6 +40,12 @@ class TrainConfig:
     model: ModelKind = "mlp"
     epochs: int = 20
     batch_size: int = 128
+    # with many titles the batch grows: it doubles while an epoch would take more than
+    # `steps_per_epoch` steps, up to `max_batch_size` titles (None: it never grows), and both
+    # learning rates grow with the square root of the batch (Adam's rule of thumb); a larger
+    # batch spreads each step's fixed costs over more titles
+    max_batch_size: int | None = None
+    steps_per_epoch: int = 1536
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 5e-3
     embedding_lr: float | None = None  # the (sparse) embedding table's rate; default: lr
@@ -49,6 +55,11 @@ class TrainConfig:
     patience: int = 5  # early stopping: epochs without a better validation balanced accuracy
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the hidden and output layers' arithmetic while training: "bf16" runs them in bfloat16
+    # (weights, optimizer and embedding table stay float32; what ships is float32), "auto" does
+    # so where the device has bfloat16 instructions (a CUDA GPU that supports it; a CPU with
+    # AVX512-BF16 or AMX), "fp32" never
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     validation_fraction: float = 0.15  # only when the data has no validation file
     refit: bool = False  # after early stopping, fit again on train + validation for the best epoch count
     members: int = 1  # > 1: train that many models (seeds seed, seed+1, …); the graph averages their probabilities
@@ -67,6 +78,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.members < 1:
             raise ValueError("members must be at least 1")
+
+    def batch_for(self, rows: int) -> tuple[int, float]:
+        """The batch size of an epoch over `rows` titles, and the factor on the learning rates."""
+        batch = self.batch_size
+        while self.max_batch_size is not None and 2 * batch <= self.max_batch_size and -(-rows // batch) > self.steps_per_epoch:
+            batch *= 2
+        return batch, math.sqrt(batch / self.batch_size)
 
     def model_config(self, n_ids: int, n_labels: int) -> MLPConfig | CNNConfig:
         section = self.mlp if self.model == "mlp" else self.cnn
@@ -104,6 +122,8 @@ class TrainConfig:
 _RANGES: dict[tuple[str, str], tuple[float, float | None, bool]] = {
     ("", "epochs"): (1, None, False),
     ("", "batch_size"): (1, None, False),
+    ("", "max_batch_size"): (1, None, False),
+    ("", "steps_per_epoch"): (1, None, False),
     ("", "lr"): (0, None, True),
     ("", "embedding_lr"): (0, None, True),
     ("", "weight_decay"): (0, None, False),

@@ -91,6 +91,21 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 when `precision` asks for it (``"auto"``: when `device` computes it natively), else None."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    try:  # oneDNN's own test for AVX512-BF16 / AMX; not in every build
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else None
+
+
 def label_indices(categories: pa.Array, labels: tuple[str, ...]) -> np.ndarray:
     idx = pc.index_in(categories, value_set=pa.array(labels)).to_numpy(zero_copy_only=False)
     return idx.astype(np.int64)
@@ -103,15 +118,16 @@ class _Optimizers:
     pooling of a mean-pooling MLP on the CPU); else a `RowSparseEmbedding` takes the place of
     ``model.embedding`` (same weight, same state-dict key)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int, pooled: bool = False):
+    def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int, pooled: bool = False,
+                 lr_scale: float = 1.0):
         self.pooled = PooledRows(model.embedding.weight) if pooled else None
         if self.pooled is None:
             model.embedding = RowSparseEmbedding(model.embedding)
         table = self.pooled or model.embedding
         rest = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
-        lr = config.lr
+        lr = config.lr * lr_scale
         fused = {"fused": True} if _fused_ok(rest) else {}  # one kernel for every tensor: the same update, faster
-        self.opts: list[torch.optim.Optimizer] = [RowAdam(table, lr=config.embedding_lr or lr)]
+        self.opts: list[torch.optim.Optimizer] = [RowAdam(table, lr=(config.embedding_lr or config.lr) * lr_scale)]
         if config.optimizer == "adamw":
             self.opts.append(torch.optim.AdamW(rest, lr=lr, weight_decay=config.weight_decay, **fused))
         elif config.optimizer == "adam":
@@ -295,11 +311,15 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
     _zero_unseen_rows(model.embedding.weight, corpus.seen_ids(tokenizer.n_ids))
     model.to(device)
 
-    steps_per_epoch = corpus.steps(config.batch_size)
+    batch_size, lr_scale = config.batch_for(len(corpus))
+    steps_per_epoch = corpus.steps(batch_size)
     # a mean-pooling MLP on the CPU pools its rows in one compiled loop (`PooledRows`)
     pooled = corpus.expander is not None and device.type == "cpu"
-    optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch, pooled=pooled)
+    optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch, pooled=pooled, lr_scale=lr_scale)
     word_dropout = config.mlp.embedding_dropout if config.model == "mlp" else 0.0
+    low = autocast_dtype(config.precision, device)
+    log.info("%s: batches of %d titles (learning rates x%.2f), %s arithmetic", name, batch_size, lr_scale,
+             "bfloat16" if low else "float32")
     history: list[EpochMetrics] = []
     # training titles measured like the validation ones (eval mode, plain cross-entropy on the
     # true label), for curves that compare like with like; drawn apart from the training rng
@@ -329,13 +349,15 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
                    leave=False, disable=True if quiet else None)  # None: bars only on a terminal; titles/s and ETA
         dropout_rng = np.random.default_rng((config.seed, epoch, 1))
         for window in prefetched(corpus.windows(np.random.default_rng((config.seed, epoch)))):
-            for rows in _batches(len(window), config.batch_size, np.arange(len(window))):
-                if optimizers.pooled is not None:
-                    values, offsets = corpus.flat(window, rows)
-                    kept = dropout_rng.random(len(values)) >= word_dropout
-                    logits = model.head(optimizers.pooled.pool(values, offsets, kept))
-                else:
-                    logits = model(torch.from_numpy(corpus.ids(window, rows)).to(device, non_blocking=True))
+            for rows in _batches(len(window), batch_size, np.arange(len(window))):
+                with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+                    if optimizers.pooled is not None:
+                        values, offsets = corpus.flat(window, rows)
+                        kept = dropout_rng.random(len(values)) >= word_dropout
+                        logits = model.head(optimizers.pooled.pool(values, offsets, kept))
+                    else:
+                        logits = model(torch.from_numpy(corpus.ids(window, rows)).to(device, non_blocking=True))
+                logits = logits.float()
                 if window.target_idx is not None:  # soft targets: the smoothing is already in them
                     loss = soft_cross_entropy(logits, torch.from_numpy(window.target_idx[rows].astype(np.int64)).to(device),
                                               torch.from_numpy(window.target_val[rows].astype(np.float32)).to(device),
