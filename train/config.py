@@ -78,6 +78,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.members < 1:
             raise ValueError("members must be at least 1")
+        if self.max_batch_size is not None and self.max_batch_size < self.batch_size:
+            raise ValueError(f"max_batch_size = {self.max_batch_size} is below batch_size = {self.batch_size}")
 
     def batch_for(self, rows: int) -> tuple[int, float]:
         """The batch size of an epoch over `rows` titles, and the factor on the learning rates."""
