@@ -24,7 +24,7 @@ BENCH_ARGS ?=
 data_arg = $(if $(DATA),--data $(DATA))
 exp_arg = $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
-.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-candidates bench-determinism bench-export bench-cluster bench-train-scale bench-train bench-categories bench-learning-curve bench-report data clean
+.PHONY: help venv demo train export parity score test test-slow bench bench-accuracy bench-candidates bench-determinism bench-export bench-cluster bench-train-scale bench-train-epoch bench-train bench-categories bench-learning-curve bench-report data clean
 
 help:
 	@echo "make demo            venv + train + export + score on the embedded demo data"
@@ -41,6 +41,7 @@ help:
 	@echo "make bench-export    parity and calibration of $(OUTPUT), re-measured against its checkpoint"
 	@echo "make bench-cluster   meli-score's engines on one dataset: local, local[2], standalone cluster, Spark Connect"
 	@echo "make bench-train-scale  training time and peak RSS at 0.5M and 2M titles, vs fastText (about 1 hour)"
+	@echo "make bench-train-epoch  one member's epoch vs fastText at 2M titles, three alternating pairs (about 10 minutes)"
 	@echo "make bench-train     make train by an earlier version (PREVIOUS=rev) and this one, back to back (DATA=folder)"
 	@echo "make bench-categories  scoring speed at 1,588 categories (shared categories split), vs fastText"
 	@echo "make bench-learning-curve  balanced accuracy at 5k/10k/20k/all training titles, vs fastText and TF-IDF + LinearSVC"
@@ -104,6 +105,10 @@ bench-cluster: venv
 bench-train-scale: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/train_scale.py --sizes 500000,2000000 --write docs/results-train-scale.md $(BENCH_ARGS)
+
+bench-train-epoch: venv
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/train_scale.py --sizes 2000000 --skip-recipe --repeats 3 --write docs/results-train-epoch.md $(BENCH_ARGS)
 
 bench-categories: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

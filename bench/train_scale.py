@@ -183,6 +183,9 @@ def main() -> None:
     ap.add_argument("--skip-recipe", action="store_true", help="only fastText and one member's epoch")
     ap.add_argument("--no-refit-sizes", default="", help="sizes at which the recipe runs without its refit stage "
                     "(the refit is the student's stage again on train + validation)")
+    ap.add_argument("--repeats", type=int, default=1, help="fastText and one member's epoch this many times at each "
+                    "size, alternating (the table gives the median and the range: this machine's times vary by "
+                    "tens of percent from one run to the next)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: a temporary one)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
@@ -201,16 +204,21 @@ def main() -> None:
         if not parquet.is_file():
             print(f"making {n:,} labelled titles", file=sys.stderr)
             make_labelled(n, parquet, txt)
-        ft = run_measured([sys.executable, "-c", FASTTEXT_CHILD, str(txt)])
-        one = meli_train(one_epoch, parquet, validation, work)
-        for name, run in (("fastText", ft), ("meli one member epoch", one)):
-            if run.returncode:
-                sys.exit(f"{name} failed at {n:,} titles:\n{run.stderr[-3000:]}")
-        epoch_s, per_s, bacc = epoch_figures(one.stderr)
-        line = {"titles": n, "fasttext_s": ft.seconds, "fasttext_rss": ft.peak_rss, "member_s": one.seconds,
-                "member_rss": one.peak_rss, "epoch_s": epoch_s, "titles_per_s": per_s, "member_bacc": bacc}
-        print(f"{n:,}: fastText {ft.seconds:.1f}s {ft.peak_rss / gib:.2f} GiB; one member epoch {one.seconds:.1f}s "
-              f"{one.peak_rss / gib:.2f} GiB", file=sys.stderr)
+        pairs = []
+        for _ in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
+            ft = run_measured([sys.executable, "-c", FASTTEXT_CHILD, str(txt)])
+            one = meli_train(one_epoch, parquet, validation, work)
+            for name, run in (("fastText", ft), ("meli one member epoch", one)):
+                if run.returncode:
+                    sys.exit(f"{name} failed at {n:,} titles:\n{run.stderr[-3000:]}")
+            pairs.append((ft, one, epoch_figures(one.stderr)))
+            print(f"{n:,}: fastText {ft.seconds:.1f}s {ft.peak_rss / gib:.2f} GiB; one member epoch {one.seconds:.1f}s "
+                  f"{one.peak_rss / gib:.2f} GiB", file=sys.stderr)
+        line = {"titles": n, "fasttext_s": [ft.seconds for ft, _, _ in pairs],
+                "fasttext_rss": max(ft.peak_rss for ft, _, _ in pairs), "member_s": [one.seconds for _, one, _ in pairs],
+                "member_rss": max(one.peak_rss for _, one, _ in pairs), "epoch_s": [e[0] for _, _, e in pairs],
+                "titles_per_s": [e[1] for _, _, e in pairs], "member_bacc": pairs[0][2][2],
+                "ratio": [one.seconds / ft.seconds for ft, one, _ in pairs]}
         if not args.skip_recipe:
             full = meli_train(recipe_no_refit if n in no_refit else recipe, parquet, validation, work)
             if full.returncode:
@@ -224,6 +232,13 @@ def main() -> None:
         page(args, rows, detail)
 
 
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """One run's figure, or the median of several and their range."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.median(values)), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def page(args, rows: list[dict], detail: list[str]) -> None:
     """Print the page (and write it with --write) for the sizes measured so far."""
     gib = 2**30
@@ -232,9 +247,9 @@ def page(args, rows: list[dict], detail: list[str]) -> None:
              "its peak RSS GiB |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        table.append(f"| {r['titles']:,} | {r['fasttext_s']:.1f} | {r['fasttext_rss'] / gib:.2f} | {r['member_s']:.1f} | "
-                     f"{r['member_rss'] / gib:.2f} | {r['member_s'] / r['fasttext_s']:.2f} | "
-                     f"{r['epoch_s']:.1f} ({r['titles_per_s']:,.0f}) | "
+        table.append(f"| {r['titles']:,} | {spread(r['fasttext_s'])} | {r['fasttext_rss'] / gib:.2f} | "
+                     f"{spread(r['member_s'])} | {r['member_rss'] / gib:.2f} | {spread(r['ratio'], '.2f')} | "
+                     f"{spread(r['epoch_s'])} ({np.median(r['titles_per_s']):,.0f}) | "
                      + (f"{r['recipe_s']:.0f} | {r['recipe_rss'] / gib:.2f} |" if "recipe_s" in r else "- | - |"))
     body = [
         f"{machine()}.",
@@ -245,7 +260,9 @@ def page(args, rows: list[dict], detail: list[str]) -> None:
         "grow with the titles (`max_batch_size`) and the layers run in bfloat16 where the CPU has it "
         "(`precision = \"auto\"`). Its epoch (training on every title, then validation) is what it logged; "
         "the rest of its time is start-up, reading, vocabulary, encoding, calibration and MLflow. "
-        "Validation balanced accuracy after that one epoch: "
+        + (f"fastText and the one member ran {args.repeats} times at each size, alternating: each cell is the "
+           "median, the range in brackets; the time ratio is the median of each pair's. " if args.repeats > 1 else "")
+        + "Validation balanced accuracy after that one epoch: "
         + ", ".join(f"{r['member_bacc']:.4f} at {r['titles']:,}" for r in rows) + ".",
         "",
         *table,
@@ -253,7 +270,7 @@ def page(args, rows: list[dict], detail: list[str]) -> None:
     if detail:
         body += ["", "The default recipe stage by stage (one epoch per stage):", "",
                  "| titles | stage | s | peak RSS GiB |", "|---:|---|---:|---:|", *detail]
-    publish(args.write, "Training at scale", body)
+    publish(args.write, "One member's epoch against fastText" if args.skip_recipe else "Training at scale", body)
 
 
 if __name__ == "__main__":
