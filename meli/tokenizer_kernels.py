@@ -21,6 +21,7 @@ tokenizer.
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -48,15 +49,28 @@ def fold_char(cp: int) -> bytes:
 
 @dataclass
 class CharFolding:
-    """Code point → folded ASCII bytes, filled on demand (`ensure`) for the code points seen."""
+    """Code point → folded ASCII bytes, filled on demand (`ensure`) for the code points seen.
+
+    Safe for threads that encode at once (training encodes two chunks at a time): `ensure`
+    holds a lock while it looks for code points and adds them, so no thread finds a code
+    point marked known before its bytes are in `data`. An entry, once made, never changes and
+    `data` only grows (a new array each time), so whatever a thread reads after its `ensure`
+    holds every code point of its titles."""
 
     known: np.ndarray = field(default_factory=lambda: np.zeros(N_CODEPOINTS, dtype=np.bool_))
     start: np.ndarray = field(default_factory=lambda: np.zeros(N_CODEPOINTS, dtype=np.int32))
     length: np.ndarray = field(default_factory=lambda: np.zeros(N_CODEPOINTS, dtype=np.uint8))
     data: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.add(range(128))
+
+    def __getstate__(self) -> dict:  # a lock does not pickle (Spark ships tokenizers to its workers)
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def add(self, codepoints) -> None:
         chunks, pos = [], len(self.data)
@@ -73,9 +87,10 @@ class CharFolding:
     def ensure(self, offsets: np.ndarray, data: np.ndarray) -> None:
         """Fold every code point of the titles in `data` that is not in the table yet."""
         if len(data) and data.max() >= 0x80:
-            missing = _unknown_codepoints(offsets, data, self.known)
-            if len(missing):
-                self.add(np.unique(missing))
+            with self._lock:
+                missing = _unknown_codepoints(offsets, data, self.known)
+                if len(missing):
+                    self.add(np.unique(missing))
 
 
 @dataclass(frozen=True)

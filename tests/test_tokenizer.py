@@ -185,3 +185,30 @@ def test_the_golden_vectors_are_what_the_generator_writes():
     assert fresh.tokenizer.vocabulary == shipped.tokenizer.vocabulary
     assert fresh.tokenizer.config == shipped.tokenizer.config
     assert fresh.cases == shipped.cases
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_threads_encoding_at_once_give_one_thread_s_ids(compact):
+    """`encode_batch` from several threads at once (training encodes two chunks at a time)
+    gives the ids one thread gives: the table of folded characters, filled as new ones
+    appear, is never read half-filled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    letters = [chr(c) for c in range(0xC0, 0x2000) if chr(c).isalpha()]  # thousands of code points to fold
+    words = ["".join(rng.choice(letters, 6)) + "ção" for _ in range(3000)]
+    chunks = [pa.array([" ".join(rng.choice(words, 8)) for _ in range(400)]) for _ in range(24)]
+    vocabulary = tuple(sorted(set(words[:1500])))
+    config = TokenizerConfig(stopwords=())
+    serial = Tokenizer(config, vocabulary)
+    expected = [serial.encode_batch(c, compact=compact) for c in chunks]
+    for _ in range(5):
+        shared = Tokenizer(config, vocabulary)  # an empty table of folded characters
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda c: shared.encode_batch(c, compact=compact), chunks))
+        for a, b in zip(expected, got):
+            assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.values, b.values)
+    import pickle  # the lock stays behind: a tokenizer still pickles (Spark ships it to its workers)
+
+    again = pickle.loads(pickle.dumps(shared)).encode_batch(chunks[0], compact=compact)
+    assert np.array_equal(again.values, expected[0].values)
