@@ -12,7 +12,7 @@ import torch
 from conftest import small_config
 from meli.errors import MeliError
 from meli.train.distill import SparseTargets, soft_cross_entropy
-from meli.train.shards import Corpus, Expander, ShardWriter, Shards, TargetWriter, concat_windows
+from meli.train.shards import Corpus, Expander, ShardWriter, Shards, TargetWriter, concat_windows, scattered_chunks
 from meli.train.trainer import fit_tokenizer
 
 
@@ -139,3 +139,41 @@ def test_damaged_shards_are_named(tokenizer, demo_splits, tmp_path):
         Shards.open(shards.folder)
     with pytest.raises(MeliError, match="not a shard folder"):
         Shards.open(tmp_path / "nothing")
+
+
+def test_row_numbers_are_scattered_over_chunks_each_a_random_sample():
+    n, chunk = 10_000, 700
+    chunks = list(scattered_chunks(n, chunk, 3))
+    assert [len(c) for c in chunks] == [chunk] * (n // chunk) + [n % chunk]
+    assert np.array_equal(np.sort(np.concatenate(chunks)), np.arange(n))  # every row once
+    assert all(not (np.diff(c) > 0).all() for c in chunks)  # shuffled within a chunk too
+    assert all(np.ptp(c) > 0.9 * n for c in chunks[:-1])  # samples of the whole input, not ranges of it
+    assert np.array_equal(np.concatenate(chunks), np.concatenate(list(scattered_chunks(n, chunk, 3))))
+    assert not np.array_equal(np.concatenate(chunks), np.concatenate(list(scattered_chunks(n, chunk, 4))))
+
+
+def test_a_fit_s_titles_are_shuffled_on_disk_whatever_the_input_s_order(demo_splits, tmp_path):
+    """A labelled file grouped by category would put a few categories in each block a window
+    reads (training at scale reads random blocks, not random rows): `prepare` writes the titles
+    in a random order, so the first twentieth of the shards holds nearly every category."""
+    import pyarrow as pa
+
+    from meli.dataset import LabelledSplit
+    from meli.train.trainer import prepare
+
+    train = demo_splits[0]
+    by_category = np.argsort(np.asarray(train.categories.to_pylist(), dtype=object), kind="stable")
+    grouped = LabelledSplit(train.titles.take(pa.array(by_category)), train.categories.take(pa.array(by_category)),
+                            train.source)
+    labels = tuple(sorted(set(train.categories.to_pylist())))
+    config = small_config("mlp")
+    shards = prepare(config, grouped, labels, tmp_path / "a", chunk_rows=500).corpus.shards[0]
+    rows = concat_windows(list(shards.chunks()))
+    part = len(rows) // 20  # a run of rows within a chunk
+    input_part = np.unique(np.searchsorted(labels, grouped.categories.slice(0, part).to_pylist()))
+    assert len(np.unique(rows.labels[:part])) > 0.9 * len(labels) > 3 * len(input_part)
+    assert np.array_equal(np.sort(rows.labels), np.sort(np.searchsorted(labels, grouped.categories.to_pylist())))
+    whole = fit_tokenizer(config, grouped).encode_batch(grouped.titles, compact=True)
+    assert len(rows.encoded.values) == len(whole.values)  # the same titles, moved
+    again = concat_windows(list(prepare(config, grouped, labels, tmp_path / "b", chunk_rows=500).corpus.shards[0].chunks()))
+    assert np.array_equal(rows.labels, again.labels) and np.array_equal(rows.encoded.values, again.encoded.values)

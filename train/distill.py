@@ -31,7 +31,7 @@ from meli.checkpoint import Checkpoint, load_checkpoint
 from meli.models import MLP, Ensemble
 from meli.tokenizer import Encoded, Tokenizer
 from meli.train.row_adam import PooledRows
-from meli.train.shards import Corpus, Expander, Shards, ShardWriter, TargetWriter, encoded_in_order
+from meli.train.shards import Corpus, Expander, Shards, ShardWriter, TargetWriter, encoded_in_order, scattered_chunks
 
 
 @dataclass(frozen=True)
@@ -288,8 +288,8 @@ class TransferSet:
         self.recombiner = Recombiner(train.titles, labels)
         self.expander = Expander.of(tokenizer) if compact else None  # built once: every set's corpus shares it
         saw = len(train) if teacher_saw is None else teacher_saw
-        chunks = ((train.titles.slice(s, chunk_rows), labels[s : s + chunk_rows],
-                   np.arange(s, min(len(train), s + chunk_rows)) >= saw) for s in range(0, len(train), chunk_rows))
+        chunks = ((train.titles.take(rows), labels[rows], rows >= saw)
+                  for rows in scattered_chunks(len(train), chunk_rows, self.seed))
         self.real = self._write(self.folder / "real", chunks, len(train), "teacher: training titles")
         self._sets: dict[int, Shards] = {}
 

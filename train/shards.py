@@ -18,11 +18,16 @@ a known word and all its character n-grams as one fused id, about 20 ids a title
 110) and widened back to full ids batch by batch (`meli.tokenizer_kernels.expanded_rows`): the
 same ids per title, in another order, which a mean does not see. Other models store full ids.
 
+Titles are written in a random order (`scattered_chunks`: each chunk a random sample of
+the input, drawn from the fit's seed), not in the order of the input file: a file grouped by
+category would otherwise put a handful of categories in each block below.
+
 Reading is by *windows*: the rows are cut into blocks of ``block_rows``, the blocks are
 shuffled, and each window of ``window_rows`` (2^18, a set of random blocks) is read with plain
 file reads and shuffled row by row. Memory follows the window, not the data; at or below
-``window_rows`` titles one window holds them all and the order is a full shuffle. Nothing is
-memory-mapped except for the few rows `take` reads.
+``window_rows`` titles one window holds them all and the order is a full shuffle. Since every
+block is already a random sample of the titles, so is every window, however the input was
+sorted. Nothing is memory-mapped except for the few rows `take` reads.
 """
 
 from __future__ import annotations
@@ -95,6 +100,16 @@ class Expander:
             picked[groups] = True
             seen[self.group_ids[np.repeat(picked, np.diff(self.group_ptr))]] = True
         return seen
+
+
+def scattered_chunks(n: int, chunk_rows: int, seed: int | tuple[int, ...]) -> Iterator[np.ndarray]:
+    """Row numbers ``0..n-1`` in chunks of `chunk_rows`: a permutation drawn from `seed`, cut
+    into chunks. Shards written chunk by chunk in this order hold the titles shuffled, whatever
+    the input's order: any run of rows in them is a random sample (a chunk sorted back into
+    input order would not be, within itself). 4 bytes a row while it is written."""
+    order = np.random.default_rng(seed).permutation(n).astype(np.int32 if n < 2**31 else np.int64)
+    for start in range(0, n, chunk_rows):
+        yield order[start : start + chunk_rows]
 
 
 def encoded_in_order(tokenizer: Tokenizer, chunks: Iterable[T], titles_of: Callable[[T], object], compact: bool,

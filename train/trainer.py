@@ -45,7 +45,7 @@ from meli.train.config import TrainConfig
 from meli.train.row_adam import PooledRows, RowAdam, RowSparseEmbedding
 from meli.train.distill import Teacher, TransferSet, soft_cross_entropy
 from meli.train.embeddings import init_embedding, word_vectors
-from meli.train.shards import Corpus, Expander, ShardWriter, encoded_in_order
+from meli.train.shards import Corpus, Expander, ShardWriter, encoded_in_order, scattered_chunks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,7 +191,8 @@ def fit_tokenizer(config: TrainConfig, train: LabelledSplit) -> Tokenizer:
 
 def prepare(config: TrainConfig, train: LabelledSplit, labels: tuple[str, ...], folder: Path, quiet: bool = True,
             chunk_rows: int = 65_536) -> Prepared:
-    """Count the vocabulary over `train` and encode its titles into ``folder``, chunk by chunk."""
+    """Count the vocabulary over `train` and encode its titles into ``folder``, chunk by chunk,
+    in a random order drawn from the config's seed (`scattered_chunks`)."""
     t0 = time.perf_counter()
     tokenizer = fit_tokenizer(config, train)
     compact = compact_training(config)
@@ -199,10 +200,10 @@ def prepare(config: TrainConfig, train: LabelledSplit, labels: tuple[str, ...], 
     try:
         with tqdm(total=len(train), desc="encoding titles", unit="title", unit_scale=True, leave=False,
                   disable=True if quiet else None) as bar:
-            starts = range(0, len(train), chunk_rows)
-            for start, encoded in encoded_in_order(tokenizer, starts, lambda s: train.titles.slice(s, chunk_rows), compact):
-                writer.append(encoded, label_indices(train.categories.slice(start, chunk_rows), labels))
-                bar.update(len(encoded.offsets) - 1)
+            chunks = scattered_chunks(len(train), chunk_rows, config.seed)
+            for rows, encoded in encoded_in_order(tokenizer, chunks, lambda rows: train.titles.take(rows), compact):
+                writer.append(encoded, label_indices(train.categories.take(rows), labels))
+                bar.update(len(rows))
         shards = writer.close()
     except BaseException:
         writer.abort()
