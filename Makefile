@@ -14,6 +14,8 @@ TRAIN_ARGS ?=
 EXPERIMENT ?=
 # make bench-train's earlier version: the last before training read its titles from shards
 PREVIOUS ?= b130249
+# make bench-train's seeds: 5 apart, so no two runs share an ensemble member
+TRAIN_SEEDS ?= 0,5,10
 OUTPUT ?= artifacts/model.onnx
 INPUT ?= meli/resources/demo/catalog.jsonl.gz
 SCORED ?= artifacts/scored.parquet
@@ -42,7 +44,7 @@ help:
 	@echo "make bench-cluster   meli-score's engines on one dataset: local, local[2], standalone cluster, Spark Connect"
 	@echo "make bench-train-scale  training time and peak RSS at 0.5M and 2M titles, vs fastText (about 1 hour)"
 	@echo "make bench-train-epoch  one member's epoch vs fastText at 2M titles, three alternating pairs (about 10 minutes)"
-	@echo "make bench-train     make train by an earlier version (PREVIOUS=rev) and this one, back to back (DATA=folder)"
+	@echo "make bench-train     make train by an earlier version (PREVIOUS=rev) and this one, back to back, seeds TRAIN_SEEDS (DATA=folder)"
 	@echo "make bench-categories  scoring speed at 1,588 categories (shared categories split), vs fastText"
 	@echo "make bench-learning-curve  balanced accuracy at 5k/10k/20k/all training titles, vs fastText and TF-IDF + LinearSVC"
 	@echo "make bench-report    the report's label-free accuracy estimate against the real accuracy (DATA=folder)"
@@ -115,7 +117,7 @@ bench-categories: venv
 	$(BIN)/python bench/many_categories.py --rows 2000000 --write docs/results-categories.md $(BENCH_ARGS)
 
 bench-train: venv
-	$(BIN)/python bench/train_speed.py --previous $(PREVIOUS) $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-train-speed.md $(BENCH_ARGS)
+	$(BIN)/python bench/train_speed.py --previous $(PREVIOUS) --seeds $(TRAIN_SEEDS) $(if $(DATA),--data $(DATA),--data ../shared/data/meli-es) --write docs/results-train-speed.md $(BENCH_ARGS)
 
 bench-learning-curve: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

@@ -7,7 +7,11 @@ tree, polled) and the validation balanced accuracy each run reports: the shipped
 and the ensemble's that taught it. Before the timed runs each version trains once with two
 members for one epoch, so both find their compiled kernels cached, as a user's second run does.
 
-    python bench/train_speed.py --previous b130249 --data ../shared/data/meli-es --write docs/results-train-speed.md
+    python bench/train_speed.py --previous b130249 --seeds 0,5,10 --write docs/results-train-speed.md
+
+A run with seed s trains its members with seeds s..s+4, so seeds 5 apart (0, 5, 10) give
+runs with no member in common: independent samples of what a version's recipe reaches.
+Seeds 0, 1, 2 would share most of their members, and their figures would move together.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     data = args.data.resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
+    rows, figures = [], {}
     with tempfile.TemporaryDirectory(prefix="meli-train-speed-") as tmp:
         versions = ((f"previous ({args.previous})", checkout(args.previous, Path(tmp) / "previous")), ("this version", ROOT))
         for name, folder in versions:
@@ -67,10 +71,18 @@ def main() -> None:
                     sys.exit(f"{name}, seed {seed}: meli-train failed:\n{run.stderr[-3000:]}")
                 rows.append(f"| {name} | {seed} | {run.seconds:.0f} | {run.peak_rss / 2**30:.2f} | {found.group(1)} | "
                             f"{found.group(2)} |")
+                figures.setdefault(name, []).append((run.seconds, run.peak_rss / 2**30, float(found.group(1)),
+                                                     float(found.group(2))))
                 print(rows[-1], file=sys.stderr)
+    if len(seeds) > 1:  # each version's mean over its seeds
+        for name, runs in figures.items():
+            mean = [sum(column) / len(column) for column in zip(*runs)]
+            rows.append(f"| **{name}: mean** | {len(runs)} seeds | {mean[0]:.0f} | {mean[1]:.2f} | {mean[2]:.4f} | "
+                        f"{mean[3]:.4f} |")
     publish(args.write, "`make train`: this version against an earlier one", [
         f"{machine()}; data: {args.data.name} (train and validation files); the shipped default recipe "
-        "(train/configs/mlp.toml: five members, a distilled student, the refit), as `make train` runs it.",
+        "(train/configs/mlp.toml: five members, a distilled student, the refit), as `make train` runs it. "
+        "Seed s trains members s..s+4: seeds 5 apart share no member.",
         "",
         "| version | seed | wall time s | peak RSS GiB | student: validation balanced accuracy | "
         "the ensemble it learnt from |",
