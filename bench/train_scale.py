@@ -11,6 +11,8 @@ size, in child processes of their own (peak RSS polled, the whole process tree):
 - ``meli-train``, one member, one epoch, no refit: start-up, reading, vocabulary, encoding and
   the epoch, as a user runs it (after one untimed warm-up run on 20,000 titles, so that numba's
   compiled kernels come from its cache, as on a user's second run);
+- with ``--previous REV``, that version's one member epoch too, in the same rounds (its own
+  shipped config, the same changes), so that a change's effect is measured side by side;
 - ``meli-train``, the default recipe (``train/configs/mlp.toml``: five members teaching a
   student on recombined titles, then the refit) with one epoch per stage, its peak RSS and
   time stage by stage (stages read from its log).
@@ -159,9 +161,9 @@ def epoch_figures(stderr: str) -> tuple[float, float, float]:
     return float(m[2]), float(m[3].replace(",", "")), float(m[1])
 
 
-def config_file(folder: Path, name: str, **changes) -> Path:
-    """train/configs/mlp.toml with top-level keys changed."""
-    text = (ROOT / "train" / "configs" / "mlp.toml").read_text()
+def config_file(folder: Path, name: str, version: Path = ROOT, **changes) -> Path:
+    """train/configs/mlp.toml (of the version laid out in `version`) with top-level keys changed."""
+    text = (version / "train" / "configs" / "mlp.toml").read_text()
     for key, value in changes.items():
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
         if not n:
@@ -172,10 +174,20 @@ def config_file(folder: Path, name: str, **changes) -> Path:
     return path
 
 
-def meli_train(config: Path, train: Path, validation: Path, work: Path) -> Run:
+# an earlier version's command line (the entry point's name changed over time)
+CHILD = "import sys, meli.train.cli as c; sys.argv[0] = 'meli-train'; (getattr(c, 'entry', None) or c.main)()"
+
+
+def meli_train(config: Path, train: Path, validation: Path, work: Path, version: Path | None = None) -> Run:
+    """`meli-train` as installed, or (`version`) the one laid out in that folder, run from `work`
+    (`python -c` puts its working folder first on the path, not this repository)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "TMPDIR": str(work)}
-    return run_measured([str(BIN / "meli-train"), "--config", str(config), "--train", str(train),
-                         "--validation", str(validation), "--experiment", f"scale-{train.stem}"], env)
+    command = [str(BIN / "meli-train")]
+    if version is not None:
+        env["PYTHONPATH"] = str(version)
+        command = [sys.executable, "-c", CHILD]
+    return run_measured([*command, "--config", str(config), "--train", str(train), "--validation", str(validation),
+                         "--experiment", f"scale-{train.stem}"], env, cwd=work)
 
 
 def main() -> None:
@@ -188,6 +200,8 @@ def main() -> None:
                     "size, alternating (the table gives the median and the range: this machine's times vary by "
                     "tens of percent from one run to the next)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: a temporary one)")
+    ap.add_argument("--previous", default=None, help="a git revision: its one member's epoch runs too, "
+                    "alternating with this version's and fastText's")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -207,26 +221,44 @@ def main() -> None:
         make_labelled(20_000, warm, work / "warm-up-20000.txt")
     if (run := meli_train(one_epoch, warm, validation, work)).returncode:
         sys.exit(f"the warm-up run failed:\n{run.stderr[-3000:]}")
+    previous = previous_epoch = None
+    if args.previous:
+        from bench.score_speed import checkout
+
+        previous = work / f"previous-{args.previous}"
+        if not previous.is_dir():
+            checkout(args.previous, previous)
+        previous_epoch = config_file(work, "previous-one-member-epoch", previous, epochs=1, members=1, refit="false")
+        if (run := meli_train(previous_epoch, warm, validation, work, previous)).returncode:
+            sys.exit(f"the warm-up run of {args.previous} failed:\n{run.stderr[-3000:]}")
     for n in sizes:
         parquet, txt = work / f"train-{n}.parquet", work / f"train-{n}.txt"
         if not parquet.is_file():
             print(f"making {n:,} labelled titles", file=sys.stderr)
             make_labelled(n, parquet, txt)
-        pairs = []
+        pairs, earlier = [], []
         for _ in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
             ft = run_measured([sys.executable, "-c", FASTTEXT_CHILD, str(txt)])
             one = meli_train(one_epoch, parquet, validation, work)
-            for name, run in (("fastText", ft), ("meli one member epoch", one)):
-                if run.returncode:
+            before = meli_train(previous_epoch, parquet, validation, work, previous) if previous else None
+            for name, run in (("fastText", ft), ("meli one member epoch", one), (args.previous, before)):
+                if run is not None and run.returncode:
                     sys.exit(f"{name} failed at {n:,} titles:\n{run.stderr[-3000:]}")
             pairs.append((ft, one, epoch_figures(one.stderr)))
+            if before is not None:
+                earlier.append((before, epoch_figures(before.stderr)))
             print(f"{n:,}: fastText {ft.seconds:.1f}s {ft.peak_rss / gib:.2f} GiB; one member epoch {one.seconds:.1f}s "
-                  f"{one.peak_rss / gib:.2f} GiB", file=sys.stderr)
+                  f"{one.peak_rss / gib:.2f} GiB" + (f"; {args.previous}: {before.seconds:.1f}s" if before else ""),
+                  file=sys.stderr)
         line = {"titles": n, "fasttext_s": [ft.seconds for ft, _, _ in pairs],
                 "fasttext_rss": max(ft.peak_rss for ft, _, _ in pairs), "member_s": [one.seconds for _, one, _ in pairs],
                 "member_rss": max(one.peak_rss for _, one, _ in pairs), "epoch_s": [e[0] for _, _, e in pairs],
                 "titles_per_s": [e[1] for _, _, e in pairs], "member_bacc": pairs[0][2][2],
                 "ratio": [one.seconds / ft.seconds for ft, one, _ in pairs]}
+        if earlier:
+            line.update(previous_s=[b.seconds for b, _ in earlier], previous_epoch_s=[e[0] for _, e in earlier],
+                        previous_rss=max(b.peak_rss for b, _ in earlier), previous_bacc=earlier[0][1][2],
+                        previous_ratio=[b.seconds / ft.seconds for (b, _), (ft, _, _) in zip(earlier, pairs)])
         if not args.skip_recipe:
             full = meli_train(recipe_no_refit if n in no_refit else recipe, parquet, validation, work)
             if full.returncode:
@@ -275,6 +307,16 @@ def page(args, rows: list[dict], detail: list[str]) -> None:
         "",
         *table,
     ]
+    if any("previous_s" in r for r in rows):
+        body += ["", f"The same one member's epoch by the version before ({args.previous}), in the same rounds "
+                 "(fastText, this version, that one, in turn):", "",
+                 f"| titles | this version: s | {args.previous}: s | this version / fastText | {args.previous} / "
+                 f"fastText | this version's epoch: s | {args.previous}'s epoch: s | {args.previous}: peak RSS GiB | "
+                 f"{args.previous}: validation balanced accuracy |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        body += [f"| {r['titles']:,} | {spread(r['member_s'])} | {spread(r['previous_s'])} | {spread(r['ratio'], '.2f')} | "
+                 f"{spread(r['previous_ratio'], '.2f')} | {spread(r['epoch_s'])} | {spread(r['previous_epoch_s'])} | "
+                 f"{r['previous_rss'] / gib:.2f} | {r['previous_bacc']:.4f} |" for r in rows if "previous_s" in r]
     if detail:
         body += ["", "The default recipe stage by stage (one epoch per stage):", "",
                  "| titles | stage | s | peak RSS GiB |", "|---:|---|---:|---:|", *detail]

@@ -52,12 +52,24 @@ def nll(scores: np.ndarray, y: np.ndarray, temperature: float) -> float:
 
 def top_label_log_loss(scores: np.ndarray, y: np.ndarray, temperature: float) -> float:
     """Log loss of the top probability as the chance that the top category is right."""
-    z = scores.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    top = 1.0 / np.exp(z).sum(axis=1)  # the top score is 0 after the shift
-    top = np.clip(top, 1e-12, 1 - 1e-12)
-    right = scores.argmax(axis=1) == y
-    return float(-np.mean(np.where(right, np.log(top), np.log1p(-top))))
+    return TopLabelLogLoss(scores, y)(temperature)
+
+
+class TopLabelLogLoss:
+    """`top_label_log_loss` of fixed scores as a function of the temperature, with what does
+    not depend on it (each row's scores less its top one, which is right) worked out once:
+    a fit evaluates it some eighty times."""
+
+    def __init__(self, scores: np.ndarray, y: np.ndarray):
+        z = scores.astype(np.float64)
+        self.shifted = z - z.max(axis=1, keepdims=True)  # the top score is 0 after the shift
+        self.right = scores.argmax(axis=1) == y
+        self._work = np.empty_like(self.shifted)
+
+    def __call__(self, temperature: float) -> float:
+        e = np.exp(np.divide(self.shifted, temperature, out=self._work), out=self._work)
+        top = np.clip(1.0 / e.sum(axis=1), 1e-12, 1 - 1e-12)
+        return float(-np.mean(np.where(self.right, np.log(top), np.log1p(-top))))
 
 
 def fit_temperature(scores: np.ndarray, y: np.ndarray, low: float = 0.05, high: float = 20.0,
@@ -67,22 +79,23 @@ def fit_temperature(scores: np.ndarray, y: np.ndarray, low: float = 0.05, high: 
     around the best point."""
     if len(y) == 0:
         return 1.0
+    at = TopLabelLogLoss(scores, y) if loss is top_label_log_loss else (lambda t: loss(scores, y, t))
     grid = np.linspace(math.log(low), math.log(high), 41)
-    values = [loss(scores, y, math.exp(g)) for g in grid]
+    values = [at(math.exp(g)) for g in grid]
     i = int(np.argmin(values))
     a, b = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = loss(scores, y, math.exp(c)), loss(scores, y, math.exp(d))
+    fc, fd = at(math.exp(c)), at(math.exp(d))
     for _ in range(40):
         if fc < fd:
             b, d, fd = d, c, fc
             c = b - ratio * (b - a)
-            fc = loss(scores, y, math.exp(c))
+            fc = at(math.exp(c))
         else:
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
-            fd = loss(scores, y, math.exp(d))
+            fd = at(math.exp(d))
     return float(math.exp((a + b) / 2))
 
 

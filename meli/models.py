@@ -12,6 +12,7 @@ Export-minded choices (see docs/design.md): ``nn.Embedding(padding_idx=0)`` + ma
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,14 +23,31 @@ from meli.contract import CNNConfig, MLPConfig, ModelConfig, ModelKind, config_f
 class Dropout(nn.Dropout):
     """``nn.Dropout``'s arithmetic (zero each value with probability p, scale the rest by
     1 / (1 - p)) from one uniform draw per value: on the CPU about twice as fast as
-    ``F.dropout``'s Bernoulli sampling, which was a tenth of a training step. Identity in
-    eval mode, so it leaves no trace in an exported graph."""
+    ``F.dropout``'s Bernoulli sampling, which was a tenth of a training step. With `rng` set
+    (`seed_dropout`) a CPU tensor's draws come from that numpy generator instead, 16 random
+    bits a value (p is rounded to a multiple of 1/65,536), and the mask is one float
+    tensor: several times cheaper again than torch's generator and a boolean mask, forward
+    and backward. Identity in eval mode, so it leaves no trace in an exported graph."""
+
+    rng: np.random.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        if self.rng is not None and x.device.type == "cpu":
+            bits = np.frombuffer(self.rng.bytes(2 * x.numel()), np.uint16).reshape(x.shape)
+            scale = np.where(bits >= round(self.p * 65536), np.float32(1.0 / (1.0 - self.p)), np.float32(0.0))
+            return x * torch.from_numpy(scale).to(x.dtype)
         keep = torch.rand_like(x) >= self.p
         return x * keep * (1.0 / (1.0 - self.p))
+
+
+def seed_dropout(model: nn.Module, seed: tuple[int, ...]) -> None:
+    """Draw the training masks of `model`'s `Dropout` layers on the CPU from numpy generators
+    seeded with ``(*seed, layer)``: a fit that seeds them anew each epoch gets the same masks
+    whether or not it was stopped and resumed in between."""
+    for layer, module in enumerate(m for m in model.modules() if isinstance(m, Dropout)):
+        module.rng = np.random.default_rng((*seed, layer))
 
 
 def _head(in_dim: int, hidden: tuple[int, ...], n_labels: int, dropout: float) -> nn.Sequential:

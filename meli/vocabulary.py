@@ -3,9 +3,9 @@
 Index 0 is padding and 1 is unknown (`meli.tokenizer.PAD`, `UNK`); token ``i`` of the
 vocabulary has id ``i + 2``. Built from training titles only, most frequent first.
 
-Counting streams: `VocabularyCounter` takes the titles chunk by chunk and keeps one Arrow
-table of (token, count) per kind, merged as it goes, so its memory follows the number of
-distinct tokens, not of titles. When the distinct tokens pass ``max_distinct`` it drops the
+Counting streams: `VocabularyCounter` takes the titles chunk by chunk and keeps Arrow tables
+of (token, count) per kind, summed whenever they pass ``max_distinct`` rows, so its memory
+follows the number of distinct tokens, not of titles. When the distinct tokens pass ``max_distinct`` it drops the
 ones seen once so far (fastText's pruning, with the same caveat: a token seen once in each of
 many far-apart chunks can be lost); below that bound the counts, and so the vocabulary, are
 exact.
@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import numpy as np
 import pyarrow.compute as pc
 
 from meli.tokenizer import Tokenizer, TokenizerConfig, head_words, word_bigrams
@@ -68,7 +67,7 @@ class VocabularyCounter:
                  max_distinct: int = 20_000_000):
         self.tokenizer, self.config, self.max_distinct = tokenizer, config, max_distinct
         self._words = Tokenizer(tokenizer, ())
-        self.counts: dict[str, pa.Table] = {}
+        self._tables: dict[str, list[pa.Table]] = {}  # per kind: (token, count) tables, not yet summed
         self.pruned = 0  # distinct tokens dropped by pruning
 
     def add(self, titles: pa.Array) -> None:
@@ -85,36 +84,45 @@ class VocabularyCounter:
         return out
 
     def merge(self, chunk: dict[str, pa.Table]) -> None:
-        """Add one chunk's counts (`count`)."""
+        """Add one chunk's counts (`count`). They are summed with the others lazily, once the
+        tables held pass ``max_distinct`` rows or the vocabulary is asked for: one grouping
+        over many chunks instead of one per chunk over everything counted so far."""
         for kind, table in chunk.items():
-            if table.num_rows == 0:
-                continue
-            if kind in self.counts:
-                both = pa.concat_tables([self.counts[kind], table])
-                table = both.group_by("token").aggregate([("count", "sum")]).rename_columns(["token", "count"])
-            self.counts[kind] = table
-        if sum(t.num_rows for t in self.counts.values()) > self.max_distinct:
-            self._prune()
+            if table.num_rows:
+                self._tables.setdefault(kind, []).append(table)
+        if sum(t.num_rows for tables in self._tables.values() for t in tables) > self.max_distinct:
+            self._sum()
+            if sum(t.num_rows for t in self.counts.values()) > self.max_distinct:
+                self._prune()
+
+    @property
+    def counts(self) -> dict[str, pa.Table]:
+        """(token, count) per kind, summed over every chunk so far."""
+        self._sum()
+        return {kind: tables[0] for kind, tables in self._tables.items()}
+
+    def _sum(self) -> None:
+        for kind, tables in self._tables.items():
+            if len(tables) > 1:
+                both = pa.concat_tables(tables)
+                self._tables[kind] = [both.group_by("token").aggregate([("count", "sum")]).rename_columns(["token", "count"])]
 
     def _prune(self) -> None:
         for kind, table in self.counts.items():
             keep = pc.greater(table["count"], 1)
             self.pruned += table.num_rows - pc.sum(keep).as_py()
-            self.counts[kind] = table.filter(keep)
+            self._tables[kind] = [table.filter(keep)]
 
     def vocabulary(self) -> tuple[str, ...]:
         """The kept tokens, most frequent first (ties alphabetically)."""
         minimum = {"word": self.config.min_count, "bigram": self.config.bigram_min_count, "head": self.config.min_count}
-        tokens, counts = [], []
-        for kind, table in self.counts.items():
-            table = table.filter(pc.greater_equal(table["count"], minimum[kind]))
-            tokens.extend(table["token"].to_pylist())
-            counts.append(table["count"].to_numpy())
-        if not tokens:
+        kept = [table.filter(pc.greater_equal(table["count"], minimum[kind])) for kind, table in self.counts.items()]
+        if not kept:
             return ()
-        count = np.concatenate(counts)
-        ranked = sorted(zip((-count).tolist(), tokens))[: self.config.max_size]
-        return tuple(tok for _, tok in ranked)
+        table = pa.concat_tables(kept)
+        # Arrow orders strings by their UTF-8 bytes: by code point, as Python's sorted() does
+        order = pc.sort_indices(table, sort_keys=[("count", "descending"), ("token", "ascending")])
+        return tuple(table["token"].take(order[: self.config.max_size]).to_pylist())
 
 
 def _counts(tokens: pa.Array) -> pa.Table:

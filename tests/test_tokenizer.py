@@ -147,6 +147,35 @@ def test_vocabulary_is_built_from_training_titles_only_and_deterministic():
     assert vocab == ("1^funda", "funda", "iphone")  # "1^funda" starts three titles; "1^cable" one
 
 
+def test_vocabulary_counted_in_chunks_is_the_one_counted_at_once(demo_titles):
+    """Counting streams (chunks summed lazily) and ranks like Python's sorted() on (-count,
+    token), accented titles included; pruning (past `max_distinct` distinct
+    tokens) drops only tokens seen once so far, so the frequent ones stay."""
+    from collections import Counter
+
+    from meli.vocabulary import VocabularyCounter
+
+    titles = pa.array(demo_titles + ["Ñandú ñoño", "ñandu Ñoño", "日本 中文", "日本 中文", "Zapato zapato ß ß"])
+    config = TokenizerConfig(char_ngram_max=0, head_words=1)
+    vocabulary = VocabularyConfig(min_count=1, bigram_min_count=1, max_size=10**6)
+    whole = build_vocabulary(titles, config, vocabulary, chunk_rows=len(titles))
+    assert build_vocabulary(titles, config, vocabulary, chunk_rows=37) == whole
+    counter = VocabularyCounter(config, vocabulary)
+    counter.add(titles)
+    counts = {kind: dict(zip(t["token"].to_pylist(), t["count"].to_pylist())) for kind, t in counter.counts.items()}
+    merged = Counter({tok: n for table in counts.values() for tok, n in table.items()})
+    assert whole == tuple(tok for _, tok in sorted((-n, tok) for tok, n in merged.items()))
+    assert {"nandu", "nono", "nandu nono", "1^nandu"} <= set(whole)  # accents folded
+    pruned = VocabularyCounter(config, vocabulary, max_distinct=500)
+    for start in range(0, len(titles), 100):
+        pruned.add(titles.slice(start, 100))
+    assert pruned.pruned > 0
+    frequent = [tok for tok, n in merged.most_common(20)]
+    assert set(frequent) <= set(pruned.vocabulary())
+    kept = {tok: n for t in pruned.counts.values() for tok, n in zip(t["token"].to_pylist(), t["count"].to_pylist())}
+    assert all(n <= merged[tok] for tok, n in kept.items())  # counts can only be lost, never invented
+
+
 def test_compact_ids_fuse_words_and_head_words():
     config = TokenizerConfig(stopwords=("de",), char_ngram_min=3, char_ngram_max=3, char_buckets=1000, head_words=1,
                              head_repeat=3)

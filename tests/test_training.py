@@ -43,6 +43,31 @@ def test_dropout_is_off_in_eval_mode():
     assert torch.equal(model(ids), model(ids))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_masks_drawn_by_numpy_match_torchs_dropout(dtype):
+    """A seeded `Dropout` (the trainer seeds them each epoch on the CPU) zeroes a p share of the
+    values, scales the rest by 1/(1-p) in the input's type, passes gradients through the same
+    mask, and draws the same masks again from the same seed."""
+    from meli.models import Dropout, seed_dropout
+
+    layer = Dropout(0.3).train()
+    seed_dropout(layer, (4, 1))
+    x = torch.ones(256, 512, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    kept = y != 0
+    assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.005
+    assert torch.allclose(y[kept].float(), torch.full_like(y[kept].float(), 1 / 0.7), rtol=1e-2)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+    seed_dropout(layer, (4, 1))
+    assert torch.equal(layer(x) != 0, kept)  # the same seed, the same mask
+    assert not torch.equal(layer(x) != 0, kept)  # the generator moves on
+    seed_dropout(layer, (4, 2))
+    assert not torch.equal(layer(x) != 0, kept)
+    assert torch.equal(layer.eval()(x), x)
+
+
 def test_word_dropout_drops_ids_only_in_training():
     from meli.models import _drop_tokens
 
@@ -175,6 +200,21 @@ def test_config_files_load_and_reject_typos(tmp_path):
     bad.write_text("[mlp]\nhiden = [64]\n")
     with pytest.raises(MeliError, match=r"\[mlp\]: unknown setting\(s\) hiden"):
         load_config(bad)
+
+
+def test_the_student_trains_in_its_own_precision(tmp_path):
+    """`distill.precision` is the student's arithmetic (and its refit's); the members keep the
+    config's `precision`."""
+    from meli.train.recipe import student_config
+
+    path = tmp_path / "mixed.toml"
+    path.write_text('precision = "bf16"\nmembers = 3\n[distill]\nenabled = true\nprecision = "fp32"\n')
+    config = load_config(path)
+    assert config.precision == "bf16" and student_config(config).precision == "fp32"
+    assert student_config(config).members == 1
+    path.write_text('[distill]\nprecision = "fp8"\n')
+    with pytest.raises(MeliError, match="fp8"):
+        load_config(path)
 
 
 def test_device_choice():

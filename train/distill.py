@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +49,10 @@ class DistillConfig:
     # each title's target keeps the teachers' top_k probabilities (the rest share what is left
     # evenly): `SparseTargets`; at least the number of categories keeps them all
     top_k: int = 128
+    # the student's arithmetic (`TrainConfig.precision`: "auto", "fp32", "bf16"), apart from
+    # the members': a student learns the teachers' fine probabilities, and in bfloat16 it lost
+    # about 0.002 of validation balanced accuracy on the shared titles (docs/design.md)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.recombined < 0:

@@ -110,7 +110,8 @@ def distills(config: TrainConfig) -> bool:
 
 
 def student_config(config: TrainConfig) -> TrainConfig:
-    return dataclasses.replace(config, members=1, epochs=config.distill.epochs or config.epochs)
+    return dataclasses.replace(config, members=1, epochs=config.distill.epochs or config.epochs,
+                               precision=config.distill.precision)
 
 
 def fit_members(config: TrainConfig, train: LabelledSplit, fit: Fit,

@@ -38,7 +38,7 @@ from meli.contract import ModelSpec
 from meli.dataset import LabelledSplit, check_labels
 from meli.errors import MeliError, OutputError, first_line
 from meli.metrics import balanced_accuracy
-from meli.models import build_model
+from meli.models import build_model, seed_dropout
 from meli.tokenizer import Encoded, Tokenizer
 from meli.vocabulary import build_vocabulary
 from meli.train.config import TrainConfig
@@ -349,6 +349,8 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
         bar = tqdm(total=len(corpus), desc=f"{name} epoch {epoch}/{config.epochs}", unit="title", unit_scale=True,
                    leave=False, disable=True if quiet else None)  # None: bars only on a terminal; titles/s and ETA
         dropout_rng = np.random.default_rng((config.seed, epoch, 1))
+        if device.type == "cpu":  # the layers' dropout masks from numpy, drawn anew each epoch
+            seed_dropout(model, (config.seed, epoch, 2))
         for window in prefetched(corpus.windows(np.random.default_rng((config.seed, epoch)))):
             for rows in _batches(len(window), batch_size, np.arange(len(window))):
                 with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
