@@ -587,12 +587,13 @@ def test_each_optimizer_learns(optimizer, demo_splits):
     train, validation = demo_splits
     lr = 2.0 if optimizer == "sgd" else 0.01  # plain SGD needs a far larger step
     config = small_config(optimizer=optimizer, lr=lr, epochs=4)
-    # without word dropout, so that the training loss follows the optimizer alone
-    config = dataclasses.replace(config, mlp=dataclasses.replace(config.mlp, embedding_dropout=0.0))
+    # without word or hidden dropout, so that the training loss follows the optimizer alone
+    config = dataclasses.replace(config, mlp=dataclasses.replace(config.mlp, embedding_dropout=0.0, dropout=0.0))
     result = train_model(config, train, validation, quiet=True)
     losses = [m.train_loss for m in result.history]
     assert losses[-1] < losses[0] * 0.8, losses
-    # 30 categories: chance is 0.03; AdamW and Adam reach 0.94 here, plain SGD 0.79-0.92 (seeds 0-2)
+    # 30 categories: chance is 0.03; AdamW and Adam reach 0.94 here, plain SGD 0.94-0.95 (seeds 0-2; its loss
+    # falls to about half in 4 epochs)
     assert result.checkpoint.metrics["val_balanced_accuracy"] > (0.75 if optimizer == "sgd" else 0.9)
 
 
