@@ -519,6 +519,7 @@ def test_a_registry_uri_that_names_no_model(model, tmp_path, monkeypatch):
     ("max_batch_size = 0", ": max_batch_size = 0: must be at least 1"),
     ("batch_size = 256\nmax_batch_size = 128", ": max_batch_size = 128 is below batch_size = 256"),
     ("steps_per_epoch = 1.5", ": steps_per_epoch = 1.5: must be a whole number"),
+    ("bf16_min_batch = 0", ": bf16_min_batch = 0: must be at least 1"),
     ('precision = "bf16-mixed"', ": precision = 'bf16-mixed': must be one of 'auto', 'fp32', 'bf16'"),
     ("lr = 0", ": lr = 0: must be above 0"),
     ("lr = nan", ": lr = nan: must be a number"),

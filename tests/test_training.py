@@ -618,14 +618,30 @@ def test_the_batch_grows_with_the_rows_an_epoch_reads():
     assert dataclasses.replace(config, max_batch_size=None).batch_for(20_000_000) == (config.batch_size, 1.0)
 
 
+def test_auto_precision_stays_float32_until_the_batch_is_large():
+    """precision = "auto" runs bfloat16 only from `bf16_min_batch` titles a batch: the shipped
+    config trains in float32 at today's size and at 500,000 titles, whatever the CPU, and may
+    go bfloat16 at 2,000,000; "fp32" and "bf16" hold at any batch."""
+    config = load_config(None)
+    assert config.precision == "auto"
+    for rows in (3 * 38_205, 3 * 44_576, 500_000):
+        assert config.precision_for(config.batch_for(rows)[0]) == "fp32", rows
+    assert config.precision_for(config.batch_for(2_000_000)[0]) == "auto"
+    assert config.precision_for(config.bf16_min_batch) == "auto" and config.precision_for(config.bf16_min_batch - 1) == "fp32"
+    for fixed in ("fp32", "bf16"):
+        assert dataclasses.replace(config, precision=fixed).precision_for(1) == fixed
+        assert dataclasses.replace(config, precision=fixed).precision_for(1 << 20) == fixed
+
+
 def test_a_fit_over_many_rows_takes_larger_batches(demo_splits, caplog):
     train, validation = demo_splits
-    config = small_config(epochs=8, steps_per_epoch=4, max_batch_size=512)
+    # precision "auto" below bf16_min_batch: float32 whatever the CPU
+    config = small_config(epochs=8, steps_per_epoch=4, max_batch_size=512, precision="auto", bf16_min_batch=1024)
     batch, scale = config.batch_for(len(train))
     assert batch == 512 and scale == 2.0  # 3,000 demo titles: more than 4 steps even at 256
     with caplog.at_level(logging.INFO, logger="meli.train.trainer"):
         result = train_model(config, train, validation, quiet=True)
-    assert "batches of 512 titles (learning rates x2.00)" in caplog.text
+    assert "batches of 512 titles (learning rates x2.00), float32 arithmetic" in caplog.text
     # 30 categories, 3,000 titles: 6 steps an epoch; it reaches 0.96 here
     assert result.checkpoint.metrics["val_balanced_accuracy"] > 0.9
 

@@ -49,9 +49,8 @@ class DistillConfig:
     # each title's target keeps the teachers' top_k probabilities (the rest share what is left
     # evenly): `SparseTargets`; at least the number of categories keeps them all
     top_k: int = 128
-    # the student's arithmetic (`TrainConfig.precision`: "auto", "fp32", "bf16"), apart from
-    # the members': a student learns the teachers' fine probabilities, and in bfloat16 it lost
-    # about 0.002 of validation balanced accuracy on the shared titles (docs/design.md)
+    # the student's arithmetic (`TrainConfig.precision`: "auto", "fp32", "bf16"; "auto" with
+    # the config's `bf16_min_batch` and the student's own batch), apart from the members'
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:

@@ -318,7 +318,7 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
     pooled = corpus.expander is not None and device.type == "cpu"
     optimizers = _Optimizers(model, config, config.epochs * steps_per_epoch, pooled=pooled, lr_scale=lr_scale)
     word_dropout = config.mlp.embedding_dropout if config.model == "mlp" else 0.0
-    low = autocast_dtype(config.precision, device)
+    low = autocast_dtype(config.precision_for(batch_size), device)
     log.info("%s: batches of %d titles (learning rates x%.2f), %s arithmetic", name, batch_size, lr_scale,
              "bfloat16" if low else "float32")
     history: list[EpochMetrics] = []
