@@ -153,6 +153,16 @@ fasttext.train_supervised(input=sys.argv[1], dim=100, epoch=1, lr=1.0, wordNgram
 EPOCH_LINE = re.compile(r"epoch +1 .*val balanced acc ([0-9.]+) +\(([0-9.]+)s, ([0-9,]+) titles/s\)")
 
 
+# the fit's line: "<fit>: batches of N titles (learning rates xF), float32|bfloat16 arithmetic"
+BATCH_LINE = re.compile(r"batches of (\d+) titles \(learning rates x[0-9.]+\), (\w+) arithmetic")
+
+
+def batch_and_arithmetic(stderr: str) -> str:
+    """"2,048 titles in bfloat16": the batch and arithmetic of the first fit a run logged."""
+    m = BATCH_LINE.search(stderr)
+    return f"{int(m[1]):,} titles in {m[2]}" if m else "not logged"
+
+
 def epoch_figures(stderr: str) -> tuple[float, float, float]:
     """(seconds, titles/s, validation balanced accuracy) of the first epoch a run logged."""
     m = EPOCH_LINE.search(stderr)
@@ -254,6 +264,7 @@ def main() -> None:
                 "fasttext_rss": max(ft.peak_rss for ft, _, _ in pairs), "member_s": [one.seconds for _, one, _ in pairs],
                 "member_rss": max(one.peak_rss for _, one, _ in pairs), "epoch_s": [e[0] for _, _, e in pairs],
                 "titles_per_s": [e[1] for _, _, e in pairs], "member_bacc": pairs[0][2][2],
+                "member_batch": batch_and_arithmetic(pairs[0][1].stderr),
                 "ratio": [one.seconds / ft.seconds for ft, one, _ in pairs]}
         if earlier:
             line.update(previous_s=[b.seconds for b, _ in earlier], previous_epoch_s=[e[0] for _, e in earlier],
@@ -297,8 +308,9 @@ def page(args, rows: list[dict], detail: list[str]) -> None:
         "Labelled titles spliced within their category from the shared training titles; validation: the shared "
         "validation file. Times include start-up, reading and encoding; peak RSS is the whole process tree's. "
         "The one member's run is the shipped MLP with `members = 1`, `epochs = 1`, `refit = false`: batches "
-        "grow with the titles (`max_batch_size`) and the layers run in bfloat16 where the CPU has it "
-        "(`precision = \"auto\"`). Its epoch (training on every title, then validation) is what it logged; "
+        "grow with the titles (`max_batch_size`) and the layers run in bfloat16 from `bf16_min_batch` titles "
+        "where the CPU has it (`precision = \"auto\"`): batches of "
+        + ", ".join(f"{r['member_batch']} at {r['titles']:,}" for r in rows) + ". Its epoch (training on every title, then validation) is what it logged; "
         "the rest of its time is start-up, reading, vocabulary, encoding, calibration and MLflow. "
         + (f"fastText and the one member ran {args.repeats} times at each size, alternating: each cell is the "
            "median, the range in brackets; the time ratio is the median of each pair's. " if args.repeats > 1 else "")
