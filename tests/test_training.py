@@ -484,6 +484,42 @@ def test_fresh_distillation_draws_new_recombined_titles_every_epoch(trained, dem
         assert student.checkpoint.metrics["val_balanced_accuracy"] > 0.7  # 0.73-0.88 over seeds; untrained: 0.3
 
 
+def test_targets_keep_more_categories_while_they_fit_their_budget(trained, demo_splits, tmp_path):
+    """distill.target_gib widens each title's kept probabilities past top_k while the student's
+    target files fit it: the shipped config keeps every category at today's size (the student's
+    3 x 38,205 rows, the refit's 3 x 44,576), some more at 500,000 titles and top_k from
+    2,000,000; a TransferSet writes that many slots, and with all of them kept the targets are
+    the teachers' probabilities exactly (no even share of a rest)."""
+    from meli.train.distill import DistillConfig, TransferSet
+    from meli.train.shards import concat_windows
+    from meli.train.trainer import label_indices
+
+    shipped = load_config(None).distill
+    assert shipped.target_gib > 0
+    for rows in (3 * 38_205, 3 * 44_576):
+        assert shipped.k_for(rows, 632) == 632
+    assert shipped.top_k < shipped.k_for(3 * 500_000, 632) < 632
+    assert shipped.k_for(3 * 2_000_000, 632) == shipped.k_for(3 * 20_000_000, 1588) == shipped.top_k
+    budget = DistillConfig(top_k=5, target_gib=1e-3)
+    k = budget.k_for(1000, 10_000)
+    assert k > 5 and 1000 * 4 * (k + 1) <= 2**30 * 1e-3 < 1000 * 4 * (k + 2)
+    assert DistillConfig(top_k=5).k_for(10, 30) == 5 and budget.k_for(10**9, 30) == 5
+
+    train, _ = demo_splits
+    teachers = trained["ensemble"].checkpoint
+    n_labels = len(teachers.labels)
+    config = small_config("mlp", members=2, distill=DistillConfig(enabled=True, recombined=0.5, top_k=5, target_gib=0.01))
+    y = label_indices(train.categories, teachers.labels)
+    transfer = TransferSet(tmp_path, train, y, n_labels, teachers.tokenizer(), teachers, len(train), config,
+                           torch.device("cpu"), compact=True, chunk_rows=1000)
+    assert transfer.k == n_labels
+    real, recombined = (concat_windows(list(shard.chunks())) for shard in transfer.corpus(0).shards)
+    for part in (real, recombined):
+        assert part.target_idx.shape[1] == n_labels + 1
+        assert (part.target_base == 0).all()
+        assert np.allclose(part.target_val[:, :-1].astype(np.float32).sum(1), 1.0, atol=2e-3)
+
+
 def test_titles_past_those_the_teachers_saw_also_get_their_true_label(trained, demo_splits, tmp_path):
     """A refit's real titles are the training titles (which the teachers trained on), then the
     validation titles (which they never saw): only the latter mix the smoothed true label into
@@ -620,13 +656,15 @@ def test_the_batch_grows_with_the_rows_an_epoch_reads():
 
 def test_auto_precision_stays_float32_until_the_batch_is_large():
     """precision = "auto" runs bfloat16 only from `bf16_min_batch` titles a batch: the shipped
-    config trains in float32 at today's size and at 500,000 titles, whatever the CPU, and may
-    go bfloat16 at 2,000,000; "fp32" and "bf16" hold at any batch."""
+    config trains in float32 at today's size (members and student) and up to about 393,000
+    titles an epoch, whatever the CPU, and may go bfloat16 from 500,000; "fp32" and "bf16"
+    hold at any batch."""
     config = load_config(None)
     assert config.precision == "auto"
-    for rows in (3 * 38_205, 3 * 44_576, 500_000):
+    for rows in (38_205, 3 * 38_205, 3 * 44_576, 390_000):
         assert config.precision_for(config.batch_for(rows)[0]) == "fp32", rows
-    assert config.precision_for(config.batch_for(2_000_000)[0]) == "auto"
+    for rows in (500_000, 2_000_000, 20_000_000):
+        assert config.precision_for(config.batch_for(rows)[0]) == "auto", rows
     assert config.precision_for(config.bf16_min_batch) == "auto" and config.precision_for(config.bf16_min_batch - 1) == "fp32"
     for fixed in ("fp32", "bf16"):
         assert dataclasses.replace(config, precision=fixed).precision_for(1) == fixed

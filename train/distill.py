@@ -49,6 +49,9 @@ class DistillConfig:
     # each title's target keeps the teachers' top_k probabilities (the rest share what is left
     # evenly): `SparseTargets`; at least the number of categories keeps them all
     top_k: int = 128
+    # more than top_k while the student's target files stay within this many GiB (4 bytes a
+    # kept probability): every category on small data, top_k on millions of titles (`k_for`)
+    target_gib: float = 0.0
     # the student's arithmetic (`TrainConfig.precision`: "auto", "fp32", "bf16"; "auto" with
     # the config's `bf16_min_batch` and the student's own batch), apart from the members'
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
@@ -62,6 +65,14 @@ class DistillConfig:
             raise ValueError("distill.epochs must be 0 or more")
         if self.top_k < 1:
             raise ValueError("distill.top_k must be at least 1")
+        if self.target_gib < 0:
+            raise ValueError("distill.target_gib must be 0 or more")
+
+    def k_for(self, rows: int, n_labels: int) -> int:
+        """How many of the teachers' probabilities each of `rows` titles keeps: `top_k`, or more
+        while ``rows`` targets of ``k + 1`` slots fit `target_gib`, never more than `n_labels`."""
+        fits = int(self.target_gib * 2**30) // (4 * max(rows, 1)) - 1
+        return min(n_labels, max(self.top_k, fits))
 
 
 class Recombiner:
@@ -287,6 +298,7 @@ class TransferSet:
         self.seed, self.n = config.seed, round(config.distill.recombined * len(train))
         self.settings, self.smoothing, self.compact = config.distill, config.label_smoothing, compact
         self.chunk_rows, self.quiet, self.n_labels = chunk_rows, quiet, n_labels
+        self.k = config.distill.k_for(len(train) + self.n, n_labels)  # one set of recombined titles at a time
         self.teacher = as_teacher(teacher)
         self.recombiner = Recombiner(train.titles, labels)
         self.expander = Expander.of(tokenizer) if compact else None  # built once: every set's corpus shares it
@@ -317,14 +329,14 @@ class TransferSet:
 
     def _write(self, folder: Path, chunks, total: int, what: str) -> Shards:
         writer = ShardWriter(folder, self.compact)
-        targets = TargetWriter(folder, min(self.settings.top_k, self.n_labels) + 1, self.n_labels)
+        targets = TargetWriter(folder, self.k + 1, self.n_labels)
         try:
             with tqdm(total=total, desc=what, unit="title", unit_scale=True, leave=False,
                       disable=True if self.quiet else None) as bar:
                 for (titles, labels, unseen), encoded in encoded_in_order(self.tokenizer, chunks, lambda c: c[0], self.compact):
                     writer.append(encoded, labels)
                     t = SparseTargets.of(self.teach(titles), labels, unseen, self.settings.teacher_weight,
-                                         self.smoothing, self.settings.top_k)
+                                         self.smoothing, self.k)
                     targets.append(t.idx, t.val, t.base)
                     bar.update(len(titles))
             writer.close()

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 
 from meli import __version__
@@ -259,8 +260,9 @@ def check_room(work: Path, train: LabelledSplit, config: TrainConfig) -> None:
     except OSError as e:
         raise OutputError(f"{work}: cannot use it for the run's work files ({e.strerror or e}); set MELI_WORK_DIR") from e
     distilled = config.distill.enabled and config.members > 1
-    rows = len(train) * (1 + (config.distill.recombined if distilled else 0))
-    per_row = 100 + (4 * (config.distill.top_k + 1) + 4 if distilled else 0)
+    rows = round(len(train) * (1 + (config.distill.recombined if distilled else 0)))
+    k = config.distill.k_for(rows, len(pc.unique(train.categories))) if distilled else 0
+    per_row = 100 + (4 * (k + 1) + 4 if distilled else 0)
     dim = config.mlp.embedding_dim if config.model == "mlp" else config.cnn.embedding_dim
     ids = config.vocabulary.max_size + (config.tokenizer.char_buckets if config.tokenizer.char_ngrams else 0)
     need_disk = int((rows * per_row + (ids * dim * 4 * config.members if distilled else 0)) * 1.2)

@@ -293,8 +293,9 @@ def _fit(config: TrainConfig, train: LabelledSplit, validation: LabelledSplit, *
         transfer = TransferSet(work / "student", train, label_indices(train.categories, labels), len(labels), tokenizer,
                                teacher, teacher_saw, config, device, compact_training(config), quiet=quiet)
         corpus_of = transfer.corpus if config.distill.fresh else (lambda epoch: transfer.corpus(0))
-        log.info("distilling from an ensemble of %d on %d titles (%d recombined%s)", transfer.teacher.members,
-                 len(corpus_of(0)), transfer.n, ", new ones every epoch" if config.distill.fresh else "")
+        log.info("distilling from an ensemble of %d on %d titles (%d recombined%s), each keeping the teachers' %d "
+                 "most probable categories of %d", transfer.teacher.members, len(corpus_of(0)), transfer.n,
+                 ", new ones every epoch" if config.distill.fresh else "", transfer.k, transfer.n_labels)
         if not config.distill.fresh:
             transfer.teacher = None  # every target is written: the teacher's weights can go
     vocabulary = tokenizer.vocabulary
